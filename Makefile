@@ -1,0 +1,92 @@
+# LLM fine-tuning recipes driven by Make.  `make help` lists the targets.
+#   make all                                   # the embedded default recipe (smollm2), offline on a CPU
+#   make all RECIPE=tinyllama                  # another recipe (recipes/*.yaml)
+#   make all RECIPE=flan-t5 TINY=1             # tiny-model mode: same code path on a tiny random-init model
+#   make all ARGS="--set train.max_steps=20"   # override recipe settings
+# Each step's target is the file it writes last; a second `make all` does nothing, and a changed setting
+# re-runs only the steps that depend on it (per-step stamps under outputs/<run>/.stamps/).
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DELETE_ON_ERROR:
+.SUFFIXES:
+MAKEFLAGS += --no-builtin-rules
+.DEFAULT_GOAL := all
+
+PY     ?= python3
+RECIPE ?= smollm2
+TINY   ?=
+ARGS   ?=
+RECIPES := $(sort $(basename $(notdir $(wildcard recipes/*.yaml))))
+FLAGS   := --recipe $(RECIPE) $(if $(TINY),--tiny) $(ARGS)
+
+# Goals that need no recipe (and must work before anything is installed).
+NO_RECIPE_GOALS := help clean clean-all test test-fast install bench
+ifneq ($(filter-out $(NO_RECIPE_GOALS),$(or $(MAKECMDGOALS),all)),)
+  ifeq ($(filter $(RECIPE),$(RECIPES)),)
+    $(error unknown RECIPE '$(RECIPE)'; available: $(RECIPES))
+  endif
+  # The recipe reader needs PyYAML and python-dotenv: on a fresh machine, install them first.
+  ifneq ($(shell $(PY) -c 'import yaml, dotenv' 2>/dev/null && echo ok),ok)
+    $(info fresh machine: installing pyyaml and python-dotenv for the recipe reader)
+    $(shell $(PY) -m pip install -q pyyaml python-dotenv >&2)
+  endif
+  # Validate the recipe and write per-step stamps (rewritten only when a step's settings change).
+  STAMP_ERR := $(shell $(PY) -m common.config $(FLAGS) --stamps 2>&1 >/dev/null)
+  ifneq ($(STAMP_ERR),)
+    $(error $(STAMP_ERR))
+  endif
+  # All paths come from common/paths.py.
+  $(foreach v,$(shell $(PY) -m common.paths $(FLAGS)),$(eval $(v)))
+endif
+ENV_JSON ?= outputs/env.json
+
+.PHONY: all help install prepare train merge eval demo test test-fast bench clean clean-all recipes
+all: $(EVALUATED) ## install -> prepare -> train -> merge -> eval
+	@echo "done: $(OUT_DIR)/eval/report.md"
+
+install: $(ENV_JSON) ## install requirements (keeps an existing torch) and record outputs/env.json
+prepare: $(PREPARED) ## clean, sample, split and format the data
+train: $(TRAINED) ## LoRA/QLoRA fine-tuning -> outputs/<run>/adapter
+merge: $(MERGED) ## merge the adapter into an fp16 model -> outputs/<run>/merged
+eval: $(EVALUATED) ## base vs tuned metrics and reports -> outputs/<run>/eval
+
+$(ENV_JSON): requirements.txt scripts/00_install.py
+	$(PY) scripts/00_install.py
+
+$(PREPARED): scripts/01_prepare.py $(STAMPS)/prepare.json $(ENV_JSON)
+	$(PY) scripts/01_prepare.py $(FLAGS)
+
+$(TRAINED): scripts/02_sft_qlora.py $(STAMPS)/train.json $(PREPARED)
+	$(PY) scripts/02_sft_qlora.py $(FLAGS)
+
+$(MERGED): scripts/03_merge_fp16.py $(STAMPS)/merge.json $(TRAINED)
+	$(PY) scripts/03_merge_fp16.py $(FLAGS)
+
+$(EVALUATED): scripts/04_eval.py $(STAMPS)/eval.json $(MERGED)
+	$(PY) scripts/04_eval.py $(FLAGS)
+
+demo: $(TRAINED) ## base vs tuned answers side by side: make demo TITLE="..."
+	$(PY) scripts/05_demo.py $(FLAGS) $(if $(TITLE),--title "$(TITLE)")
+
+test: $(ENV_JSON) ## the whole test suite (tiny models for every recipe, plus a short real SmolLM2 run)
+	$(PY) -m pytest -q
+
+test-fast: $(ENV_JSON) ## the suite without the slow real-model tests
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(ENV_JSON) ## training and generation speed: this project vs the reference way vs plain TRL
+	$(PY) scripts/bench.py $(ARGS)
+
+recipes: ## list the recipes
+	@printf '%s\n' $(RECIPES)
+
+clean: ## remove this recipe's processed data and outputs (keeps the model cache)
+	rm -rf $(if $(OUT_DIR),$(OUT_DIR) $(DATA_DIR),outputs/$(RECIPE)$(if $(TINY),-tiny) data/processed/$(RECIPE)$(if $(TINY),-tiny))
+
+clean-all: ## remove every run, processed data and the model cache
+	rm -rf outputs/* data/processed
+
+help: ## this list
+	@echo "usage: make [target] [RECIPE=name] [TINY=1] [ARGS='--set key=value ...']"
+	@echo "recipes: $(RECIPES)"
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  \1\t/'

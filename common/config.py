@@ -1,0 +1,351 @@
+"""Recipe loading: one YAML per recipe, validated against SCHEMA, with `--set key=value` overrides.
+
+Every key a recipe may use is declared in SCHEMA with its type and default; an unknown or misspelt key, in the
+YAML or in --set, fails with the valid keys listed. DATA_PATH (shell or .env) replaces data.path. Secrets such
+as HF_TOKEN are read from the environment by the code that needs them and never enter the config, so they
+cannot leak into saved configs, reports or model cards.
+
+`python -m common.config --recipe NAME [--tiny] [--set k=v ...] --stamps` validates the recipe and writes one
+small JSON per pipeline step into the run's .stamps/ folder, rewriting a file only when its content changed,
+so Make re-runs exactly the steps whose settings changed.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from common import paths
+
+
+class ConfigError(ValueError):
+    """A recipe or override problem the user can fix; printed as one line."""
+
+
+@dataclass(frozen=True)
+class F:
+    """A schema field: accepted type(s), default, optional choices."""
+
+    type: type | tuple
+    default: Any = None
+    choices: tuple | None = None
+    required: bool = False
+
+
+REQUIRED = object()
+
+SCHEMA: dict[str, Any] = {
+    "task": F(str, "product_description", ("product_description", "xauusd_forecast")),
+    "description": F(str, ""),
+    "model": {
+        "name_or_path": F(str, required=True),  # hub id, local folder, or a Python package holding a GGUF file
+        "gguf_file": F(str),  # file name inside name_or_path; converted once to a plain HF folder
+        "arch": F(str, "causal", ("causal", "seq2seq")),
+        "family": F(str, "llama", ("llama", "mistral", "t5")),  # the architecture --tiny builds
+        "full_precision_name_or_path": F(str),  # merge base when name_or_path is already 4-bit
+        "revision": F(str),
+        "trust_remote_code": F(bool, False),
+        "attn_implementation": F(str, "sdpa"),
+        "unsloth": F(bool, False),  # use Unsloth's fast path when it is installed and CUDA is present
+    },
+    "quantization": {
+        "bits": F(int, 0, (0, 4, 8)),  # 0 = load in full precision
+        "quant_type": F(str, "nf4", ("nf4", "fp4")),
+        "double_quant": F(bool, True),
+        "compute_dtype": F(str, "float16", ("float16", "bfloat16", "float32")),
+        "prequantized": F(bool, False),  # the checkpoint itself is stored in 4-bit
+    },
+    "prompt": {
+        "template": F(str, "native"),  # native = the tokenizer's own chat template; see common/templates.py
+        "system": F(str),  # system message; null = none
+        "user": F(str, "{title}"),  # user turn, formatted with the record's fields
+        "target": F(str, "{content}"),  # assistant answer
+        "conversation_extension": F(int, 1),  # >1: chain this many records into one multi-turn conversation
+    },
+    "data": {
+        "path": F(str, required=True),  # raw file; DATA_PATH in the environment or .env replaces it
+        "format": F(str, "auto", ("auto", "jsonl", "json", "csv")),
+        "min_title_chars": F(int, 1),
+        "min_content_chars": F(int, 1),
+        "max_content_chars": F(int),  # longer records are dropped (null = keep all)
+        "dedupe_titles": F(bool, True),
+        "sample": F(int),  # keep this many cleaned records (seeded) before splitting; null = all
+        "train_size": F((int, float), 0.8),  # int = count, float = fraction
+        "val_size": F((int, float), 0.1),
+        "test_size": F((int, float), 0.1),
+        "seed": F(int, 42),
+        "export_formatted": F(str),  # also write the formatted training set under this file name
+    },
+    "lora": {
+        "r": F(int, 16),
+        "alpha": F(int, 32),
+        "dropout": F(float, 0.05),
+        "target_modules": F((str, list), "all-linear"),
+        "bias": F(str, "none", ("none", "all", "lora_only")),
+        "modules_to_save": F(list),
+        "use_rslora": F(bool, False),
+    },
+    "train": {
+        "max_steps": F(int, -1),  # -1 = use epochs
+        "epochs": F((int, float), 1),
+        "learning_rate": F(float, 2e-4),
+        "lr_scheduler": F(str, "cosine"),
+        "warmup_ratio": F(float, 0.0),
+        "warmup_steps": F(int, 0),
+        "batch_size": F(int, 8),
+        "grad_accum": F(int, 1),
+        "max_length": F(int, 512),  # prompt + answer tokens (causal) or source tokens (seq2seq)
+        "max_target_length": F(int, 256),  # seq2seq only
+        "precision": F(str, "auto", ("auto", "fp32", "bf16", "fp16")),
+        "optim": F(str, "adamw_torch"),
+        "weight_decay": F(float, 0.0),
+        "max_grad_norm": F(float, 1.0),
+        "logging_steps": F(int, 10),
+        "eval_strategy": F(str, "steps", ("no", "steps", "epoch")),
+        "eval_steps": F(int),
+        "save_strategy": F(str, "steps", ("steps", "epoch")),
+        "save_steps": F(int, 500),
+        "save_total_limit": F(int, 2),
+        "load_best_model_at_end": F(bool, False),
+        "seed": F(int, 42),
+        "gradient_checkpointing": F(bool, False),
+        "group_by_length": F(bool, True),  # batch similar lengths together: less padding, same examples
+        "packing": F(bool, False),
+        "loss_on": F(str, "completion", ("completion", "assistant_turns")),
+        "threads": F(int),  # CPU threads for torch; null = all cores
+        "answer_only_logits": F(bool, True),  # output layer + loss only where labels are (common/training.py)
+        "eval_bleu": F(bool, False),  # seq2seq: sacreBLEU on val at each evaluation (generates; slower)
+    },
+    "eval": {
+        "split": F(str, "test", ("test", "val")),
+        "num_examples": F(int),  # null = the whole split
+        "batch_size": F(int, 8),
+        "max_new_tokens": F(int, 128),
+        "use": F(str, "merged", ("merged", "adapter")),
+        "bootstrap": F(int, 1000),
+        "fixed_prompts": F(list, []),  # extra titles generated before/after, e.g. the reference's examples
+        "baseline_samples": F(int, 0),  # write baseline_samples.jsonl (base answers on val) before training
+    },
+    "merge": {
+        "dtype": F(str, "float16", ("float16", "bfloat16", "float32")),
+        "check_prompts": F(int, 4),
+    },
+    "tiny": {
+        "template": F(str),  # chat template the real model ships with, given to the tiny stand-in
+        "data_path": F(str),  # data for tiny mode when the recipe's own file is not shipped
+    },
+}
+
+# What --tiny changes: only the model, data and step counts shrink.
+TINY_OVERRIDES = {
+    "data.sample": 160,
+    "data.train_size": 96,
+    "data.val_size": 16,
+    "data.test_size": 16,
+    "train.max_steps": 4,
+    "train.epochs": 1,
+    "train.batch_size": 4,
+    "train.grad_accum": 1,
+    "train.logging_steps": 1,
+    "train.eval_steps": 2,
+    "train.save_steps": 2,
+    "train.warmup_steps": 0,
+    "train.max_length": 256,
+    "train.max_target_length": 64,
+    "eval.max_new_tokens": 12,
+    "eval.num_examples": 8,
+    "eval.bootstrap": 200,
+    "merge.check_prompts": 2,
+}
+
+
+class Config(dict):
+    """A nested dict with attribute access: cfg.train.learning_rate."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(self))
+
+
+def _defaults(schema: dict) -> dict:
+    return {k: (_defaults(v) if isinstance(v, dict) else copy.deepcopy(v.default)) for k, v in schema.items()}
+
+
+def _check(value: Any, field: F, where: str) -> Any:
+    if value is None:
+        if field.required:
+            raise ConfigError(f"{where} is required")
+        return None
+    types = field.type if isinstance(field.type, tuple) else (field.type,)
+    if float in types and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value) if int not in types else value
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        names = " or ".join(t.__name__ for t in types)
+        raise ConfigError(f"{where} must be {names}, got {type(value).__name__} {value!r}")
+    if field.choices and value not in field.choices:
+        raise ConfigError(f"{where} must be one of {', '.join(map(str, field.choices))}, got {value!r}")
+    return value
+
+
+def _merge(base: dict, over: dict, schema: dict, where: str) -> None:
+    for key, value in over.items():
+        path = f"{where}{key}"
+        if key not in schema:
+            raise ConfigError(f"unknown key '{path}'; valid keys here: {', '.join(schema)}")
+        if isinstance(schema[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{path}' is a section; set its keys, e.g. {path}.{next(iter(schema[key]))}")
+            _merge(base[key], value, schema[key], path + ".")
+        else:
+            base[key] = value
+
+
+def _validate(cfg: dict, schema: dict, where: str = "") -> None:
+    for key, field in schema.items():
+        if isinstance(field, dict):
+            _validate(cfg[key], field, f"{where}{key}.")
+        else:
+            cfg[key] = _check(cfg[key], field, f"{where}{key}")
+
+
+def parse_set(item: str) -> dict:
+    """'train.max_steps=20' -> {'train': {'max_steps': 20}} (the value is read as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.max_steps=20")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node: dict = {}
+    out = node
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node[p] = {}
+        node = node[p]
+    node[parts[-1]] = value
+    return out
+
+
+def resolve_recipe_file(recipe: str) -> Path:
+    p = Path(recipe)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise ConfigError(f"recipe file {p} does not exist")
+        return p.resolve()
+    f = paths.RECIPES_DIR / f"{recipe}.yaml"
+    if not f.is_file():
+        raise ConfigError(f"unknown recipe '{recipe}'; available: {', '.join(paths.recipe_names())}")
+    return f
+
+
+def load(recipe: str, sets: list[str] | None = None, tiny: bool = False) -> Config:
+    """Defaults <- recipe YAML <- SM_CHANNEL_TRAINING <- DATA_PATH <- --tiny <- --set, validated."""
+    paths.load_dotenv_once()
+    f = resolve_recipe_file(recipe)
+    try:
+        raw = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{f}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{f}: a recipe must be a mapping of sections (model:, data:, train: ...)")
+    cfg = _defaults(SCHEMA)
+    try:
+        _merge(cfg, raw, SCHEMA, "")
+    except ConfigError as e:
+        raise ConfigError(f"{f}: {e}") from None
+    if os.environ.get("SM_CHANNEL_TRAINING") and cfg["data"]["path"]:  # SageMaker training channel
+        cfg["data"]["path"] = str(Path(os.environ["SM_CHANNEL_TRAINING"]) / Path(cfg["data"]["path"]).name)
+    if os.environ.get("DATA_PATH"):
+        cfg["data"]["path"] = os.environ["DATA_PATH"]
+    if tiny:
+        for k, v in TINY_OVERRIDES.items():
+            _merge(cfg, parse_set(f"{k}={json.dumps(v)}"), SCHEMA, "")
+        if cfg["tiny"]["data_path"]:
+            cfg["data"]["path"] = cfg["tiny"]["data_path"]
+    for item in sets or []:
+        try:
+            _merge(cfg, parse_set(item), SCHEMA, "")
+        except ConfigError as e:
+            raise ConfigError(f"--set {item}: {e}") from None
+    _validate(cfg, SCHEMA)
+    cfg["name"] = f.stem
+    cfg["run"] = paths.run_name(f.stem, tiny)
+    cfg["tiny_mode"] = tiny
+    cfg["recipe_file"] = str(f)
+    return _wrap(cfg)
+
+
+def _wrap(d: Any) -> Any:
+    if isinstance(d, dict):
+        return Config({k: _wrap(v) for k, v in d.items()})
+    return d
+
+
+# Which settings each step depends on (Make re-runs a step when its stamp changes).
+STEP_KEYS = {
+    "prepare": ["task", "data", "prompt", "model.name_or_path", "model.gguf_file", "model.family", "tiny",
+                "train.max_length", "train.max_target_length"],
+    "train": ["model", "quantization", "lora", "train", "eval.baseline_samples"],
+    "merge": ["merge", "model.full_precision_name_or_path"],
+    "eval": ["eval"],
+}
+
+
+def step_settings(cfg: Config, step: str) -> dict:
+    out = {}
+    for key in STEP_KEYS[step]:
+        node: Any = cfg
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node
+    return out
+
+
+def write_stamps(cfg: Config) -> Path:
+    d = paths.RunPaths(cfg.run).stamps
+    d.mkdir(parents=True, exist_ok=True)
+    for step in STEP_KEYS:
+        f = d / f"{step}.json"
+        text = json.dumps(step_settings(cfg, step), indent=1, sort_keys=True, default=str)
+        if not f.exists() or f.read_text() != text:
+            f.write_text(text)
+    return d
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Validate a recipe; print it or write Make stamps.")
+    ap.add_argument("--recipe", required=True)
+    ap.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--stamps", action="store_true", help="write the per-step stamps Make depends on")
+    args, _ = ap.parse_known_args(argv)
+    try:
+        cfg = load(args.recipe, args.sets, args.tiny)
+        if args.stamps:
+            write_stamps(cfg)
+        else:
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), end="")
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

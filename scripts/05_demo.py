@@ -1,0 +1,92 @@
+"""Ask the base and the tuned model the same question and print the answers side by side.
+
+    make demo TITLE="Acme Chef Knife, Black, Large"
+    python scripts/05_demo.py --recipe smollm2 --title "Acme Chef Knife, Black, Large"
+    python scripts/05_demo.py --recipe smollm2-xauusd --title "Fed signals sharply rate cuts as inflation cools"
+    python scripts/05_demo.py --recipe smollm2            # no title: asks interactively (empty line quits)
+
+For the forecast task the title is the headline; other prompt fields can be given with --field key=value
+(missing ones read "unknown"). --use adapter (default when no merged model exists) or --use merged picks the
+tuned model. Writes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import textwrap
+from typing import Any
+
+from common import modeling, prompts, run
+
+
+def add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--title", help="product title (or headline for the forecast task)")
+    ap.add_argument("--field", action="append", default=[], metavar="KEY=VALUE", help="extra prompt field")
+    ap.add_argument("--use", choices=("adapter", "merged"), help="tuned model to load (default: merged if present)")
+    ap.add_argument("--max-new-tokens", type=int)
+
+
+class _Fields(dict):
+    def __missing__(self, key: str) -> str:
+        return "unknown"
+
+
+def fields_for(cfg: Any, title: str, extra: list[str]) -> dict:
+    f = _Fields(title=title, content="", generated_headline=title)
+    for kv in extra:
+        k, _, v = kv.partition("=")
+        f[k.strip()] = v
+    return f
+
+
+def body(ctx: run.Context) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    cfg, rp, a = ctx.cfg, ctx.paths, ctx.args
+    if not (rp.adapter / "adapter_config.json").exists():
+        raise run.UserError(f"no tuned model in {rp.adapter}; run make train RECIPE={cfg.name} first")
+    use = a.use or ("merged" if rp.merge_report.exists() else "adapter")
+    tok = AutoTokenizer.from_pretrained(rp.adapter)
+    dtype = "bf16" if modeling.cuda() else "fp32"
+    base = modeling.load_model(cfg, modeling.model_source(cfg), 0, dtype)
+    if use == "merged":
+        cls = AutoModelForSeq2SeqLM if cfg.model.arch == "seq2seq" else AutoModelForCausalLM
+        tuned = cls.from_pretrained(rp.merged, dtype=modeling.torch_dtype(dtype))
+        tuned = tuned.to("cuda") if modeling.cuda() else tuned
+    else:
+        tuned = PeftModel.from_pretrained(modeling.load_model(cfg, modeling.model_source(cfg), 0, dtype), rp.adapter)
+    max_new = a.max_new_tokens or cfg.eval.max_new_tokens
+    width = max(40, (shutil.get_terminal_size((120, 20)).columns - 3) // 2)
+
+    def answer(title: str) -> None:
+        ex = prompts.build(cfg, fields_for(cfg, title, a.field))
+        ids = ([tok(ex["prompt"]).input_ids] if cfg.model.arch == "seq2seq" else [prompts.encode_prompt(tok, ex["prompt"])])
+        b = modeling.generate(base, tok, ids, max_new, 1, "base")[0]
+        t = modeling.generate(tuned, tok, ids, max_new, 1, "tuned")[0]
+        left, right = textwrap.wrap(b, width) or [""], textwrap.wrap(t, width) or [""]
+        print(f"\n{'BASE':<{width}} | TUNED ({use})\n{'-' * width}-+-{'-' * width}")
+        for i in range(max(len(left), len(right))):
+            print(f"{(left[i] if i < len(left) else ''):<{width}} | {right[i] if i < len(right) else ''}")
+        print()
+
+    if a.title:
+        answer(a.title)
+        return
+    while True:
+        try:
+            title = input("title (empty to quit)> ").strip()
+        except EOFError:
+            break
+        if not title:
+            break
+        answer(title)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run.main("demo", body, argv, __doc__, add_args, lock=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Every recipe end to end through the Makefile, in tiny-model mode, in a temporary artifact root."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from common import paths
+from conftest import REPO
+
+RECIPES = paths.recipe_names()
+
+
+def make(home, *args, check=True):
+    env = dict(os.environ, FT_HOME=str(home), PYTHONUNBUFFERED="1")
+    p = subprocess.run(["make", f"PY={sys.executable}", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise AssertionError(f"make {' '.join(args)} -> {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
+    return p
+
+
+def ran_steps(p) -> list[str]:
+    return [s for s in ("00_install", "01_prepare", "02_sft_qlora", "03_merge_fp16", "04_eval")
+            if f"scripts/{s}.py" in p.stdout]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_end_to_end_tiny(recipe, ft_home):
+    make(ft_home, "all", f"RECIPE={recipe}", "TINY=1")
+    run = f"{recipe}-tiny"
+    data, out = ft_home / "data/processed" / run, ft_home / "outputs" / run
+    rep = json.loads((data / "prepare_report.json").read_text())
+    assert rep["kept"] > 0 and rep["splits"]["test"] > 0
+    info = json.loads((out / "adapter/run_info.json").read_text())
+    assert info["recipe"] == recipe and info["global_step"] == 4 and info["git_commit"] is not None
+    assert (out / "adapter/adapter_model.safetensors").stat().st_size > 0
+    cfg = json.loads((out / "adapter/adapter_config.json").read_text())
+    from common import config
+
+    recipe_cfg = config.load(recipe)
+    want = recipe_cfg.lora.target_modules
+    if isinstance(want, list):
+        assert set(cfg["target_modules"]) == set(want)
+    assert cfg["r"] == recipe_cfg.lora.r and cfg["lora_alpha"] == recipe_cfg.lora.alpha
+    if recipe_cfg.lora.modules_to_save:
+        assert set(cfg["modules_to_save"]) >= set(recipe_cfg.lora.modules_to_save)
+    if recipe_cfg.quantization.bits:  # the CPU runs bitsandbytes here, so the quantized path really ran
+        assert info["plan"]["quantization_bits"] == recipe_cfg.quantization.bits, info["replaced"]
+    log_rows = list(csv.DictReader((out / "train_log.csv").open()))
+    assert any(r["loss"] for r in log_rows) and (out / "loss.png").stat().st_size > 1000
+    merge = json.loads((out / "merge_report.json").read_text())
+    assert merge["max_abs_logit_diff"] < 0.05, merge  # merged fp16 model == adapter model, within fp16 rounding
+    assert (out / "merged/config.json").exists()
+    metrics = json.loads((out / "eval/metrics.json").read_text())
+    assert metrics["n_examples"] == 8 and metrics["meta"]["recipe"] == recipe
+    side = list(csv.DictReader((out / "eval/side_by_side.csv").open()))
+    assert len(side) == 8 and all(r["reference"] for r in side)
+    assert (out / "eval/report.md").read_text().startswith(f"# Evaluation: {recipe}")
+    if recipe_cfg.task == "xauusd_forecast":
+        assert {"json_valid_raw", "direction_acc_6h", "magnitude_mae"} <= set(metrics["tuned"])
+        assert "trivial" in metrics
+    else:
+        assert {"rougeL", "sacrebleu", "chrf", "degenerate_share"} <= set(metrics["tuned"])
+    if recipe_cfg.eval.baseline_samples:
+        rows = [json.loads(x) for x in (out / "baseline_samples.jsonl").read_text().splitlines()]
+        assert rows and {"prompt", "target", "base_answer"} <= set(rows[0])
+    if recipe_cfg.eval.fixed_prompts:
+        assert (out / "eval/fixed_prompts.csv").exists()
+    if recipe_cfg.data.export_formatted:
+        assert json.loads((data / recipe_cfg.data.export_formatted).read_text())
+
+    # a second `make all` does nothing; a changed eval setting re-runs eval only
+    again = make(ft_home, "all", f"RECIPE={recipe}", "TINY=1")
+    assert ran_steps(again) == []
+    changed = make(ft_home, "all", f"RECIPE={recipe}", "TINY=1", "ARGS=--set eval.max_new_tokens=6")
+    assert ran_steps(changed) == ["04_eval"]
+
+
+def test_unknown_recipe_stops_at_once_with_the_list(ft_home):
+    p = make(ft_home, "all", "RECIPE=nope", check=False)
+    assert p.returncode != 0 and "unknown RECIPE 'nope'" in p.stderr and "smollm2" in p.stderr
+    assert not (ft_home / "outputs" / "nope").exists()
+
+
+def test_bad_override_stops_before_any_step(ft_home):
+    p = make(ft_home, "all", "ARGS=--set train.max_stepz=3", check=False)
+    assert p.returncode != 0 and "unknown key 'train.max_stepz'" in p.stderr
+    assert ran_steps(p) == []
+
+
+def test_scripts_run_as_files_and_as_modules(ft_home):
+    for cmd in ([sys.executable, "scripts/01_prepare.py", "--help"], [sys.executable, "-m", "scripts.01_prepare", "--help"]):
+        p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        assert p.returncode == 0 and "make prepare" in p.stdout
