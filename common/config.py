@@ -188,6 +188,8 @@ def _check(value: Any, field: F, where: str) -> Any:
             raise ConfigError(f"{where} is required")
         return None
     types = field.type if isinstance(field.type, tuple) else (field.type,)
+    if types == (str,) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # --set data.path=2024 means the text "2024"
     if float in types and isinstance(value, int) and not isinstance(value, bool):
         value = float(value) if int not in types else value
     if isinstance(value, bool) and bool not in types or not isinstance(value, types):

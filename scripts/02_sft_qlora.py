@@ -19,8 +19,10 @@ Writes outputs/<run>/: checkpoints/, train_log.csv, loss.png, baseline_samples.j
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 import io
+import json
 import logging
 import os
 import shutil
@@ -28,7 +30,7 @@ import sys
 import time
 from typing import Any
 
-from common import modeling, prompts, run, training
+from common import config, modeling, prompts, run, training
 from common.run import UserError
 
 log = logging.getLogger("ft")
@@ -219,7 +221,6 @@ def baseline_samples(cfg: Any, plan: modeling.Plan, model: Any, tok: Any, rows: 
 def body(ctx: run.Context) -> None:
     import torch
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     cfg, rp = ctx.cfg, ctx.paths
     if cfg.train.threads:
@@ -244,7 +245,7 @@ def body(ctx: run.Context) -> None:
 
     trainer = make_trainer(cfg, plan, model, tok, train_ds, val_ds, str(rp.checkpoints))
     trainer.add_callback(LogCallback())
-    last = get_last_checkpoint(str(rp.checkpoints)) if rp.checkpoints.is_dir() else None
+    last = resumable_checkpoint(cfg, rp)
     if last:
         log.info("resuming from %s (an earlier run was interrupted)", last)
     t0 = time.time()
@@ -270,6 +271,21 @@ def body(ctx: run.Context) -> None:
         log.info("copied the adapter to SM_MODEL_DIR=%s", os.environ["SM_MODEL_DIR"])
     log.info("trained %d steps in %.0fs (train loss %.4f, eval loss %s) -> %s", trainer.state.global_step, seconds,
              result.training_loss, evals[-1] if evals else "n/a", rp.adapter)
+
+
+def resumable_checkpoint(cfg: Any, rp: Any) -> str | None:
+    """The last checkpoint of an interrupted run with the same settings and data; stale ones are removed."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    key = hashlib.sha256(json.dumps(config.step_settings(cfg, "train"), sort_keys=True, default=str).encode()
+                         + rp.split("train").read_bytes() + rp.split("val").read_bytes()).hexdigest()
+    marker = rp.checkpoints / "settings.sha256"
+    if rp.checkpoints.is_dir() and (not marker.exists() or marker.read_text() != key):
+        log.info("training settings or data changed since the last checkpoints: starting fresh")
+        shutil.rmtree(rp.checkpoints)
+    rp.checkpoints.mkdir(parents=True, exist_ok=True)
+    run.atomic_write_text(marker, key)
+    return get_last_checkpoint(str(rp.checkpoints))
 
 
 def peak_rss_mb() -> float:

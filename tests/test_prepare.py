@@ -105,12 +105,17 @@ def test_same_seed_gives_byte_identical_files_and_other_seed_differs(ft_home, tm
     assert not (ids(first["train"]) & ids(first["test"]))  # splits never overlap
 
 
+def _file(p: Path, name: str, data: bytes) -> Path:
+    (p / name).write_bytes(data)
+    return p / name
+
+
 @pytest.mark.parametrize("make_bad, fragment", [
     (lambda p: p / "missing.json", "does not exist"),
     (lambda p: p, "is a folder"),
-    (lambda p: (p / "empty.json").write_bytes(b"") or p / "empty.json", "is empty"),
-    (lambda p: (p / "bin.json").write_bytes(bytes(range(256)) * 50) or p / "bin.json", "no usable record"),
-    (lambda p: (p / "wrong.json").write_text('{"name": "x", "text": "y"}\n' * 5) or p / "wrong.json",
+    (lambda p: _file(p, "empty.json", b""), "is empty"),
+    (lambda p: _file(p, "bin.json", bytes(range(256)) * 50), "no usable record"),
+    (lambda p: _file(p, "wrong.json", b'{"name": "x", "text": "y"}\n' * 5),
      "no usable record out of 5 read (missing_title 5)"),
 ])
 def test_file_level_faults_are_one_line_and_write_nothing(ft_home, tmp_path, make_bad, fragment):

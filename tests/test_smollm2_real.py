@@ -1,0 +1,29 @@
+"""A short real run on the embedded SmolLM2 (a few steps): the tuned model must already beat the base."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from test_pipeline import make, ran_steps
+
+pytestmark = pytest.mark.slow
+
+SHORT = ("--set train.max_steps=8 --set train.eval_steps=4 --set train.save_steps=4 --set data.train_size=64 "
+         "--set data.val_size=16 --set data.test_size=24 --set eval.max_new_tokens=40")
+
+
+def test_smollm2_short_real_run(ft_home):
+    p = make(ft_home, "all", "RECIPE=smollm2", f"ARGS={SHORT}")
+    assert ran_steps(p) == ["01_prepare", "02_sft_qlora", "03_merge_fp16", "04_eval"]
+    out = ft_home / "outputs/smollm2"
+    evals = [float(r["eval_loss"]) for r in csv.DictReader((out / "train_log.csv").open()) if r["eval_loss"]]
+    assert len(evals) == 2 and evals[1] < evals[0]  # it learns
+    m = json.loads((out / "eval/metrics.json").read_text())
+    assert m["n_examples"] == 24
+    assert m["tuned"]["rougeL"] > m["base"]["rougeL"] and m["comparison"]["mean"] > 0
+    assert json.loads((out / "merge_report.json").read_text())["max_abs_logit_diff"] < 0.5
+    # the tuned model learned to stop: its answers are not cut at the token limit all the time
+    side = list(csv.DictReader((out / "eval/side_by_side.csv").open()))
+    assert sum(len(r["tuned"].split()) < 38 for r in side) > len(side) // 2
