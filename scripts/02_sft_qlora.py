@@ -243,9 +243,15 @@ def body(ctx: run.Context) -> None:
     if cfg.eval.baseline_samples and not (rp.out / "baseline_samples.jsonl").exists():
         baseline_samples(cfg, plan, model, tok, val_rows, rp.out)
 
+    last = resumable_checkpoint(cfg, rp)  # before the trainer, which creates the folder
     trainer = make_trainer(cfg, plan, model, tok, train_ds, val_ds, str(rp.checkpoints))
+    if plan.quant_bits and plan.precision == "fp32":
+        # TRL casts a quantized model's trainable weights to bf16 (the QLoRA paper's choice under autocast); without
+        # autocast (fp32 on CPU) a bf16 modules_to_save copy would meet fp32 activations, so keep them fp32
+        for p in trainer.model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
     trainer.add_callback(LogCallback())
-    last = resumable_checkpoint(cfg, rp)
     if last:
         log.info("resuming from %s (an earlier run was interrupted)", last)
     t0 = time.time()

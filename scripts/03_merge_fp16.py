@@ -29,7 +29,7 @@ def check_inputs(cfg: Any, tok: Any, rows: list[dict]) -> list[dict]:
                                               cfg.train.max_target_length)
             out.append({"input_ids": src, "labels": tgt})
         else:
-            enc = prompts.encode_chat(tok, ex["prompt"], ex["completion"], cfg.train.max_length)
+            enc = prompts.encode_chat(tok, ex["prompt"], ex["completion"])
             if enc:
                 out.append({"input_ids": enc[0]})
     return out
