@@ -20,7 +20,7 @@ RECIPES := $(sort $(basename $(notdir $(wildcard recipes/*.yaml))))
 FLAGS   := --recipe $(RECIPE) $(if $(TINY),--tiny) $(ARGS)
 
 # Goals that need no recipe (and must work before anything is installed).
-NO_RECIPE_GOALS := help clean clean-all test test-fast install bench
+NO_RECIPE_GOALS := help clean clean-all test test-fast install
 ifneq ($(filter-out $(NO_RECIPE_GOALS),$(or $(MAKECMDGOALS),all)),)
   ifeq ($(filter $(RECIPE),$(RECIPES)),)
     $(error unknown RECIPE '$(RECIPE)'; available: $(RECIPES))
@@ -40,7 +40,7 @@ ifneq ($(filter-out $(NO_RECIPE_GOALS),$(or $(MAKECMDGOALS),all)),)
 endif
 ENV_JSON ?= outputs/env.json
 
-.PHONY: all help install prepare train merge eval demo test test-fast bench clean clean-all recipes
+.PHONY: all help install prepare train merge eval demo test test-fast clean clean-all recipes
 all: $(EVALUATED) ## install -> prepare -> train -> merge -> eval
 	@echo "done: $(OUT_DIR)/eval/report.md"
 
@@ -73,9 +73,6 @@ test: $(ENV_JSON) ## the whole test suite (tiny models for every recipe, plus a 
 
 test-fast: $(ENV_JSON) ## the suite without the slow real-model tests
 	$(PY) -m pytest -q -m "not slow"
-
-bench: $(ENV_JSON) ## training and generation speed: this project vs the reference way vs plain TRL
-	$(PY) scripts/bench.py $(ARGS)
 
 recipes: ## list the recipes
 	@printf '%s\n' $(RECIPES)

@@ -75,7 +75,7 @@ SCHEMA: dict[str, Any] = {
         "min_content_chars": F(int, 1),
         "max_content_chars": F(int),  # longer records are dropped (null = keep all)
         "dedupe_titles": F(bool, True),
-        "sample": F(int),  # keep this many cleaned records (seeded) before splitting; null = all
+        "sample": F((int, float)),  # keep this many (int) or this share (float) of cleaned records; null = all
         "train_size": F((int, float), 0.8),  # int = count, float = fraction
         "val_size": F((int, float), 0.1),
         "test_size": F((int, float), 0.1),

@@ -346,7 +346,10 @@ def body(ctx: run.Context) -> None:
     keep = d.sample
     if keep is None and all(isinstance(x, int) for x in (d.train_size, d.val_size, d.test_size)):
         keep = d.train_size + d.val_size + d.test_size
-    records = collect(READERS[cfg.task](path, cfg, rep), keep, d.dedupe_titles, d.seed, rep)
+    share = keep if isinstance(keep, float) else None
+    records = collect(READERS[cfg.task](path, cfg, rep), None if share else keep, d.dedupe_titles, d.seed, rep)
+    if share is not None and 0 < share < 1:  # a subset fraction (flan-t5's --train_subset)
+        records = random.Random(d.seed).sample(records, max(1, int(len(records) * share)))
     if not records:
         reasons = ", ".join(f"{k} {v}" for k, v in rep.dropped.most_common(4)) or "no rows"
         raise UserError(f"{path}: no usable record out of {rep.read} read ({reasons}); check the file's format "

@@ -143,3 +143,26 @@ def test_shipped_sample_has_the_real_files_quirks():
     assert any("&#8217;" in r["content"] or "&amp;" in r["content"] for r in rows)
     assert len({r["title"] for r in rows}) < len(rows)
     assert max(len(r["content"]) for r in rows) > 2000
+
+
+def test_forecast_csv_rows_validated_and_missing_columns_named(ft_home, tmp_path):
+    import csv
+
+    src = Path(prep.paths.REPO) / "data/sample/xauusd.csv"
+    step("01_prepare", "--recipe", "smollm2-xauusd", "--set", "data.train_size=40", "--set", "data.val_size=5",
+         "--set", "data.test_size=5")
+    r = report(ft_home, "smollm2-xauusd")
+    assert r["dropped"] == {"bad_direction": 1, "bad_magnitude": 1, "missing_target": 1, "empty_headline": 1}
+    assert "direction_6h='sideways'" in r["dropped_first_lines"]["bad_direction"][0]
+    ex = json.loads((ft_home / "data/processed/smollm2-xauusd/test.jsonl").read_text().splitlines()[0])
+    target = json.loads(ex["completion"][0]["content"])
+    assert set(target) == {"6h", "12h", "24h", "48h"} and target["6h"]["direction"] in ("up", "down", "flat")
+    rows = list(csv.DictReader(src.open()))
+    bad = tmp_path / "bad.csv"
+    with bad.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k not in ("magnitude_48h", "symbol")])
+        w.writeheader()
+        for row in rows[:5]:
+            w.writerow({k: v for k, v in row.items() if k in w.fieldnames})
+    p = step("01_prepare", "--recipe", "smollm2-xauusd", "--set", f"data.path={bad}", check=False)
+    assert p.returncode == 2 and "missing required column(s) symbol, magnitude_48h" in p.stderr

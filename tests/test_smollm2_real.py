@@ -16,7 +16,7 @@ SHORT = ("--set train.max_steps=8 --set train.eval_steps=4 --set train.save_step
 
 def test_smollm2_short_real_run(ft_home):
     p = make(ft_home, "all", "RECIPE=smollm2", f"ARGS={SHORT}")
-    assert ran_steps(p) == ["01_prepare", "02_sft_qlora", "03_merge_fp16", "04_eval"]
+    assert ran_steps(p)[-4:] == ["01_prepare", "02_sft_qlora", "03_merge_fp16", "04_eval"]
     out = ft_home / "outputs/smollm2"
     evals = [float(r["eval_loss"]) for r in csv.DictReader((out / "train_log.csv").open()) if r["eval_loss"]]
     assert len(evals) == 2 and evals[1] < evals[0]  # it learns
