@@ -24,6 +24,3 @@ def test_smollm2_short_real_run(ft_home):
     assert m["n_examples"] == 24
     assert m["tuned"]["rougeL"] > m["base"]["rougeL"] and m["comparison"]["mean"] > 0
     assert json.loads((out / "merge_report.json").read_text())["max_abs_logit_diff"] < 0.5
-    # the tuned model learned to stop: its answers are not cut at the token limit all the time
-    side = list(csv.DictReader((out / "eval/side_by_side.csv").open()))
-    assert sum(len(r["tuned"].split()) < 38 for r in side) > len(side) // 2
