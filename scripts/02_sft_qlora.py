@@ -155,24 +155,21 @@ def bleu_metric(tok: Any) -> Any:
     return compute
 
 
-class LogCallback:
-    """Mirror the trainer's logs into our log file, with progress and throughput."""
+def log_callback() -> Any:
+    """A callback mirroring the trainer's logs into our log file, with progress and an ETA."""
+    from transformers import TrainerCallback
 
-    def __new__(cls) -> Any:
-        from transformers import TrainerCallback
+    class LogCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0, self.step0 = time.time(), state.global_step
 
-        class _CB(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kw):
-                self.t0 = time.time()
-                self.step0 = state.global_step
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in (logs or {}).items()}
+            done = state.global_step - self.step0
+            eta = (time.time() - self.t0) / done * (state.max_steps - state.global_step) if done else 0
+            log.info("step %d/%d %s eta %.0fs", state.global_step, state.max_steps, logs, eta)
 
-            def on_log(self, args, state, control, logs=None, **kw):
-                logs = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in (logs or {}).items()}
-                done = state.global_step - self.step0
-                eta = (time.time() - self.t0) / done * (state.max_steps - state.global_step) if done else 0
-                log.info("step %d/%d %s eta %.0fs", state.global_step, state.max_steps, logs, eta)
-
-        return _CB()
+    return LogCallback()
 
 
 def write_history(history: list[dict], out: Any) -> None:
@@ -251,7 +248,7 @@ def body(ctx: run.Context) -> None:
         for p in trainer.model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
-    trainer.add_callback(LogCallback())
+    trainer.add_callback(log_callback())
     if last:
         log.info("resuming from %s (an earlier run was interrupted)", last)
     t0 = time.time()

@@ -53,29 +53,11 @@ def base_generations(cfg: Any, ctx: run.Context, tok: Any, ids: list[list[int]],
         if cached and cached[0].get("key") == key:
             log.info("base generations: reusing %d cached answers (%s)", len(cached) - 1, cache.name)
             return [r["answer"] for r in cached[1:]]
-    model = modeling.load_model(cfg, source, 0, "fp32" if not modeling.cuda() else "bf16")
+    model = modeling.load_model(cfg, source, 0, modeling.inference_dtype())
     answers = modeling.generate(model, tok, ids, cfg.eval.max_new_tokens, cfg.eval.batch_size, "base model", precision)
     run.write_jsonl(cache, [{"key": key, "model": source}] + [{"answer": a} for a in answers])
     del model
     return answers
-
-
-def tuned_model(cfg: Any, ctx: run.Context) -> Any:
-    rp = ctx.paths
-    if cfg.eval.use == "merged":
-        if not rp.merge_report.exists():
-            raise run.UserError(f"no merged model in {rp.merged}; run make merge (or --set eval.use=adapter)")
-        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-        cls = AutoModelForSeq2SeqLM if cfg.model.arch == "seq2seq" else AutoModelForCausalLM
-        model = cls.from_pretrained(rp.merged, dtype=modeling.torch_dtype("fp32" if not modeling.cuda() else "bf16"))
-        return model.to("cuda") if modeling.cuda() else model
-    from peft import PeftModel
-
-    if not (rp.adapter / "adapter_config.json").exists():
-        raise run.UserError(f"no adapter in {rp.adapter}; run make train first")
-    base = modeling.load_model(cfg, modeling.model_source(cfg), 0, "fp32" if not modeling.cuda() else "bf16")
-    return PeftModel.from_pretrained(base, rp.adapter)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -248,7 +230,7 @@ def body(ctx: run.Context) -> None:
         if cfg.task == "product_description" else []
     fixed_ids = prompt_ids(cfg, tok, fixed)
     base = base_generations(cfg, ctx, tok, ids + fixed_ids, precision)
-    model = tuned_model(cfg, ctx)
+    model = modeling.load_tuned(cfg, rp, cfg.eval.use)
     tuned = modeling.generate(model, tok, ids + fixed_ids, cfg.eval.max_new_tokens, cfg.eval.batch_size,
                               "tuned model", precision)
     base, base_fixed, tuned, tuned_fixed = base[: len(ids)], base[len(ids):], tuned[: len(ids)], tuned[len(ids):]

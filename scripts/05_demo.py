@@ -41,22 +41,15 @@ def fields_for(cfg: Any, title: str, extra: list[str]) -> dict:
 
 
 def body(ctx: run.Context) -> None:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     cfg, rp, a = ctx.cfg, ctx.paths, ctx.args
     if not (rp.adapter / "adapter_config.json").exists():
         raise run.UserError(f"no tuned model in {rp.adapter}; run make train RECIPE={cfg.name} first")
     use = a.use or ("merged" if rp.merge_report.exists() else "adapter")
     tok = AutoTokenizer.from_pretrained(rp.adapter)
-    dtype = "bf16" if modeling.cuda() else "fp32"
-    base = modeling.load_model(cfg, modeling.model_source(cfg), 0, dtype)
-    if use == "merged":
-        cls = AutoModelForSeq2SeqLM if cfg.model.arch == "seq2seq" else AutoModelForCausalLM
-        tuned = cls.from_pretrained(rp.merged, dtype=modeling.torch_dtype(dtype))
-        tuned = tuned.to("cuda") if modeling.cuda() else tuned
-    else:
-        tuned = PeftModel.from_pretrained(modeling.load_model(cfg, modeling.model_source(cfg), 0, dtype), rp.adapter)
+    base = modeling.load_model(cfg, modeling.model_source(cfg), 0, modeling.inference_dtype())
+    tuned = modeling.load_tuned(cfg, rp, use)
     max_new = a.max_new_tokens or cfg.eval.max_new_tokens
     width = max(40, (shutil.get_terminal_size((120, 20)).columns - 3) // 2)
 

@@ -166,3 +166,15 @@ def test_forecast_csv_rows_validated_and_missing_columns_named(ft_home, tmp_path
             w.writerow({k: v for k, v in row.items() if k in w.fieldnames})
     p = step("01_prepare", "--recipe", "smollm2-xauusd", "--set", f"data.path={bad}", check=False)
     assert p.returncode == 2 and "missing required column(s) symbol, magnitude_48h" in p.stderr
+
+
+def test_conversation_extension_chains_other_records(ft_home):
+    """llama3-sharegpt: every train/val chat holds 3 user turns from 3 different records; test stays single-turn."""
+    step("01_prepare", "--recipe", "llama3-sharegpt", "--tiny")
+    d = ft_home / "data/processed/llama3-sharegpt-tiny"
+    for split, turns in (("train", 3), ("val", 3), ("test", 1)):
+        for line in (d / f"{split}.jsonl").read_text().splitlines():
+            ex = json.loads(line)
+            users = [m["content"] for m in ex["prompt"] if m["role"] == "user"]
+            assert len(users) == turns and len(set(users)) == turns, (split, users)
+            assert ex["prompt"][0]["role"] == "system"
