@@ -16,6 +16,7 @@ PY     ?= python3
 RECIPE ?= smollm2
 TINY   ?=
 ARGS   ?=
+BENCH  ?=
 RECIPES := $(sort $(basename $(notdir $(wildcard recipes/*.yaml))))
 FLAGS   := --recipe $(RECIPE) $(if $(TINY),--tiny) $(ARGS)
 
@@ -30,15 +31,18 @@ ifneq ($(filter-out $(NO_RECIPE_GOALS),$(or $(MAKECMDGOALS),all)),)
     $(info fresh machine: installing pyyaml and python-dotenv for the recipe reader)
     $(shell $(PY) -m pip install -q pyyaml python-dotenv >&2)
   endif
-  # Validate the recipe and write per-step stamps (rewritten only when a step's settings change).
-  STAMP_ERR := $(shell $(PY) -m common.config $(FLAGS) --stamps 2>&1 >/dev/null)
+  # Validate the recipe; for the pipeline goals also write per-step stamps (rewritten only when a step's
+  # settings change). Other goals (install, test, clean) leave the run folder alone.
+  STAMP_GOALS := all prepare train merge eval demo bench
+  STAMP_ERR := $(shell $(PY) -m common.config $(FLAGS) \
+    $(if $(filter $(STAMP_GOALS),$(or $(MAKECMDGOALS),all)),--stamps) 2>&1 >/dev/null)
   ifneq ($(STAMP_ERR),)
     $(error $(STAMP_ERR))
   endif
   # All paths come from common/paths.py.
   $(foreach v,$(shell $(PY) -m common.paths $(FLAGS)),$(eval $(v)))
 endif
-.PHONY: all help install prepare train merge eval demo test test-fast clean clean-all recipes
+.PHONY: all help install prepare train merge eval demo bench test test-fast clean clean-all recipes
 all: $(EVALUATED) ## install -> prepare -> train -> merge -> eval
 	@echo "done: $(OUT_DIR)/eval/report.md"
 
@@ -65,6 +69,9 @@ $(EVALUATED): scripts/04_eval.py $(STAMPS)/eval.json $(MERGED)
 
 demo: $(TRAINED) ## base vs tuned answers side by side: make demo TITLE="..."
 	$(PY) scripts/05_demo.py $(FLAGS) $(if $(TITLE),--title "$(TITLE)")
+
+bench: $(PREPARED) ## speed: ours vs plain TRL vs the reference way; batched generation -> outputs/bench/ (BENCH="--steps 8")
+	$(PY) scripts/bench.py $(FLAGS) $(BENCH)
 
 test: $(ENV_JSON) ## the whole test suite (tiny models for every recipe, plus a short real SmolLM2 run)
 	$(PY) -m pytest -q

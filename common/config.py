@@ -109,7 +109,7 @@ SCHEMA: dict[str, Any] = {
         "logging_steps": F(int, 10),
         "eval_strategy": F(str, "steps", ("no", "steps", "epoch")),
         "eval_steps": F(int),
-        "save_strategy": F(str, "steps", ("steps", "epoch")),
+        "save_strategy": F(str, "steps", ("no", "steps", "epoch")),
         "save_steps": F(int, 500),
         "save_total_limit": F(int, 2),
         "load_best_model_at_end": F(bool, False),
@@ -119,6 +119,7 @@ SCHEMA: dict[str, Any] = {
         "packing": F(bool, False),
         "loss_on": F(str, "completion", ("completion", "assistant_turns")),
         "threads": F(int),  # CPU threads for torch; null = all cores
+        "fast_dropout": F(bool, True),  # CPU: LoRA dropout masks from 4x fewer random draws (common/training.py)
         "answer_only_logits": F(bool, True),  # output layer + loss only where labels are (common/training.py)
         "eval_bleu": F(bool, False),  # seq2seq: sacreBLEU on val at each evaluation (generates; slower)
     },
@@ -190,11 +191,14 @@ def _check(value: Any, field: F, where: str) -> Any:
     types = field.type if isinstance(field.type, tuple) else (field.type,)
     if types == (str,) and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)  # --set data.path=2024 means the text "2024"
+    if types == (str,) and isinstance(value, bool) and field.choices:
+        value = "yes" if value else "no"  # YAML reads a bare no/off as false: eval_strategy: no means "no"
     if float in types and isinstance(value, int) and not isinstance(value, bool):
         value = float(value) if int not in types else value
     if isinstance(value, bool) and bool not in types or not isinstance(value, types):
         names = " or ".join(t.__name__ for t in types)
-        raise ConfigError(f"{where} must be {names}, got {type(value).__name__} {value!r}")
+        hint = " (quote it: YAML reads yes/no/on/off as true/false)" if isinstance(value, bool) else ""
+        raise ConfigError(f"{where} must be {names}, got {type(value).__name__} {value!r}{hint}")
     if field.choices and value not in field.choices:
         raise ConfigError(f"{where} must be one of {', '.join(map(str, field.choices))}, got {value!r}")
     return value
@@ -210,7 +214,7 @@ def _merge(base: dict, over: dict, schema: dict, where: str) -> None:
                 raise ConfigError(f"'{path}' is a section; set its keys, e.g. {path}.{next(iter(schema[key]))}")
             _merge(base[key], value, schema[key], path + ".")
         else:
-            base[key] = value
+            base[key] = _check(value, schema[key], path)  # checked here, so the error names the YAML or --set
 
 
 def _validate(cfg: dict, schema: dict, where: str = "") -> None:

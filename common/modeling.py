@@ -68,7 +68,7 @@ def convert_gguf(folder: Path, gguf_file: str) -> Path:
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
     if getattr(model, "hf_quantizer", None) is not None:  # weights are dequantized; drop the gguf marker
         model.hf_quantizer.remove_quantization_config(model)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, keep_existing=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     return out
@@ -201,7 +201,6 @@ def torch_dtype(name: str) -> Any:
 
 def load_model(cfg: Any, source: str, quant_bits: int = 0, dtype: str = "fp32") -> Any:
     """The base model, quantized with bitsandbytes when quant_bits is 4 or 8 (the caller checked support)."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, BitsAndBytesConfig
 
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype), "revision": cfg.model.revision,
@@ -282,7 +281,7 @@ def build_tiny(family: str, arch: str, template: str | None = None, seed: int = 
                  else LlamaForCausalLM(LlamaConfig(**common)))
     log.info("built tiny random-init %s (%.2fM params) -> %s", type(model).__name__,
              sum(p.numel() for p in model.parameters()) / 1e6, out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, keep_existing=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     return out

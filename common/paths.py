@@ -8,6 +8,7 @@ The artifact root defaults to the repository and moves with the FT_HOME environm
     outputs/<run>/merged/      merged fp16 model                              (03_merge_fp16)
     outputs/<run>/eval/        metrics.json, side_by_side.csv, report.md ...  (04_eval)
     outputs/env.json           what 00_install found                          (00_install)
+    outputs/bench/<run>.json   speed benchmark results and tables (.md)       (bench)
     outputs/.cache/            converted GGUF models, tiny models
 
 <run> is the recipe name, with "-tiny" appended in tiny-model mode. Raw data (data/sample, your trn.json) is
@@ -48,6 +49,11 @@ def home() -> Path:
 
 def env_json() -> Path:
     return home() / "outputs" / "env.json"
+
+
+def bench_dir() -> Path:
+    """`make bench` results: <run>.json and <run>.md."""
+    return home() / "outputs" / "bench"
 
 
 def cache_dir() -> Path:

@@ -117,13 +117,21 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary folder next to `final`; it replaces `final` only if the block completes."""
+def atomic_dir(final: Path, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to `final`; it replaces `final` only if the block completes.
+
+    keep_existing: a shared cache entry (a converted model); if another process finished the same entry
+    first, keep that one and discard ours, so a process reading it is never pulled out from under.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        if keep_existing:
+            with contextlib.suppress(OSError):  # rename fails if `final` appeared meanwhile: theirs wins
+                tmp.rename(final)
+            return
         old = final.with_name(f".{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
@@ -201,6 +209,16 @@ def run_lock(p: paths.RunPaths) -> Iterator[None]:
         fh.close()
 
 
+def sweep_leftovers(p: paths.RunPaths) -> None:
+    """Remove temporary files and folders a killed step left behind (we hold the run lock: none is in use)."""
+    for d in (p.data, p.out, p.eval):
+        if d.is_dir():
+            for f in d.iterdir():
+                if f.name.startswith(".") and f.name.endswith((".tmp", ".old")):
+                    log.info("removing %s (left by an interrupted step)", f)
+                    shutil.rmtree(f) if f.is_dir() else f.unlink(missing_ok=True)
+
+
 # --------------------------------------------------------------------------- entry point
 def parser(doc: str | None) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -226,6 +244,8 @@ def main(step: str, body: Callable[[Context], None], argv: list[str] | None, doc
         setup_logging(rp.logs / f"{step}.log", args.debug)
         log.info("[%s] recipe=%s run=%s model=%s", step, cfg.name, cfg.run, cfg.model.name_or_path)
         with run_lock(rp) if lock else contextlib.nullcontext():
+            if lock:
+                sweep_leftovers(rp)
             body(Context(step, args, cfg, rp))
         return 0
     except (UserError, config.ConfigError) as e:

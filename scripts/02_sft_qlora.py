@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib.util
 import io
 import json
 import logging
@@ -28,131 +27,12 @@ import os
 import shutil
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from common import config, modeling, prompts, run, training
-from common.run import UserError
 
 log = logging.getLogger("ft")
-
-
-def encode_split(cfg: Any, tok: Any, rows: list[dict], name: str) -> Any:
-    """Pre-tokenized dataset (input_ids, labels); examples that truncation leaves without an answer are dropped."""
-    from datasets import Dataset
-
-    ids, labels = [], []
-    for ex in rows:
-        if cfg.model.arch == "seq2seq":
-            src, tgt = prompts.encode_seq2seq(tok, ex["prompt"], ex["completion"], cfg.train.max_length,
-                                              cfg.train.max_target_length)
-            ids.append(src)
-            labels.append(tgt)
-            continue
-        enc = prompts.encode_chat(tok, ex["prompt"], ex["completion"], cfg.train.max_length,
-                                  all_turns=cfg.train.loss_on == "assistant_turns")
-        if enc:
-            ids.append(enc[0])
-            labels.append(enc[1])
-    if len(ids) < len(rows):
-        log.warning("%s: %d of %d examples dropped (no answer token left within train.max_length=%d)", name,
-                    len(rows) - len(ids), len(rows), cfg.train.max_length)
-    if rows and not ids:
-        raise UserError(f"every {name} example is longer than train.max_length={cfg.train.max_length}; raise it")
-    return Dataset.from_dict({"input_ids": ids, "labels": labels})
-
-
-def lora_config(cfg: Any) -> Any:
-    from peft import LoraConfig, TaskType
-
-    lc = cfg.lora
-    return LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
-                      bias=lc.bias, modules_to_save=lc.modules_to_save, use_rslora=lc.use_rslora,
-                      task_type=TaskType.SEQ_2_SEQ_LM if cfg.model.arch == "seq2seq" else TaskType.CAUSAL_LM)
-
-
-def load_for_training(cfg: Any, plan: modeling.Plan, source: str) -> Any:
-    """The base model with LoRA attached: Unsloth's fast path when asked for and possible, else HF + PEFT."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
-    if cfg.model.unsloth:
-        if importlib.util.find_spec("unsloth") and plan.device == "cuda":
-            from unsloth import FastLanguageModel
-
-            lc = cfg.lora
-            model, _ = FastLanguageModel.from_pretrained(model_name=source, max_seq_length=cfg.train.max_length,
-                                                         dtype=None, load_in_4bit=plan.quant_bits == 4)
-            return FastLanguageModel.get_peft_model(
-                model, r=lc.r, target_modules=lc.target_modules, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                bias=lc.bias, use_gradient_checkpointing="unsloth" if cfg.train.gradient_checkpointing else False,
-                random_state=cfg.train.seed, use_rslora=lc.use_rslora, loftq_config=None)
-        why = "not installed" if not importlib.util.find_spec("unsloth") else "it needs CUDA"
-        plan.note(f"Unsloth -> Hugging Face + PEFT: Unsloth {why} (same LoRA settings and result files)")
-    master = "fp32" if plan.device == "cpu" or plan.precision == "fp32" else plan.precision
-    model = modeling.load_model(cfg, source, plan.quant_bits, dtype="fp32" if plan.quant_bits else master)
-    if plan.quant_bits:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
-    elif cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model = get_peft_model(model, lora_config(cfg))
-    trainable, total = model.get_nb_trainable_parameters()
-    log.info("LoRA: %.2fM trainable of %.1fM parameters (%.2f%%)", trainable / 1e6, total / 1e6, 100 * trainable / total)
-    return model
-
-
-def training_args(cfg: Any, plan: modeling.Plan, out: str, has_val: bool) -> dict:
-    t = cfg.train
-    eval_strategy = t.eval_strategy if has_val else "no"
-    return dict(
-        output_dir=out, max_steps=t.max_steps, num_train_epochs=t.epochs, learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps or t.warmup_ratio,
-        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum, optim=plan.optim, weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps, eval_strategy=eval_strategy,
-        eval_steps=t.eval_steps, save_strategy=t.save_strategy, save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit, load_best_model_at_end=t.load_best_model_at_end and has_val,
-        metric_for_best_model="eval_loss", greater_is_better=False, seed=t.seed, data_seed=t.seed,
-        bf16=plan.precision == "bf16", fp16=plan.precision == "fp16", use_cpu=plan.device == "cpu",
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-        report_to="none", remove_unused_columns=False, dataloader_num_workers=0, save_only_model=False,
-        gradient_checkpointing=False,  # already applied to the model above, once
-    )
-
-
-def make_trainer(cfg: Any, plan: modeling.Plan, model: Any, tok: Any, train_ds: Any, val_ds: Any, out: str) -> Any:
-    args = training_args(cfg, plan, out, len(val_ds) > 0)
-    if cfg.model.arch == "seq2seq":
-        from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
-
-        compute = None
-        if cfg.train.eval_bleu:
-            args.update(predict_with_generate=True, generation_max_length=cfg.train.max_target_length)
-            compute = bleu_metric(tok)
-        return Seq2SeqTrainer(model=model, args=Seq2SeqTrainingArguments(**args), train_dataset=train_ds,
-                              eval_dataset=val_ds if len(val_ds) else None, processing_class=tok,
-                              data_collator=DataCollatorForSeq2Seq(tok, model=model, label_pad_token_id=-100),
-                              compute_metrics=compute)
-    from trl import SFTConfig, SFTTrainer
-
-    sft = SFTConfig(**args, max_length=cfg.train.max_length, packing=cfg.train.packing, prediction_loss_only=True)
-    cls = training.answer_only_trainer(SFTTrainer) if cfg.train.answer_only_logits else SFTTrainer
-    return cls(model=model, args=sft, train_dataset=train_ds, eval_dataset=val_ds if len(val_ds) else None,
-               processing_class=tok)
-
-
-def bleu_metric(tok: Any) -> Any:
-    import numpy as np
-    import sacrebleu
-
-    def compute(pred: Any) -> dict:
-        preds, labels = pred.predictions, pred.label_ids
-        preds = np.where(preds < 0, tok.pad_token_id, preds)
-        labels = np.where(labels < 0, tok.pad_token_id, labels)
-        hyp = tok.batch_decode(preds, skip_special_tokens=True)
-        ref = tok.batch_decode(labels, skip_special_tokens=True)
-        return {"sacrebleu": sacrebleu.corpus_bleu(hyp, [ref]).score}
-
-    return compute
 
 
 def log_callback() -> Any:
@@ -197,8 +77,8 @@ def write_history(history: list[dict], out: Any) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out / ".loss.png.tmp.png"
-    fig.savefig(tmp, dpi=110)
+    tmp = out / ".loss.png.tmp"
+    fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     tmp.replace(out / "loss.png")
 
@@ -229,25 +109,19 @@ def body(ctx: run.Context) -> None:
     source = modeling.model_source(cfg)
     tok = modeling.load_tokenizer(cfg, source)
     train_rows, val_rows = run.read_jsonl(rp.split("train")), run.read_jsonl(rp.split("val"))
-    train_ds = encode_split(cfg, tok, train_rows, "train")
-    val_ds = encode_split(cfg, tok, val_rows, "val")
+    train_ds = training.encode_split(cfg, tok, train_rows, "train")
+    val_ds = training.encode_split(cfg, tok, val_rows, "val")
     n_tokens = sum(len(x) for x in train_ds["input_ids"])
     n_answer = sum(sum(1 for y in x if y != -100) for x in train_ds["labels"])
     log.info("train: %d examples, %d tokens (%d answer tokens trained); val: %d examples", len(train_ds), n_tokens,
              n_answer, len(val_ds))
 
-    model = load_for_training(cfg, plan, source)
+    model = training.load_for_training(cfg, plan, source)
     if cfg.eval.baseline_samples and not (rp.out / "baseline_samples.jsonl").exists():
         baseline_samples(cfg, plan, model, tok, val_rows, rp.out)
 
     last = resumable_checkpoint(cfg, rp)  # before the trainer, which creates the folder
-    trainer = make_trainer(cfg, plan, model, tok, train_ds, val_ds, str(rp.checkpoints))
-    if plan.quant_bits and plan.precision == "fp32":
-        # TRL casts a quantized model's trainable weights to bf16 (the QLoRA paper's choice under autocast); without
-        # autocast (fp32 on CPU) a bf16 modules_to_save copy would meet fp32 activations, so keep them fp32
-        for p in trainer.model.parameters():
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()
+    trainer = training.make_trainer(cfg, plan, model, tok, train_ds, val_ds, str(rp.checkpoints))
     trainer.add_callback(log_callback())
     if last:
         log.info("resuming from %s (an earlier run was interrupted)", last)
@@ -288,7 +162,14 @@ def resumable_checkpoint(cfg: Any, rp: Any) -> str | None:
         shutil.rmtree(rp.checkpoints)
     rp.checkpoints.mkdir(parents=True, exist_ok=True)
     run.atomic_write_text(marker, key)
-    return get_last_checkpoint(str(rp.checkpoints))
+    while (last := get_last_checkpoint(str(rp.checkpoints))) is not None:
+        try:  # the trainer writes trainer_state.json last: without it the save was cut short
+            json.loads((Path(last) / "trainer_state.json").read_text())
+            return last
+        except (OSError, ValueError):
+            log.warning("removing %s: incomplete (the run was killed while saving it)", last)
+            shutil.rmtree(last)
+    return None
 
 
 def peak_rss_mb() -> float:

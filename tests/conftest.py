@@ -42,3 +42,16 @@ def run_cmd(args: list[str], env_home: Path | None = None, check: bool = True, *
 
 def step(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     return run_cmd([sys.executable, f"scripts/{script}.py", *args], check=check)
+
+
+def make(home: Path, *args: str, check: bool = True, **env_extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, FT_HOME=str(home), PYTHONUNBUFFERED="1", **env_extra)
+    p = subprocess.run(["make", f"PY={sys.executable}", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise AssertionError(f"make {' '.join(args)} -> {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
+    return p
+
+
+def ran_steps(p: subprocess.CompletedProcess) -> list[str]:
+    return [s for s in ("00_install", "01_prepare", "02_sft_qlora", "03_merge_fp16", "04_eval")
+            if f"scripts/{s}.py" in p.stdout]

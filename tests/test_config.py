@@ -51,6 +51,22 @@ def test_unknown_key_in_yaml_names_the_file(ft_home, tmp_path):
         config.load(str(bad))
 
 
+def test_wrong_type_in_yaml_names_the_file_and_key(ft_home, tmp_path):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text((paths.RECIPES_DIR / "smollm2.yaml").read_text().replace("max_steps: 60", "max_steps: sixty"))
+    with pytest.raises(config.ConfigError, match=r"typo.yaml: train.max_steps must be int, got str 'sixty'"):
+        config.load(str(bad))
+
+
+def test_bare_no_in_yaml_means_the_text_no(ft_home, tmp_path):
+    f = tmp_path / "no.yaml"
+    f.write_text((paths.RECIPES_DIR / "smollm2.yaml").read_text().replace("  eval_steps:", "  eval_strategy: no\n  eval_steps:"))
+    assert config.load(str(f)).train.eval_strategy == "no"
+    assert config.load("smollm2", ["train.save_strategy=no"]).train.save_strategy == "no"
+    with pytest.raises(config.ConfigError, match="quote it"):
+        config.load("smollm2", ["prompt.system=no"])  # free text: a bare no is ambiguous, say so
+
+
 @pytest.mark.parametrize("item, fragment", [
     ("train.max_steps=ten", "train.max_steps must be int"),
     ("train.precision=fp8", "train.precision must be one of"),

@@ -3,29 +3,15 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
 from common import paths
-from conftest import REPO
+from conftest import REPO, make, ran_steps
 
 RECIPES = paths.recipe_names()
-
-
-def make(home, *args, check=True):
-    env = dict(os.environ, FT_HOME=str(home), PYTHONUNBUFFERED="1")
-    p = subprocess.run(["make", f"PY={sys.executable}", *args], cwd=REPO, env=env, capture_output=True, text=True)
-    if check and p.returncode != 0:
-        raise AssertionError(f"make {' '.join(args)} -> {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
-    return p
-
-
-def ran_steps(p) -> list[str]:
-    return [s for s in ("00_install", "01_prepare", "02_sft_qlora", "03_merge_fp16", "04_eval")
-            if f"scripts/{s}.py" in p.stdout]
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

@@ -1,0 +1,507 @@
+"""Speed benchmark: this project's training step and evaluation generation against the usual ways, in one run.
+
+    make bench                                     # the default recipe; prepares its data first if needed
+    make bench RECIPE=smollm2-xauusd BENCH="--steps 8 --gen-samples 32"
+    python scripts/bench.py --recipe smollm2 [--only ours,trl-defaults] [--steps 5] [--warmup 2]
+
+On the recipe's prepared train split and base model:
+
+  training    ours               the recipe's own training step (common/training.py, as 02_sft_qlora runs it)
+              ours-<change>      ours with one speed choice undone, to show what each one pays
+              trl-defaults       plain TRL SFTTrainer with every default kept (bf16 autocast, gradient
+                                 checkpointing, the model's own chat template) and the same LoRA settings
+              trl-defaults-fp32  the same with bf16=False, so the precision matches ours
+              reference          the reference setups' way: every example padded to 512 tokens, loss on all tokens
+  generation  batched (eval.batch_size, length-sorted, left-padded, KV cache) against one prompt at a time,
+              greedy, on the same test prompts; reports whether the outputs agree.
+
+Each variant runs in its own process (a clean peak-memory figure): --warmup steps that are not timed, then
+--steps timed steps. Reported: seconds/step, non-padding tokens/s, examples/s, peak memory (RSS; peak VRAM on
+a GPU) and model FLOPs utilisation (MFU) against the matmul peak probed at the start of the same run (the
+faster of fp32 and bf16, so a precision with a slow matmul does not look efficient). Model FLOPs per
+non-padding token = 4 x frozen linear parameters (forward + activation-gradient backward) + 6 x LoRA
+parameters; attention scores (about 1% at these lengths) and gradient-checkpointing recomputation are not
+counted. Run it on an otherwise idle machine: the load average at the start is recorded.
+
+Writes outputs/bench/<run>.json (every figure, the machine, versions) and outputs/bench/<run>.md (the tables).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from common import config, modeling, paths, prompts, run, training
+from common.run import UserError
+
+log = logging.getLogger("ft")
+
+REFERENCE_LENGTH = 512  # the reference setups pad (and truncate) every example to this many tokens
+TARGETS = {"vs_trl": 2.0, "vs_reference": 3.0, "generation": 5.0, "peak_gb": 2.5}
+
+
+# --------------------------------------------------------------------------- the variants
+def variants(cfg: config.Config, plan: modeling.Plan) -> dict[str, dict]:
+    """name -> {kind, sets (recipe overrides), what}; the ablations undo one of the recipe's speed choices."""
+    other = "bf16" if plan.precision == "fp32" else "fp32"
+    out = {"ours": {"kind": "ours", "sets": [], "what": "this project, as the recipe configures it"},
+           f"ours-{other}": {"kind": "ours", "sets": [f"train.precision={other}"],
+                             "what": f"ours in {other}" + (" autocast" if other == "bf16" else "")}}
+    if cfg.train.answer_only_logits:
+        out["ours-full-logits"] = {"kind": "ours", "sets": ["train.answer_only_logits=false"],
+                                   "what": "ours with full-vocabulary logits and TRL's per-step metrics"}
+    if cfg.train.fast_dropout and plan.device == "cpu" and cfg.lora.dropout > 0:
+        out["ours-torch-dropout"] = {"kind": "ours", "sets": ["train.fast_dropout=false"],
+                                     "what": "ours with PEFT's own LoRA dropout (per-element Bernoulli draws)"}
+    if not cfg.train.gradient_checkpointing:
+        out["ours-grad-ckpt"] = {"kind": "ours", "sets": ["train.gradient_checkpointing=true"],
+                                 "what": "ours with gradient checkpointing (less memory, more compute)"}
+    out["trl-defaults"] = {"kind": "trl", "sets": [], "what": "plain TRL SFTTrainer, all defaults, same LoRA"}
+    out["trl-defaults-fp32"] = {"kind": "trl", "sets": [], "bf16": False,
+                                "what": "plain TRL SFTTrainer, all defaults but bf16=False"}
+    out["reference"] = {"kind": "reference", "sets": [],
+                        "what": f"padded to {REFERENCE_LENGTH} tokens, loss on every token (HF Trainer + PEFT)"}
+    return out
+
+
+# --------------------------------------------------------------------------- measuring
+class PeakMemory:
+    """Peak resident memory of this process, sampled every 20 ms (plus the kernel's own high-water mark)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.wait(0.02):
+            with open("/proc/self/statm") as f:
+                self.peak = max(self.peak, int(f.read().split()[1]) * page)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def counting(collate: Any, counts: list) -> Any:
+    """Wrap a data collator to record (non-padding, total, labelled) tokens of every batch, in order."""
+    def wrapped(features: list) -> Any:
+        batch = collate(features)
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        real = int(mask.sum()) if mask is not None else int(ids.numel())  # padding-free batches have no mask
+        labels = batch.get("labels")
+        counts.append((real, int(ids.numel()), int((labels != training.IGNORE).sum()) if labels is not None else real))
+        return batch
+
+    return wrapped
+
+
+def step_timer() -> Any:
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+
+        def on_step_end(self, args, state, control, **kw):
+            self.ends.append(time.perf_counter())
+            log.info("  step %d/%d", state.global_step, state.max_steps)
+
+    return StepTimer()
+
+
+def model_flops_per_token(model: Any) -> tuple[float, int, int]:
+    """(FLOPs per token, frozen linear parameters, trainable parameters) for LoRA training."""
+    import torch
+
+    frozen = 0
+    seen: set[int] = set()
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(mod, torch.nn.Linear) and w is not None and not w.requires_grad and id(w) not in seen:
+            seen.add(id(w))  # a tied output layer counts once per use: it is the embedding's tensor
+            frozen += w.numel() * (2 if getattr(w, "quant_state", None) is not None else 1)  # 4-bit packs 2/byte
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return 4.0 * frozen + 6.0 * trainable, frozen, trainable
+
+
+def matmul_peak(device: str) -> dict[str, float]:
+    """Best measured GFLOP/s of a square matmul, fp32 and bf16, on this machine now."""
+    import torch
+
+    sizes = (512, 1024, 2048) if device == "cpu" else (4096, 8192)
+    out: dict[str, float] = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        best = 0.0
+        for n in sizes:
+            a = torch.randn(n, n, dtype=dtype, device=device)
+            b = torch.randn(n, n, dtype=dtype, device=device)
+            a @ b  # warm-up
+            reps = max(1, int(2e10 // (2 * n ** 3))) if device == "cpu" else 20
+            for _ in range(3):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                for _ in range(reps):
+                    a @ b
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9)
+        out[name] = round(best, 1)
+    return out
+
+
+# --------------------------------------------------------------------------- training workers
+def build_ours(cfg: config.Config, plan: modeling.Plan, rows: list[dict], out: str) -> Any:
+    source = modeling.model_source(cfg)
+    tok = modeling.load_tokenizer(cfg, source)
+    ds = training.encode_split(cfg, tok, rows, "train")
+    model = training.load_for_training(cfg, plan, source)
+    return training.make_trainer(cfg, plan, model, tok, ds, ds.select([]), out)
+
+
+def build_reference(cfg: config.Config, plan: modeling.Plan, rows: list[dict], out: str) -> Any:
+    """The reference setups' training: fixed-length padding, labels = every real token, the model's own loss."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    source = modeling.model_source(cfg)
+    tok = modeling.load_tokenizer(cfg, source)
+    pad = tok.pad_token_id
+    cols: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
+    for r in rows:
+        enc = prompts.encode_chat(tok, r["prompt"], r["completion"], REFERENCE_LENGTH)
+        if not enc:
+            continue
+        ids = enc[0]
+        fill = REFERENCE_LENGTH - len(ids)
+        cols["input_ids"].append(ids + [pad] * fill)
+        cols["attention_mask"].append([1] * len(ids) + [0] * fill)
+        cols["labels"].append(ids + [training.IGNORE] * fill)
+    model = training.load_for_training(cfg, plan, source)
+    args = training.training_args(cfg, plan, out, has_val=False)
+    args["train_sampling_strategy"] = "random"  # fixed-length batches: nothing to group
+    return Trainer(model=model, args=TrainingArguments(**args), train_dataset=Dataset.from_dict(cols),
+                   data_collator=default_data_collator)
+
+
+def build_trl(cfg: config.Config, plan: modeling.Plan, rows: list[dict], out: str, bf16: bool | None) -> Any:
+    """Plain TRL: the tokenizer's own chat template, a prompt/completion dataset, SFTConfig defaults."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    source = modeling.model_source(cfg)
+    tok = AutoTokenizer.from_pretrained(source)
+    if not tok.chat_template:  # a tokenizer without one: the recipe's template, as a TRL user would set it
+        tok = modeling.load_tokenizer(cfg, source)
+    model = modeling.load_model(cfg, source, plan.quant_bits, "fp32")
+    ds = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    t = cfg.train
+    kw: dict[str, Any] = dict(output_dir=out, max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
+                              gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate, seed=t.seed,
+                              report_to="none", save_strategy="no", use_cpu=plan.device == "cpu")
+    if bf16 is not None:
+        kw["bf16"] = bf16
+    return SFTTrainer(model=model, args=SFTConfig(**kw), train_dataset=ds, processing_class=tok,
+                      peft_config=training.lora_config(cfg))
+
+
+def train_worker(cfg: config.Config, spec: dict, warmup: int, steps: int) -> dict:
+    import torch
+    from transformers import set_seed
+
+    set_seed(cfg.train.seed)
+    plan = modeling.plan(cfg)
+    rows = run.read_jsonl(paths.RunPaths(cfg.run).split("train"))
+    need = (warmup + steps) * cfg.train.batch_size * cfg.train.grad_accum
+    if len(rows) < need:
+        rows = (rows * (need // max(1, len(rows)) + 1))[:need] if rows else rows
+    if not rows:
+        raise UserError("the train split is empty; run make prepare")
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        kind = spec["kind"]
+        if kind == "ours":
+            trainer = build_ours(cfg, plan, rows, tmp)
+        elif kind == "reference":
+            trainer = build_reference(cfg, plan, rows, tmp)
+        else:
+            trainer = build_trl(cfg, plan, rows, tmp, spec.get("bf16"))
+        counts: list[tuple[int, int, int]] = []
+        trainer.data_collator = counting(trainer.data_collator, counts)
+        timer = step_timer()
+        trainer.add_callback(timer)
+        flops_per_token, frozen, trainable = model_flops_per_token(trainer.model)
+        precision = ("bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32")
+        if plan.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        with PeakMemory() as mem:
+            trainer.train()
+    ends = timer.ends
+    if len(ends) < warmup + steps:
+        raise UserError(f"only {len(ends)} steps ran, {warmup + steps} needed; lower --steps/--warmup")
+    per_step = cfg.train.grad_accum
+    timed = counts[warmup * per_step:(warmup + steps) * per_step]
+    seconds = ends[warmup + steps - 1] - (ends[warmup - 1] if warmup else ends[0])
+    n = steps if warmup else steps - 1
+    real, total, labelled = (sum(c[i] for c in timed) for i in range(3))
+    if not warmup:  # without warm-up the first step has no start mark: drop it
+        real, total, labelled = (sum(c[i] for c in timed[per_step:]) for i in range(3))
+    out = {
+        "precision": precision, "quantization_bits": plan.quant_bits, "device": plan.device,
+        "steps_timed": n, "seconds": round(seconds, 3), "s_per_step": round(seconds / n, 4),
+        "tokens_per_s": round(real / seconds, 2), "padded_tokens_per_s": round(total / seconds, 2),
+        "examples_per_s": round(n * cfg.train.batch_size * per_step / seconds, 3),
+        "non_padding_tokens": real, "padded_tokens": total, "labelled_tokens": labelled,
+        "padding_share": round(1 - real / total, 4) if total else 0.0,
+        "flops_per_token": flops_per_token, "frozen_linear_params": frozen, "trainable_params": trainable,
+        "peak_rss_mb": round(max(mem.peak / 2 ** 20, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), 1),
+    }
+    if plan.device == "cuda":
+        out["peak_vram_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+    return out
+
+
+# --------------------------------------------------------------------------- generation worker
+def generation_worker(cfg: config.Config, samples: int) -> dict:
+    plan_dtype = modeling.inference_dtype()
+    source = modeling.model_source(cfg)
+    tok = modeling.load_tokenizer(cfg, source)
+    model = modeling.load_model(cfg, source, 0, plan_dtype)
+    rows = run.read_jsonl(paths.RunPaths(cfg.run).split(cfg.eval.split))[:samples]
+    if not rows:
+        raise UserError(f"the {cfg.eval.split} split is empty; run make prepare")
+    ids = [prompts.encode_prompt(tok, r["prompt"]) if cfg.model.arch == "causal"
+           else prompts.encode_seq2seq(tok, r["prompt"], "", cfg.train.max_length, 1)[0] for r in rows]
+    new = cfg.eval.max_new_tokens
+    modeling.generate(model, tok, ids[:2], 4, 2, "warm-up", plan_dtype)
+    res = {}
+    for name, bs in (("batched", cfg.eval.batch_size), ("one_at_a_time", 1)):
+        t = time.perf_counter()
+        answers = modeling.generate(model, tok, ids, new, bs, f"generation {name}", plan_dtype)
+        dt = time.perf_counter() - t
+        out_tokens = sum(len(tok(a, add_special_tokens=False).input_ids) for a in answers)
+        res[name] = {"batch_size": bs, "seconds": round(dt, 2), "samples_per_s": round(len(ids) / dt, 3),
+                     "output_tokens_per_s": round(out_tokens / dt, 2), "answers": answers}
+        log.info("generation %s (batch %d): %d prompts in %.1fs", name, bs, len(ids), dt)
+    a, b = res["batched"].pop("answers"), res["one_at_a_time"].pop("answers")
+    same = [x == y for x, y in zip(a, b)]
+    return {"samples": len(ids), "max_new_tokens": new, "precision": plan_dtype, **res,
+            "speedup": round(res["batched"]["samples_per_s"] / res["one_at_a_time"]["samples_per_s"], 2),
+            "identical_outputs": sum(same), "differing": [
+                {"index": i, "batched": x, "one_at_a_time": y} for i, (x, y, s) in enumerate(zip(a, b, same)) if not s]}
+
+
+# --------------------------------------------------------------------------- the parent
+def worker_body(ctx: run.Context) -> None:
+    a = ctx.args
+    spec = json.loads(a.worker)
+    if spec["kind"] == "generation":
+        result = generation_worker(ctx.cfg, a.gen_samples)
+    else:
+        result = train_worker(ctx.cfg, spec, a.warmup, a.steps)
+    Path(a.result).write_text(json.dumps(result))
+
+
+def spawn(ctx: run.Context, name: str, spec: dict, extra_sets: list[str]) -> dict:
+    a = ctx.args
+    with tempfile.NamedTemporaryFile(prefix="bench-", suffix=".json", delete=False) as f:
+        result = Path(f.name)
+    cmd = [sys.executable, "-m", "scripts.bench", "--recipe", a.recipe, *(["--tiny"] if a.tiny else []),
+           *[x for s in [*a.sets, *spec.get("sets", []), *extra_sets] for x in ("--set", s)],
+           "--steps", str(a.steps), "--warmup", str(a.warmup), "--gen-samples", str(a.gen_samples),
+           "--worker", json.dumps(spec), "--result", str(result)]
+    log.info("[%s] %s", name, spec["what"])
+    t = time.time()
+    tail: collections.deque[str] = collections.deque(maxlen=5)
+    with subprocess.Popen(cmd, cwd=paths.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          bufsize=1) as proc:
+        for line in proc.stderr:  # the worker's progress, shown as it comes (progress bars left out)
+            line = line.rsplit("\r", 1)[-1]
+            if re.match(r"\d\d:\d\d:\d\d |error:", line):
+                sys.stderr.write(line)
+            if line.strip():
+                tail.append(line.strip())
+    try:
+        if proc.returncode != 0:
+            err = next((x for x in reversed(tail) if x.startswith("error:")), tail[-1] if tail else "")
+            log.error("[%s] failed (exit %d): %s", name, proc.returncode, err)
+            return {"what": spec["what"], "error": run.redact(err or f"exit {proc.returncode}")}
+        out = json.loads(result.read_text())
+    finally:
+        result.unlink(missing_ok=True)
+    log.info("[%s] done in %.0fs", name, time.time() - t)
+    return {"what": spec["what"], **out}
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    m = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1),
+         "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+    if torch.cuda.is_available():
+        m["gpu"] = torch.cuda.get_device_name(0)
+    return m
+
+
+def fmt(x: Any, nd: int = 2) -> str:
+    return "-" if x is None else f"{x:,.{nd}f}" if isinstance(x, float) else str(x)
+
+
+def report(res: dict) -> tuple[str, list[str]]:
+    """The Markdown tables and the ratio lines."""
+    tr, peak = res["training"], res["matmul_peak_gflops"]
+    ours = tr.get("ours", {})
+    lines = [f"# Benchmark: {res['recipe']} ({res['base_model']})", "",
+             f"{res['time']}, git {res['git_commit']}; {res['machine']['cpu']}, {res['machine']['cores']} cores"
+             + (f", {res['machine']['gpu']}" if "gpu" in res["machine"] else "")
+             + f"; load average at start {res['machine']['load_average_at_start'][0]}.",
+             f"Matmul peak measured in this run: fp32 {peak['fp32']} GFLOP/s, bf16 {peak['bf16']} GFLOP/s. "
+             f"{res['warmup']} warm-up steps, then {res['steps']} timed steps per variant "
+             f"(batch {res['batch_size']} x grad_accum {res['grad_accum']}).", "",
+             "| training | precision | s/step | non-pad tok/s | examples/s | padding | peak RSS GB | MFU | tok/s vs ours |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in tr.items():
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error']} |||||||")
+            continue
+        rel = r["tokens_per_s"] / ours["tokens_per_s"] if ours.get("tokens_per_s") else None
+        lines.append(f"| {name}: {r['what']} | {r['precision']} | {fmt(r['s_per_step'])} | {fmt(r['tokens_per_s'], 1)} "
+                     f"| {fmt(r['examples_per_s'])} | {r['padding_share']:.0%} | {r['peak_rss_mb'] / 1024:.2f} "
+                     f"| {r['mfu']:.1%} | {fmt(rel)}x |")
+    g = res.get("generation", {})
+    if "error" in g:
+        lines += ["", f"Generation benchmark failed: {g['error']}"]
+    elif g:
+        lines += ["", f"| generation ({g['samples']} prompts, greedy, up to {g['max_new_tokens']} new tokens, "
+                      f"{g['precision']}) | batch | seconds | samples/s | output tok/s |", "|---|---:|---:|---:|---:|"]
+        for name in ("batched", "one_at_a_time"):
+            x = g[name]
+            lines.append(f"| {name.replace('_', ' ')} | {x['batch_size']} | {fmt(x['seconds'], 1)} "
+                         f"| {fmt(x['samples_per_s'], 3)} | {fmt(x['output_tokens_per_s'], 1)} |")
+        lines.append(f"\nGreedy outputs identical batched vs one at a time: {g['identical_outputs']}/{g['samples']}.")
+    lines += ["", "## Against the targets", ""]
+    checks = res["checks"]
+    lines += [f"- {c['name']}: {c['value']} (target {c['target']}) -> {'met' if c['met'] else 'NOT met'}"
+              for c in checks]
+    return "\n".join(lines) + "\n", [f"{c['name']}: {c['value']} (target {c['target']}) "
+                                      f"{'met' if c['met'] else 'NOT met'}" for c in checks]
+
+
+def ratio_checks(res: dict) -> list[dict]:
+    tr, g = res["training"], res.get("generation", {})
+    ours = tr.get("ours", {})
+    checks = []
+
+    def ratio(name: str, other: str, key: str, target: float) -> None:
+        o = tr.get(other, {})
+        if ours.get(key) and o.get(key):
+            r = ours[key] / o[key]
+            checks.append({"name": name, "value": f"{r:.2f}x", "target": f">= {target}x", "met": r >= target})
+
+    trl = max((k for k in ("trl-defaults", "trl-defaults-fp32") if tr.get(k, {}).get("tokens_per_s")),
+              key=lambda k: tr[k]["tokens_per_s"], default=None)
+    if trl:
+        ratio(f"training tokens/s, ours vs {trl} (the faster TRL row)", trl, "tokens_per_s", TARGETS["vs_trl"])
+        ratio(f"training examples/s, ours vs {trl}", trl, "examples_per_s", TARGETS["vs_trl"])
+    ratio("training tokens/s, ours vs reference", "reference", "tokens_per_s", TARGETS["vs_reference"])
+    if g.get("speedup"):
+        ok = g["identical_outputs"] == g["samples"]
+        checks.append({"name": "generation samples/s, batched vs one at a time", "value": f"{g['speedup']:.2f}x",
+                       "target": f">= {TARGETS['generation']}x", "met": g["speedup"] >= TARGETS["generation"]})
+        checks.append({"name": "greedy outputs identical", "value": f"{g['identical_outputs']}/{g['samples']}",
+                       "target": "all", "met": ok})
+    if ours.get("peak_rss_mb"):
+        gb = ours["peak_rss_mb"] / 1024
+        checks.append({"name": "peak memory while training (ours, RSS)", "value": f"{gb:.2f} GB",
+                       "target": f"<= {TARGETS['peak_gb']} GB", "met": gb <= TARGETS["peak_gb"]})
+    return checks
+
+
+def body(ctx: run.Context) -> None:
+    if ctx.args.worker:
+        return worker_body(ctx)
+    cfg, a = ctx.cfg, ctx.args
+    if cfg.model.arch != "causal":
+        raise UserError(f"make bench measures causal-LM recipes; {cfg.name} is {cfg.model.arch} (model.arch)")
+    if a.steps < 1 or a.warmup < 0:
+        raise UserError("--steps must be >= 1 and --warmup >= 0")
+    rp = ctx.paths
+    if not rp.split("train").exists():
+        raise UserError(f"{rp.split('train')} does not exist; run make prepare RECIPE={cfg.name} first")
+    plan = modeling.plan(cfg)
+    specs = variants(cfg, plan)
+    only = [x.strip() for x in a.only.split(",")] if a.only else list(specs) + ["generation"]
+    unknown = [x for x in only if x not in specs and x != "generation"]
+    if unknown:
+        raise UserError(f"--only: unknown variant(s) {', '.join(unknown)}; choose from "
+                        f"{', '.join([*specs, 'generation'])}")
+    log.info("probing the matmul peak ...")
+    res: dict[str, Any] = run.describe(cfg, "bench", machine=machine(), steps=a.steps, warmup=a.warmup,
+                                       batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum)
+    res["matmul_peak_gflops"] = matmul_peak(plan.device)
+    log.info("matmul peak: %s GFLOP/s", res["matmul_peak_gflops"])
+    total_steps = [f"train.max_steps={a.warmup + a.steps}", "train.save_strategy=no", "train.eval_strategy=no",
+                   "train.logging_steps=100000", "train.warmup_steps=0", "train.warmup_ratio=0.0"]
+    res["training"] = {}
+    for name in [x for x in specs if x in only]:
+        r = spawn(ctx, name, specs[name], total_steps)
+        if "error" not in r:
+            peak = max(res["matmul_peak_gflops"].values())  # the machine's best, whatever precision ran
+            r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e9)
+            log.info("[%s] %.3f s/step, %.1f non-pad tok/s, peak %.2f GB, MFU %.1f%%", name, r["s_per_step"],
+                     r["tokens_per_s"], r["peak_rss_mb"] / 1024, 100 * r["mfu"])
+        res["training"][name] = r
+    if "generation" in only:
+        res["generation"] = spawn(ctx, "generation", {"kind": "generation", "what": "batched vs one at a time"}, [])
+    res["checks"] = ratio_checks(res)
+    md, lines = report(res)
+    out = paths.bench_dir()
+    run.atomic_write_json(out / f"{cfg.run}.json", res)
+    run.atomic_write_text(out / f"{cfg.run}.md", md)
+    print(md.split("## Against the targets")[0].rstrip() + "\n")
+    for line in lines:
+        print(line)
+    print(f"\nwrote {out / (cfg.run + '.json')} and {out / (cfg.run + '.md')}")
+    failed = [k for k, v in [*res["training"].items(), ("generation", res.get("generation", {}))] if "error" in v]
+    if failed:
+        raise UserError(f"variant(s) failed: {', '.join(failed)} (see the table; rerun with --only NAME --debug)")
+
+
+def add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--steps", type=int, default=5, help="timed training steps per variant (default 5)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per variant (default 2)")
+    ap.add_argument("--gen-samples", type=int, default=16, help="test prompts for the generation benchmark")
+    ap.add_argument("--only", help="comma-separated variants to run (default: all)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run.main("bench", body, argv, __doc__, add_args=add_args, lock=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
