@@ -185,6 +185,13 @@ def describe(cfg: config.Config, step: str, **extra: Any) -> dict:
     }
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (the kernel's high-water mark), in MiB."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 # --------------------------------------------------------------------------- the run lock
 @contextlib.contextmanager
 def run_lock(p: paths.RunPaths) -> Iterator[None]:
@@ -216,7 +223,10 @@ def sweep_leftovers(p: paths.RunPaths) -> None:
             for f in d.iterdir():
                 if f.name.startswith(".") and f.name.endswith((".tmp", ".old")):
                     log.info("removing %s (left by an interrupted step)", f)
-                    shutil.rmtree(f) if f.is_dir() else f.unlink(missing_ok=True)
+                    if f.is_dir():
+                        shutil.rmtree(f)
+                    else:
+                        f.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- entry point

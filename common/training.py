@@ -1,10 +1,10 @@
 """Training pieces shared by 02_sft_qlora and the benchmark: datasets, LoRA, the trainer, answer-only loss.
 
-Answer-only loss: the usual causal-LM loss computes logits over the whole vocabulary for every position, then throws away the
-prompt and padding positions (-100). Here the decoder runs once, and the output layer and cross-entropy run
-only on the positions that carry a label. Same loss value (up to float rounding), less work and memory: for
-SmolLM2 the 49k-vocab output layer is about a fifth of the model's FLOPs per token. It also skips TRL's
-per-step entropy/accuracy metrics, which cost a second pass over the full logits.
+Answer-only loss: the usual causal-LM loss computes logits over the whole vocabulary for every position, then
+throws away the prompt and padding positions (-100). Here the decoder runs once, and the output layer and
+cross-entropy run only on the positions that carry a label. Same loss value (up to float rounding), less work
+and memory: for SmolLM2 the 49k-vocab output layer is about a fifth of the model's FLOPs per token. It also
+skips TRL's per-step entropy/accuracy metrics, which cost a second pass over the full logits.
 """
 from __future__ import annotations
 

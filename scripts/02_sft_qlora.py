@@ -138,7 +138,7 @@ def body(ctx: run.Context) -> None:
                         final_eval_loss=evals[-1] if evals else None, best_eval_loss=min(evals) if evals else None,
                         best_checkpoint=trainer.state.best_model_checkpoint,
                         train_examples=len(train_ds), train_tokens=n_tokens, answer_tokens=n_answer,
-                        peak_rss_mb=peak_rss_mb())
+                        peak_rss_mb=run.peak_rss_mb())
     with run.atomic_dir(rp.adapter) as tmp:
         trainer.model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -170,12 +170,6 @@ def resumable_checkpoint(cfg: Any, rp: Any) -> str | None:
             log.warning("removing %s: incomplete (the run was killed while saving it)", last)
             shutil.rmtree(last)
     return None
-
-
-def peak_rss_mb() -> float:
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,6 @@ import logging
 import os
 import platform
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -274,7 +273,7 @@ def train_worker(cfg: config.Config, spec: dict, warmup: int, steps: int) -> dic
         "non_padding_tokens": real, "padded_tokens": total, "labelled_tokens": labelled,
         "padding_share": round(1 - real / total, 4) if total else 0.0,
         "flops_per_token": flops_per_token, "frozen_linear_params": frozen, "trainable_params": trainable,
-        "peak_rss_mb": round(max(mem.peak / 2 ** 20, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), 1),
+        "peak_rss_mb": round(max(mem.peak / 2 ** 20, run.peak_rss_mb()), 1),
     }
     if plan.device == "cuda":
         out["peak_vram_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
