@@ -3,6 +3,7 @@
 #   make all RECIPE=tinyllama                  # another recipe (recipes/*.yaml)
 #   make all RECIPE=flan-t5 TINY=1             # tiny-model mode: same code path on a tiny random-init model
 #   make all ARGS="--set train.max_steps=20"   # override recipe settings
+#   make bench RECIPE=mistral-xauusd SHAPE=full  # random-init stand-in at the real model's shape (GPU speed, VRAM)
 # Each step's target is the file it writes last; a second `make all` does nothing, and a changed setting
 # re-runs only the steps that depend on it (per-step stamps under outputs/<run>/.stamps/).
 SHELL := bash
@@ -13,12 +14,16 @@ MAKEFLAGS += --no-builtin-rules
 .DEFAULT_GOAL := all
 
 PY     ?= python3
+# A checkout always runs its own code: its root comes first on the import path, even when `pip install -e` of
+# another clone of this repository is installed in the same environment.
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 RECIPE ?= smollm2
 TINY   ?=
 ARGS   ?=
 BENCH  ?=
+SHAPE  ?=
 RECIPES := $(sort $(basename $(notdir $(wildcard recipes/*.yaml))))
-FLAGS   := --recipe $(RECIPE) $(if $(TINY),--tiny) $(ARGS)
+FLAGS   := --recipe $(RECIPE) $(if $(or $(TINY),$(SHAPE)),--tiny) $(if $(SHAPE),--set tiny.shape=$(SHAPE)) $(ARGS)
 
 # Goals that need neither the recipe nor the paths.
 NO_RECIPE_GOALS := help recipes
@@ -42,7 +47,7 @@ ifneq ($(filter-out $(NO_RECIPE_GOALS),$(or $(MAKECMDGOALS),all)),)
   # All paths come from common/paths.py.
   $(foreach v,$(shell $(PY) -m common.paths $(FLAGS)),$(eval $(v)))
 endif
-.PHONY: all help install prepare train merge eval demo bench test test-fast clean clean-all recipes
+.PHONY: all help install prepare train merge eval demo bench test test-fast test-gpu clean clean-all recipes
 all: $(EVALUATED) ## install -> prepare -> train -> merge -> eval
 	@echo "done: $(OUT_DIR)/eval/report.md"
 
@@ -79,6 +84,9 @@ test: $(ENV_JSON) ## the whole test suite (tiny models for every recipe, plus a 
 test-fast: $(ENV_JSON) ## the suite without the slow real-model tests
 	$(PY) -m pytest -q -m "not slow"
 
+test-gpu: $(ENV_JSON) ## the GPU tests (every recipe on CUDA, bench at a real shape); skipped without CUDA
+	$(PY) -m pytest -q -m gpu
+
 recipes: ## list the recipes
 	@printf '%s\n' $(RECIPES)
 
@@ -90,6 +98,6 @@ clean-all: ## remove every run, processed data and the model cache (under FT_HOM
 	[ ! -d $(HOME_DIR)/outputs ] || find $(HOME_DIR)/outputs -mindepth 1 ! -name .gitkeep -delete
 
 help: ## this list
-	@echo "usage: make [target] [RECIPE=name] [TINY=1] [ARGS='--set key=value ...']"
+	@echo "usage: make [target] [RECIPE=name] [TINY=1 | SHAPE=full] [ARGS='--set key=value ...']"
 	@echo "recipes: $(RECIPES)"
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  \1\t/'

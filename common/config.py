@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import string
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from common import paths
+from common import paths, tasks
 
 
 class ConfigError(ValueError):
@@ -38,10 +39,10 @@ class F:
     required: bool = False
 
 
-REQUIRED = object()
-
+# The settings every recipe shares. A task adds its own keys (common/tasks/<task>.py: settings), accepted only
+# in recipes of that task, and gives the prompt defaults.
 SCHEMA: dict[str, Any] = {
-    "task": F(str, "product_description", ("product_description", "xauusd_forecast")),
+    "task": F(str, "product_description", tasks.names()),
     "description": F(str, ""),
     "model": {
         "name_or_path": F(str, required=True),  # hub id, local folder, or a Python package holding a GGUF file
@@ -59,22 +60,17 @@ SCHEMA: dict[str, Any] = {
         "quant_type": F(str, "nf4", ("nf4", "fp4")),
         "double_quant": F(bool, True),
         "compute_dtype": F(str, "float16", ("float16", "bfloat16", "float32")),
-        "prequantized": F(bool, False),  # the checkpoint itself is stored in 4-bit
+        "prequantized": F(bool, False),  # the checkpoint carries its own quantization config: none is passed
     },
     "prompt": {
         "template": F(str, "native"),  # native = the tokenizer's own chat template; see common/templates.py
         "system": F(str),  # system message; null = none
-        "user": F(str, "{title}"),  # user turn, formatted with the record's fields
-        "target": F(str, "{content}"),  # assistant answer
+        "user": F(str),  # user turn, formatted with the record's fields (null = the task's default)
+        "target": F(str),  # assistant answer (null = the task's default)
         "conversation_extension": F(int, 1),  # >1: chain this many records into one multi-turn conversation
     },
     "data": {
         "path": F(str, required=True),  # raw file; DATA_PATH in the environment or .env replaces it
-        "format": F(str, "auto", ("auto", "jsonl", "json", "csv")),
-        "min_title_chars": F(int, 1),
-        "min_content_chars": F(int, 1),
-        "max_content_chars": F(int),  # longer records are dropped (null = keep all)
-        "dedupe_titles": F(bool, True),
         "sample": F((int, float)),  # keep this many (int) or this share (float) of cleaned records; null = all
         "train_size": F((int, float), 0.8),  # int = count, float = fraction
         "val_size": F((int, float), 0.1),
@@ -94,6 +90,7 @@ SCHEMA: dict[str, Any] = {
     "train": {
         "max_steps": F(int, -1),  # -1 = use epochs
         "epochs": F((int, float), 1),
+        "max_epochs": F((int, float), 3),  # cap on passes over the train split (a small data set); null = none
         "learning_rate": F(float, 2e-4),
         "lr_scheduler": F(str, "cosine"),
         "warmup_ratio": F(float, 0.0),
@@ -112,7 +109,7 @@ SCHEMA: dict[str, Any] = {
         "save_strategy": F(str, "steps", ("no", "steps", "epoch")),
         "save_steps": F(int, 500),
         "save_total_limit": F(int, 2),
-        "load_best_model_at_end": F(bool, False),
+        "load_best_model_at_end": F(bool),  # null = yes when there is a val split and checkpoints line up
         "seed": F(int, 42),
         "gradient_checkpointing": F(bool, False),
         "group_by_length": F(bool, True),  # batch similar lengths together: less padding, same examples
@@ -130,7 +127,6 @@ SCHEMA: dict[str, Any] = {
         "max_new_tokens": F(int, 128),
         "use": F(str, "merged", ("merged", "adapter")),
         "bootstrap": F(int, 1000),
-        "fixed_prompts": F(list, []),  # extra titles generated before/after, e.g. the reference's examples
         "baseline_samples": F(int, 0),  # write baseline_samples.jsonl (base answers on val) before training
     },
     "merge": {
@@ -140,8 +136,13 @@ SCHEMA: dict[str, Any] = {
     "tiny": {
         "template": F(str),  # chat template the real model ships with, given to the tiny stand-in
         "data_path": F(str),  # data for tiny mode when the recipe's own file is not shipped
+        "shape": F(str, "tiny", ("tiny", "full")),  # full: random-init at the real model's shape (SHAPE=full)
+        "full_config": F(str),  # common/model_configs/<name>.json: the real model's configuration
     },
 }
+# With tiny.shape=full the stand-in has the real model's size, so the recipe's own batch and lengths are kept
+# (speed and memory are measured as the recipe would run); only the data and the step counts shrink.
+FULL_SHAPE_KEEPS = ("train.batch_size", "train.grad_accum", "train.max_length", "train.max_target_length")
 
 # What --tiny changes: only the model, data and step counts shrink.
 TINY_OVERRIDES = {
@@ -256,6 +257,32 @@ def resolve_recipe_file(recipe: str) -> Path:
     return f
 
 
+def schema_for(task: str) -> dict:
+    """SCHEMA plus the task's own settings."""
+    out = copy.deepcopy(SCHEMA)
+    for section, keys in tasks.get(task).settings.items():
+        out[section].update(keys)
+    return out
+
+
+def _owner(section: str, key: str) -> str | None:
+    return next((t for t in tasks.names() if key in tasks.get(t).settings.get(section, {})), None)
+
+
+def _merge_checked(cfg: dict, over: dict, schema: dict, task: str, where: str = "") -> None:
+    try:
+        _merge(cfg, over, schema, where)
+    except ConfigError as e:
+        msg = str(e)
+        if msg.startswith("unknown key '"):
+            section, _, key = msg.split("'")[1].partition(".")
+            owner = _owner(section, key) if key else None
+            if owner and owner != task:
+                raise ConfigError(f"'{section}.{key}' is a setting of task {owner}; this recipe's task is {task}"
+                                  f" (remove it)") from None
+        raise
+
+
 def load(recipe: str, sets: list[str] | None = None, tiny: bool = False) -> Config:
     """Defaults <- recipe YAML <- SM_CHANNEL_TRAINING <- DATA_PATH <- --tiny <- --set, validated."""
     paths.load_dotenv_once()
@@ -268,9 +295,16 @@ def load(recipe: str, sets: list[str] | None = None, tiny: bool = False) -> Conf
         raise ConfigError(f"{f}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{f}: a recipe must be a mapping of sections (model:, data:, train: ...)")
-    cfg = _defaults(SCHEMA)
+    overrides = [(item, parse_set(item)) for item in sets or []]
+    task = next((o["task"] for _, o in reversed(overrides) if "task" in o), raw.get("task", SCHEMA["task"].default))
     try:
-        _merge(cfg, raw, SCHEMA, "")
+        task = _check(task, SCHEMA["task"], "task")
+    except ConfigError as e:
+        raise ConfigError(f"{f}: {e}") from None
+    schema = schema_for(task)
+    cfg = _defaults(schema)
+    try:
+        _merge_checked(cfg, raw, schema, task)
     except ConfigError as e:
         raise ConfigError(f"{f}: {e}") from None
     if os.environ.get("SM_CHANNEL_TRAINING") and cfg["data"]["path"]:  # SageMaker training channel
@@ -278,21 +312,85 @@ def load(recipe: str, sets: list[str] | None = None, tiny: bool = False) -> Conf
     if os.environ.get("DATA_PATH"):
         cfg["data"]["path"] = os.environ["DATA_PATH"]
     if tiny:
+        shape = next((o["tiny"]["shape"] for _, o in reversed(overrides) if "shape" in o.get("tiny", {})),
+                     cfg["tiny"]["shape"])
         for k, v in TINY_OVERRIDES.items():
-            _merge(cfg, parse_set(f"{k}={json.dumps(v)}"), SCHEMA, "")
+            if not (shape == "full" and k in FULL_SHAPE_KEEPS):
+                _merge(cfg, parse_set(f"{k}={json.dumps(v)}"), schema, "")
         if cfg["tiny"]["data_path"]:
             cfg["data"]["path"] = cfg["tiny"]["data_path"]
-    for item in sets or []:
+    for item, over in overrides:
         try:
-            _merge(cfg, parse_set(item), SCHEMA, "")
+            _merge_checked(cfg, over, schema, task)
         except ConfigError as e:
             raise ConfigError(f"--set {item}: {e}") from None
-    _validate(cfg, SCHEMA)
+    _validate(cfg, schema)
+    t = tasks.get(task)
+    for key in ("user", "target"):
+        if cfg["prompt"][key] is None:
+            cfg["prompt"][key] = t.prompt_defaults[key]
     cfg["name"] = f.stem
-    cfg["run"] = paths.run_name(f.stem, tiny)
+    cfg["run"] = paths.run_name(f.stem, tiny, cfg["tiny"]["shape"])
     cfg["tiny_mode"] = tiny
     cfg["recipe_file"] = str(f)
+    try:
+        check_prompt_fields(cfg, t)
+        check_conflicts(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{f.name}: {e}") from None
     return _wrap(cfg)
+
+
+def check_prompt_fields(cfg: dict, task: Any) -> None:
+    """Every {field} in prompt.user / prompt.target must be a field of the task's records."""
+    for key in ("user", "target"):
+        try:
+            names = [n for _, n, _, _ in string.Formatter().parse(cfg["prompt"][key]) if n is not None]
+        except ValueError as e:
+            raise ConfigError(f"prompt.{key} is not a valid template ({e}); write a literal brace as {{{{ or }}}}") from None
+        for n in names:
+            field = n.split(".")[0].split("[")[0]
+            if field not in task.fields:
+                raise ConfigError(f"prompt.{key} uses {{{n}}}, which {task.name} records do not have; fields: "
+                                  f"{', '.join(task.fields)}")
+
+
+def check_conflicts(cfg: dict) -> None:
+    """Settings that cannot work together, caught before any model loads: one line naming the keys."""
+    t, m, q, p = cfg["train"], cfg["model"], cfg["quantization"], cfg["prompt"]
+    seq2seq = m["arch"] == "seq2seq"
+    rules = [
+        (t["load_best_model_at_end"] and t["eval_strategy"] == "no",
+         "train.load_best_model_at_end=true needs evaluations, but train.eval_strategy=no; change one of them"),
+        (t["load_best_model_at_end"] and t["eval_strategy"] != "no" and t["save_strategy"] != t["eval_strategy"],
+         f"train.load_best_model_at_end=true needs train.save_strategy ({t['save_strategy']}) equal to "
+         f"train.eval_strategy ({t['eval_strategy']})"),
+        (t["load_best_model_at_end"] and t["eval_strategy"] == "steps" == t["save_strategy"] and t["eval_steps"]
+         and t["save_steps"] % t["eval_steps"] != 0,
+         f"train.load_best_model_at_end=true needs train.save_steps ({t['save_steps']}) to be a multiple of "
+         f"train.eval_steps ({t['eval_steps']})"),
+        (t["max_steps"] <= 0 and t["epochs"] <= 0, "train.max_steps and train.epochs are both <= 0: nothing to train"),
+        (t["warmup_steps"] > 0 and t["warmup_ratio"] > 0,
+         f"train.warmup_steps ({t['warmup_steps']}) and train.warmup_ratio ({t['warmup_ratio']}) are both set; keep one"),
+        (seq2seq and t["packing"], "train.packing=true needs model.arch=causal (seq2seq examples are not packed)"),
+        (seq2seq and t["loss_on"] != "completion",
+         f"train.loss_on={t['loss_on']} needs model.arch=causal (a seq2seq answer is one target)"),
+        (seq2seq and p["conversation_extension"] != 1, "prompt.conversation_extension > 1 needs model.arch=causal"),
+        (seq2seq and bool(p["system"]), "prompt.system needs model.arch=causal (a seq2seq prompt has no system turn)"),
+        (seq2seq and m["unsloth"], "model.unsloth=true needs model.arch=causal"),
+        (p["conversation_extension"] < 1, "prompt.conversation_extension must be >= 1"),
+        ((m["family"] == "t5") != seq2seq,
+         f"model.family={m['family']} does not go with model.arch={m['arch']} (t5 is seq2seq; llama, mistral causal)"),
+        (q["prequantized"] and not q["bits"], "quantization.prequantized=true needs quantization.bits 4 or 8"),
+        (q["prequantized"] and not m["full_precision_name_or_path"],
+         "quantization.prequantized=true needs model.full_precision_name_or_path (never merge into a 4-bit model)"),
+        (cfg["tiny"]["shape"] == "full" and not cfg["tiny"]["full_config"],
+         "tiny.shape=full needs tiny.full_config (a file in common/model_configs/)"),
+        (t["max_epochs"] is not None and t["max_epochs"] <= 0, "train.max_epochs must be > 0 (or null for no cap)"),
+    ]
+    for bad, msg in rules:
+        if bad:
+            raise ConfigError(msg)
 
 
 def _wrap(d: Any) -> Any:
@@ -303,9 +401,9 @@ def _wrap(d: Any) -> Any:
 
 # Which settings each step depends on (Make re-runs a step when its stamp changes).
 STEP_KEYS = {
-    "prepare": ["task", "data", "prompt", "model.name_or_path", "model.gguf_file", "model.family", "tiny",
-                "train.max_length", "train.max_target_length"],
-    "train": ["model", "quantization", "lora", "train", "eval.baseline_samples"],
+    "prepare": ["task", "data", "prompt", "model.name_or_path", "model.gguf_file", "model.family", "model.arch",
+                "tiny", "train.max_length", "train.max_target_length"],
+    "train": ["model", "quantization", "lora", "train", "eval.baseline_samples", "tiny"],
     "merge": ["merge", "model.full_precision_name_or_path"],
     "eval": ["eval"],
 }

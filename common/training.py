@@ -1,4 +1,4 @@
-"""Training pieces shared by 02_sft_qlora and the benchmark: datasets, LoRA, the trainer, answer-only loss.
+"""Training pieces shared by 02_sft_qlora and the benchmark: datasets, LoRA, dtypes, schedule, trainer, loss.
 
 Answer-only loss: the usual causal-LM loss computes logits over the whole vocabulary for every position, then
 throws away the prompt and padding positions (-100). Here the decoder runs once, and the output layer and
@@ -8,12 +8,17 @@ skips TRL's per-step entropy/accuracy metrics, which cost a second pass over the
 """
 from __future__ import annotations
 
+import csv
 import importlib.util
 import logging
+import math
+import time
+from io import StringIO
+from dataclasses import dataclass, field
 from typing import Any
 
-from common import modeling, prompts
-from common.run import UserError
+from common import arch, modeling
+from common.io import UserError, atomic_write_text
 
 log = logging.getLogger("ft")
 IGNORE = -100
@@ -49,12 +54,48 @@ def answer_loss(model: Any, inputs: dict) -> tuple[Any, Any]:
     return F.cross_entropy(logits, target[keep], reduction="sum"), keep.sum()
 
 
-def answer_only_trainer(base: type) -> type:
-    """A subclass of `base` (TRL's SFTTrainer) whose loss is answer_loss."""
+# --------------------------------------------------------------------------- dtypes: decided here, on purpose
+# Trainable weights (LoRA A/B, modules_to_save copies such as lm_head/embed_tokens) are always fp32 master weights:
+# fp16 mixed precision needs them (its gradient scaler refuses fp16 gradients), and a bf16 copy (TRL casts a
+# quantized model's trainable weights to bf16; a modules_to_save copy inherits a bf16 base's dtype) would meet fp32
+# activations wherever no autocast is active. Frozen weights keep the dtype they were loaded in (load_for_training).
+# Activations: the whole loss computation, our answer-only path included, runs under autocast in plan.precision
+# (bf16 or fp16), not only model.forward (the part accelerate wraps), so every matmul sees one dtype.
+def autocast(plan: modeling.Plan) -> Any:
+    """The autocast context of the plan's precision (a no-op for fp32)."""
+    import contextlib
 
-    class AnswerOnlyTrainer(base):
+    import torch
+
+    if plan.precision not in ("bf16", "fp16"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=plan.device, dtype=modeling.torch_dtype(plan.precision))
+
+
+def align_dtypes(model: Any, plan: modeling.Plan) -> dict[str, int]:
+    """Cast every trainable weight to fp32 (see above); returns {dtype it had: number of tensors cast}."""
+    import torch
+
+    cast: dict[str, int] = {}
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            cast[str(p.dtype).replace("torch.", "")] = cast.get(str(p.dtype).replace("torch.", ""), 0) + 1
+            p.data = p.data.float()
+    if cast:
+        log.info("trainable weights: %s tensors cast to fp32 master weights (precision %s)",
+                 ", ".join(f"{n} {k}" for k, n in cast.items()), plan.precision)
+    return cast
+
+
+def trainer_class(base: type, plan: modeling.Plan, answer_only: bool) -> type:
+    """A subclass of `base` whose loss runs under the plan's autocast; with answer_only, the loss is answer_loss."""
+
+    class Trainer(base):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            total, n = answer_loss(model, inputs)
+            with autocast(plan):
+                if not answer_only:
+                    return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                total, n = answer_loss(model, inputs)
             if num_items_in_batch is not None and model.training:
                 self.loss_is_scaled_for_ga = True  # normalised over the whole accumulated batch, as HF does
                 loss = total / num_items_in_batch
@@ -63,41 +104,32 @@ def answer_only_trainer(base: type) -> type:
                 loss = total / n.clamp(min=1)
             return (loss, {"loss": loss}) if return_outputs else loss
 
-    return AnswerOnlyTrainer
+    Trainer.__name__ = Trainer.__qualname__ = f"{'AnswerOnly' if answer_only else ''}{base.__name__}"
+    return Trainer
 
 
+# --------------------------------------------------------------------------- data, model, schedule, trainer
 def encode_split(cfg: Any, tok: Any, rows: list[dict], name: str) -> Any:
     """Pre-tokenized dataset (input_ids, labels); examples that truncation leaves without an answer are dropped."""
     from datasets import Dataset
 
-    ids, labels = [], []
-    for ex in rows:
-        if cfg.model.arch == "seq2seq":
-            src, tgt = prompts.encode_seq2seq(tok, ex["prompt"], ex["completion"], cfg.train.max_length,
-                                              cfg.train.max_target_length)
-            ids.append(src)
-            labels.append(tgt)
-            continue
-        enc = prompts.encode_chat(tok, ex["prompt"], ex["completion"], cfg.train.max_length,
-                                  all_turns=cfg.train.loss_on == "assistant_turns")
-        if enc:
-            ids.append(enc[0])
-            labels.append(enc[1])
-    if len(ids) < len(rows):
+    enc = [arch.get(cfg).encode_train(cfg, tok, ex) for ex in rows]
+    kept = [e for e in enc if e]
+    if len(kept) < len(rows):
         log.warning("%s: %d of %d examples dropped (no answer token left within train.max_length=%d)", name,
-                    len(rows) - len(ids), len(rows), cfg.train.max_length)
-    if rows and not ids:
+                    len(rows) - len(kept), len(rows), cfg.train.max_length)
+    if rows and not kept:
         raise UserError(f"every {name} example is longer than train.max_length={cfg.train.max_length}; raise it")
-    return Dataset.from_dict({"input_ids": ids, "labels": labels})
+    return Dataset.from_dict({"input_ids": [e[0] for e in kept], "labels": [e[1] for e in kept]})
 
 
 def lora_config(cfg: Any) -> Any:
-    from peft import LoraConfig, TaskType
+    from peft import LoraConfig
 
     lc = cfg.lora
     return LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
                       bias=lc.bias, modules_to_save=lc.modules_to_save, use_rslora=lc.use_rslora,
-                      task_type=TaskType.SEQ_2_SEQ_LM if cfg.model.arch == "seq2seq" else TaskType.CAUSAL_LM)
+                      task_type=arch.get(cfg).peft_task_type)
 
 
 def load_for_training(cfg: Any, plan: modeling.Plan, source: str) -> Any:
@@ -117,8 +149,10 @@ def load_for_training(cfg: Any, plan: modeling.Plan, source: str) -> Any:
                 random_state=cfg.train.seed, use_rslora=lc.use_rslora, loftq_config=None)
         why = "not installed" if not importlib.util.find_spec("unsloth") else "it needs CUDA"
         plan.note(f"Unsloth -> Hugging Face + PEFT: Unsloth {why} (same LoRA settings and result files)")
-    master = "fp32" if plan.device == "cpu" or plan.precision == "fp32" else plan.precision
-    model = modeling.load_model(cfg, source, plan.quant_bits, dtype="fp32" if plan.quant_bits else master)
+    # frozen weights: fp32 on a CPU or in fp32 runs; the mixed precision's dtype on a GPU (half the memory);
+    # quantized: the non-quantized rest in fp32, as prepare_model_for_kbit_training wants it
+    frozen = "fp32" if plan.device == "cpu" or plan.precision == "fp32" or plan.quant_bits else plan.precision
+    model = modeling.load_model(cfg, source, plan.quant_bits, dtype=frozen)
     if plan.quant_bits:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     elif cfg.train.gradient_checkpointing:
@@ -133,17 +167,62 @@ def load_for_training(cfg: Any, plan: modeling.Plan, source: str) -> Any:
     return model
 
 
-def training_args(cfg: Any, plan: modeling.Plan, out: str, has_val: bool) -> dict:
+@dataclass
+class Schedule:
+    """How long to train, after fitting the recipe's request to the data, and whether to keep the best checkpoint."""
+
+    max_steps: int
+    epochs: float
+    load_best: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def schedule(cfg: Any, n_train: int, has_val: bool) -> Schedule:
+    """Cap training at train.max_epochs passes over the data (a recipe's step count meant for a large data set
+    would otherwise overfit a small one), and keep the best validation checkpoint when there is a validation
+    split (train.load_best_model_at_end: null = yes when evaluation runs and checkpoints line up with it)."""
     t = cfg.train
-    eval_strategy = t.eval_strategy if has_val else "no"
+    s = Schedule(t.max_steps, t.epochs, False)
+    per_step = t.batch_size * t.grad_accum
+    cap = t.max_epochs
+    if cap and n_train:
+        if t.max_steps > 0 and t.max_steps * per_step > cap * n_train:
+            steps = max(1, math.ceil(cap * n_train / per_step))
+            if t.eval_strategy == "steps" and t.eval_steps and steps >= t.eval_steps:
+                steps -= steps % t.eval_steps  # end on an evaluation, so the last weights compete for the best
+            s.notes.append(f"train.max_steps {t.max_steps} -> {steps}: {t.max_steps} steps x {per_step} examples "
+                           f"would be {t.max_steps * per_step / n_train:.1f} passes over {n_train} train examples; "
+                           f"train.max_epochs={cap:g} caps it")
+            s.max_steps = steps
+        elif t.max_steps <= 0 and t.epochs > cap:
+            s.notes.append(f"train.epochs {t.epochs:g} -> {cap:g}: capped by train.max_epochs")
+            s.epochs = cap
+    evaluates = has_val and t.eval_strategy != "no"
+    if t.load_best_model_at_end is None:
+        aligned = t.save_strategy == t.eval_strategy and (
+            t.eval_strategy != "steps" or (t.eval_steps and t.save_steps % t.eval_steps == 0))
+        s.load_best = bool(evaluates and aligned)
+        if evaluates and not aligned:
+            s.notes.append("best-checkpoint selection off: checkpoints (train.save_*) do not line up with "
+                           "evaluations (train.eval_*)")
+    else:
+        s.load_best = t.load_best_model_at_end and evaluates
+    for n in s.notes:
+        log.warning("schedule: %s", n)
+    return s
+
+
+def training_args(cfg: Any, plan: modeling.Plan, out: str, has_val: bool, sched: Schedule | None = None) -> dict:
+    t = cfg.train
+    sched = sched or Schedule(t.max_steps, t.epochs, bool(t.load_best_model_at_end) and has_val)
     return dict(
-        output_dir=out, max_steps=t.max_steps, num_train_epochs=t.epochs, learning_rate=t.learning_rate,
+        output_dir=out, max_steps=sched.max_steps, num_train_epochs=sched.epochs, learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps or t.warmup_ratio,
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum, optim=plan.optim, weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps, eval_strategy=eval_strategy,
-        eval_steps=t.eval_steps, save_strategy=t.save_strategy, save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit, load_best_model_at_end=t.load_best_model_at_end and has_val,
+        max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps,
+        eval_strategy=t.eval_strategy if has_val else "no", eval_steps=t.eval_steps, save_strategy=t.save_strategy,
+        save_steps=t.save_steps, save_total_limit=t.save_total_limit, load_best_model_at_end=sched.load_best,
         metric_for_best_model="eval_loss", greater_is_better=False, seed=t.seed, data_seed=t.seed,
         bf16=plan.precision == "bf16", fp16=plan.precision == "fp16", use_cpu=plan.device == "cpu",
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
@@ -152,34 +231,63 @@ def training_args(cfg: Any, plan: modeling.Plan, out: str, has_val: bool) -> dic
     )
 
 
-def make_trainer(cfg: Any, plan: modeling.Plan, model: Any, tok: Any, train_ds: Any, val_ds: Any, out: str) -> Any:
-    args = training_args(cfg, plan, out, len(val_ds) > 0)
-    if cfg.model.arch == "seq2seq":
-        from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
-
-        compute = None
-        if cfg.train.eval_bleu:
-            args.update(predict_with_generate=True, generation_max_length=cfg.train.max_target_length)
-            compute = bleu_metric(tok)
-        return Seq2SeqTrainer(model=model, args=Seq2SeqTrainingArguments(**args), train_dataset=train_ds,
-                              eval_dataset=val_ds if len(val_ds) else None, processing_class=tok,
-                              data_collator=DataCollatorForSeq2Seq(tok, model=model, label_pad_token_id=-100),
-                              compute_metrics=compute)
-    from trl import SFTConfig, SFTTrainer
-
-    sft = SFTConfig(**args, max_length=cfg.train.max_length, packing=cfg.train.packing, prediction_loss_only=True)
-    cls = answer_only_trainer(SFTTrainer) if cfg.train.answer_only_logits else SFTTrainer
-    trainer = cls(model=model, args=sft, train_dataset=train_ds, eval_dataset=val_ds if len(val_ds) else None,
-                  processing_class=tok)
-    if plan.quant_bits and plan.precision == "fp32":
-        # TRL casts a quantized model's trainable weights to bf16 (the QLoRA paper's choice under autocast); without
-        # autocast (fp32 on CPU) a bf16 modules_to_save copy would meet fp32 activations, so keep them fp32
-        import torch
-
-        for p in trainer.model.parameters():
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()
+def make_trainer(cfg: Any, plan: modeling.Plan, model: Any, tok: Any, train_ds: Any, val_ds: Any, out: str,
+                 sched: Schedule | None = None) -> Any:
+    """The architecture's trainer with this project's loss, autocast and fp32 trainable weights."""
+    args = training_args(cfg, plan, out, len(val_ds) > 0, sched)
+    trainer = arch.get(cfg).trainer(cfg, plan, model, tok, train_ds, val_ds, args)
+    align_dtypes(trainer.model, plan)  # after the trainer: TRL casts trainable weights in its __init__
     return trainer
+
+
+# --------------------------------------------------------------------------- progress and history
+def log_callback() -> Any:
+    """A callback mirroring the trainer's logs into our log file, with progress and an ETA."""
+    from transformers import TrainerCallback
+
+    class LogCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0, self.step0 = time.time(), state.global_step
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in (logs or {}).items()}
+            done = state.global_step - self.step0
+            eta = (time.time() - self.t0) / done * (state.max_steps - state.global_step) if done else 0
+            log.info("step %d/%d %s eta %.0fs", state.global_step, state.max_steps, logs, eta)
+
+    return LogCallback()
+
+
+def write_history(history: list[dict], out: Any) -> None:
+    """train_log.csv (every logged value by step) and loss.png (train and val loss), atomically."""
+    keys = ["step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "num_tokens"]
+    extra = sorted({k for h in history for k in h} - set(keys))
+    buf = StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys + extra, extrasaction="ignore")
+    w.writeheader()
+    for h in history:
+        w.writerow(h)
+    atomic_write_text(out / "train_log.csv", buf.getvalue())
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train loss"), ("eval_loss", "eval loss (val)")):
+        pts = [(h["step"], h[key]) for h in history if key in h]
+        if pts:
+            ax.plot(*zip(*pts), marker="o" if key == "eval_loss" else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out / ".loss.png.tmp"
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    tmp.replace(out / "loss.png")
 
 
 def bleu_metric(tok: Any) -> Any:

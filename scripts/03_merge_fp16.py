@@ -16,23 +16,15 @@ import logging
 import sys
 from typing import Any
 
-from common import modeling, prompts, run
+from common import arch, io, metadata, modeling, run
 
 log = logging.getLogger("ft")
 
 
 def check_inputs(cfg: Any, tok: Any, rows: list[dict]) -> list[dict]:
-    out = []
-    for ex in rows[: cfg.merge.check_prompts]:
-        if cfg.model.arch == "seq2seq":
-            src, tgt = prompts.encode_seq2seq(tok, ex["prompt"], prompts.reference(ex), cfg.train.max_length,
-                                              cfg.train.max_target_length)
-            out.append({"input_ids": src, "labels": tgt})
-        else:
-            enc = prompts.encode_chat(tok, ex["prompt"], ex["completion"])
-            if enc:
-                out.append({"input_ids": enc[0]})
-    return out
+    """Whole examples (prompt and answer) as model inputs, for comparing the merged model with the adapter."""
+    a = arch.get(cfg)
+    return [x for x in (a.forward_inputs(cfg, tok, ex) for ex in rows[: cfg.merge.check_prompts]) if x]
 
 
 def logits(model: Any, inputs: list[dict]) -> list[Any]:
@@ -54,19 +46,19 @@ def body(ctx: run.Context) -> None:
 
     cfg, rp = ctx.cfg, ctx.paths
     if not (rp.adapter / "adapter_config.json").exists():
-        raise run.UserError(f"no adapter in {rp.adapter}; train first (make train RECIPE={cfg.name})")
+        raise io.UserError(f"no adapter in {rp.adapter}; train first (make train RECIPE={cfg.name})")
     on_gpu = modeling.cuda()
     work = cfg.merge.dtype if on_gpu else "fp32"
     source = modeling.model_source(cfg, full_precision=True)
     tok = AutoTokenizer.from_pretrained(rp.adapter)
-    inputs = check_inputs(cfg, tok, run.read_jsonl(rp.split("val")) or run.read_jsonl(rp.split("test")))
+    inputs = check_inputs(cfg, tok, io.read_jsonl(rp.split("val")) or io.read_jsonl(rp.split("test")))
 
     log.info("loading %s in %s (never merging into a quantized model)", source, work)
     model = PeftModel.from_pretrained(modeling.load_model(cfg, source, 0, work), rp.adapter)
     ref = logits(model, inputs)
     model = model.merge_and_unload()
     model.to(modeling.torch_dtype(cfg.merge.dtype))
-    with run.atomic_dir(rp.merged) as tmp:
+    with io.atomic_dir(rp.merged) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     if not on_gpu:  # the saved fp16 weights, evaluated in fp32 as the CPU eval will
@@ -74,11 +66,11 @@ def body(ctx: run.Context) -> None:
     got = logits(model, inputs)
     diffs = [float((a - b).abs().max()) for a, b in zip(ref, got)]
     scale = max((float(a.abs().max()) for a in ref), default=0.0)
-    report = run.describe(cfg, "merge", merged_dir=str(rp.merged), merge_source=source, saved_dtype=cfg.merge.dtype,
-                          merged_in=work, check_prompts=len(inputs),
-                          max_abs_logit_diff=max(diffs, default=None), per_prompt_max_abs_logit_diff=diffs,
-                          max_abs_logit=scale)
-    run.atomic_write_json(rp.merge_report, report)
+    report = metadata.describe(cfg, "merge", merged_dir=str(rp.merged), merge_source=source,
+                               saved_dtype=cfg.merge.dtype, merged_in=work, check_prompts=len(inputs),
+                               max_abs_logit_diff=max(diffs, default=None), per_prompt_max_abs_logit_diff=diffs,
+                               max_abs_logit=scale)
+    io.atomic_write_json(rp.merge_report, report)
     log.info("merged -> %s; max |logit diff| vs adapter model = %.4g (logits up to %.1f)", rp.merged,
              max(diffs, default=float("nan")), scale)
 

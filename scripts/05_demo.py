@@ -5,8 +5,9 @@
     python scripts/05_demo.py --recipe smollm2-xauusd --title "Fed signals sharply rate cuts as inflation cools"
     python scripts/05_demo.py --recipe smollm2            # no title: asks interactively (empty line quits)
 
-For the forecast task the title is the headline; other prompt fields can be given with --field key=value
-(missing ones read "unknown"). --use adapter (default when no merged model exists) or --use merged picks the
+The title is what the recipe's task asks a person for (a product title; for the forecast task, the headline);
+other prompt fields can be given with --field key=value (missing ones read "unknown"). The prompt is encoded and
+truncated exactly as in evaluation (common/arch.py). --use adapter (default when no merged model exists) or --use merged picks the
 tuned model. Writes nothing.
 """
 from __future__ import annotations
@@ -17,27 +18,14 @@ import sys
 import textwrap
 from typing import Any
 
-from common import modeling, prompts, run
+from common import arch, io, modeling, run, tasks
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--title", help="product title (or headline for the forecast task)")
+    ap.add_argument("--title", help="what the task asks a person for (a product title, a headline)")
     ap.add_argument("--field", action="append", default=[], metavar="KEY=VALUE", help="extra prompt field")
     ap.add_argument("--use", choices=("adapter", "merged"), help="tuned model to load (default: merged if present)")
     ap.add_argument("--max-new-tokens", type=int)
-
-
-class _Fields(dict):
-    def __missing__(self, key: str) -> str:
-        return "unknown"
-
-
-def fields_for(cfg: Any, title: str, extra: list[str]) -> dict:
-    f = _Fields(title=title, content="", generated_headline=title)
-    for kv in extra:
-        k, _, v = kv.partition("=")
-        f[k.strip()] = v
-    return f
 
 
 def body(ctx: run.Context) -> None:
@@ -45,19 +33,20 @@ def body(ctx: run.Context) -> None:
 
     cfg, rp, a = ctx.cfg, ctx.paths, ctx.args
     if not (rp.adapter / "adapter_config.json").exists():
-        raise run.UserError(f"no tuned model in {rp.adapter}; run make train RECIPE={cfg.name} first")
+        raise io.UserError(f"no tuned model in {rp.adapter}; run make train RECIPE={cfg.name} first")
     use = a.use or ("merged" if rp.merge_report.exists() else "adapter")
     tok = AutoTokenizer.from_pretrained(rp.adapter)
     base = modeling.load_model(cfg, modeling.model_source(cfg), 0, modeling.inference_dtype())
     tuned = modeling.load_tuned(cfg, rp, use)
     max_new = a.max_new_tokens or cfg.eval.max_new_tokens
+    task, arc = tasks.get(cfg.task), arch.get(cfg)
+    extra = dict(kv.partition("=")[::2] for kv in a.field)
     width = max(40, (shutil.get_terminal_size((120, 20)).columns - 3) // 2)
 
     def answer(title: str) -> None:
-        ex = prompts.build(cfg, fields_for(cfg, title, a.field))
-        ids = ([tok(ex["prompt"]).input_ids] if cfg.model.arch == "seq2seq" else [prompts.encode_prompt(tok, ex["prompt"])])
-        b = modeling.generate(base, tok, ids, max_new, 1, "base")[0]
-        t = modeling.generate(tuned, tok, ids, max_new, 1, "tuned")[0]
+        ids = [arc.encode_prompt(cfg, tok, arc.build(cfg, task.demo_fields(title, extra)))]
+        b = modeling.generate(base, tok, ids, max_new, arc, 1, "base")[0]
+        t = modeling.generate(tuned, tok, ids, max_new, arc, 1, "tuned")[0]
         left, right = textwrap.wrap(b, width) or [""], textwrap.wrap(t, width) or [""]
         print(f"\n{'BASE':<{width}} | TUNED ({use})\n{'-' * width}-+-{'-' * width}")
         for i in range(max(len(left), len(right))):

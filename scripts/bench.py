@@ -42,8 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import config, modeling, paths, prompts, run, training
-from common.run import UserError
+from common import arch, config, io, metadata, modeling, paths, prompts, run, training
+from common.io import UserError
 
 log = logging.getLogger("ft")
 
@@ -58,7 +58,7 @@ def variants(cfg: config.Config, plan: modeling.Plan) -> dict[str, dict]:
     out = {"ours": {"kind": "ours", "sets": [], "what": "this project, as the recipe configures it"},
            f"ours-{other}": {"kind": "ours", "sets": [f"train.precision={other}"],
                              "what": f"ours in {other}" + (" autocast" if other == "bf16" else "")}}
-    if cfg.train.answer_only_logits:
+    if cfg.train.answer_only_logits and arch.get(cfg).chat_baselines:
         out["ours-full-logits"] = {"kind": "ours", "sets": ["train.answer_only_logits=false"],
                                    "what": "ours with full-vocabulary logits and TRL's per-step metrics"}
     if cfg.train.fast_dropout and plan.device == "cpu" and cfg.lora.dropout > 0:
@@ -67,6 +67,8 @@ def variants(cfg: config.Config, plan: modeling.Plan) -> dict[str, dict]:
     if not cfg.train.gradient_checkpointing:
         out["ours-grad-ckpt"] = {"kind": "ours", "sets": ["train.gradient_checkpointing=true"],
                                  "what": "ours with gradient checkpointing (less memory, more compute)"}
+    if not arch.get(cfg).chat_baselines:  # plain TRL SFT and the padded reference are decoder-only setups
+        return out
     out["trl-defaults"] = {"kind": "trl", "sets": [], "what": "plain TRL SFTTrainer, all defaults, same LoRA"}
     out["trl-defaults-fp32"] = {"kind": "trl", "sets": [], "bf16": False,
                                 "what": "plain TRL SFTTrainer, all defaults but bf16=False"}
@@ -230,7 +232,7 @@ def train_worker(cfg: config.Config, spec: dict, warmup: int, steps: int) -> dic
 
     set_seed(cfg.train.seed)
     plan = modeling.plan(cfg)
-    rows = run.read_jsonl(paths.RunPaths(cfg.run).split("train"))
+    rows = io.read_jsonl(paths.RunPaths(cfg.run).split("train"))
     need = (warmup + steps) * cfg.train.batch_size * cfg.train.grad_accum
     if len(rows) < need:
         rows = (rows * (need // max(1, len(rows)) + 1))[:need] if rows else rows
@@ -273,7 +275,7 @@ def train_worker(cfg: config.Config, spec: dict, warmup: int, steps: int) -> dic
         "non_padding_tokens": real, "padded_tokens": total, "labelled_tokens": labelled,
         "padding_share": round(1 - real / total, 4) if total else 0.0,
         "flops_per_token": flops_per_token, "frozen_linear_params": frozen, "trainable_params": trainable,
-        "peak_rss_mb": round(max(mem.peak / 2 ** 20, run.peak_rss_mb()), 1),
+        "peak_rss_mb": round(max(mem.peak / 2 ** 20, metadata.peak_rss_mb()), 1),
     }
     if plan.device == "cuda":
         out["peak_vram_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
@@ -286,17 +288,17 @@ def generation_worker(cfg: config.Config, samples: int) -> dict:
     source = modeling.model_source(cfg)
     tok = modeling.load_tokenizer(cfg, source)
     model = modeling.load_model(cfg, source, 0, plan_dtype)
-    rows = run.read_jsonl(paths.RunPaths(cfg.run).split(cfg.eval.split))[:samples]
+    rows = io.read_jsonl(paths.RunPaths(cfg.run).split(cfg.eval.split))[:samples]
     if not rows:
         raise UserError(f"the {cfg.eval.split} split is empty; run make prepare")
-    ids = [prompts.encode_prompt(tok, r["prompt"]) if cfg.model.arch == "causal"
-           else prompts.encode_seq2seq(tok, r["prompt"], "", cfg.train.max_length, 1)[0] for r in rows]
+    a = arch.get(cfg)
+    ids = [a.encode_prompt(cfg, tok, r) for r in rows]
     new = cfg.eval.max_new_tokens
-    modeling.generate(model, tok, ids[:2], 4, 2, "warm-up", plan_dtype)
+    modeling.generate(model, tok, ids[:2], 4, a, 2, "warm-up", plan_dtype)
     res = {}
     for name, bs in (("batched", cfg.eval.batch_size), ("one_at_a_time", 1)):
         t = time.perf_counter()
-        answers = modeling.generate(model, tok, ids, new, bs, f"generation {name}", plan_dtype)
+        answers = modeling.generate(model, tok, ids, new, a, bs, f"generation {name}", plan_dtype)
         dt = time.perf_counter() - t
         out_tokens = sum(len(tok(a, add_special_tokens=False).input_ids) for a in answers)
         res[name] = {"batch_size": bs, "seconds": round(dt, 2), "samples_per_s": round(len(ids) / dt, 3),
@@ -314,10 +316,15 @@ def generation_worker(cfg: config.Config, samples: int) -> dict:
 def worker_body(ctx: run.Context) -> None:
     a = ctx.args
     spec = json.loads(a.worker)
-    if spec["kind"] == "generation":
-        result = generation_worker(ctx.cfg, a.gen_samples)
-    else:
-        result = train_worker(ctx.cfg, spec, a.warmup, a.steps)
+    try:
+        if spec["kind"] == "generation":
+            result = generation_worker(ctx.cfg, a.gen_samples)
+        else:
+            result = train_worker(ctx.cfg, spec, a.warmup, a.steps)
+    except Exception as e:  # the parent's table shows the exception's own last line, not a progress bar
+        last = (str(e).strip().splitlines() or [""])[-1][:300]
+        Path(a.result).write_text(json.dumps({"error": run.redact(f"{type(e).__name__}: {last}")}))
+        raise
     Path(a.result).write_text(json.dumps(result))
 
 
@@ -341,11 +348,11 @@ def spawn(ctx: run.Context, name: str, spec: dict, extra_sets: list[str]) -> dic
             if line.strip():
                 tail.append(line.strip())
     try:
-        if proc.returncode != 0:
-            err = next((x for x in reversed(tail) if x.startswith("error:")), tail[-1] if tail else "")
+        out = json.loads(result.read_text() or "{}")
+        if proc.returncode != 0 or "error" in out:
+            err = out.get("error") or next((x for x in reversed(tail) if x.startswith("error:")), "")
             log.error("[%s] failed (exit %d): %s", name, proc.returncode, err)
             return {"what": spec["what"], "error": run.redact(err or f"exit {proc.returncode}")}
-        out = json.loads(result.read_text())
     finally:
         result.unlink(missing_ok=True)
     log.info("[%s] done in %.0fs", name, time.time() - t)
@@ -370,10 +377,17 @@ def fmt(x: Any, nd: int = 2) -> str:
     return "-" if x is None else f"{x:,.{nd}f}" if isinstance(x, float) else str(x)
 
 
+def memory_column(tr: dict) -> tuple[str, str]:
+    """Peak VRAM on a GPU (what limits the batch there), peak host RSS on a CPU."""
+    gpu = any("peak_vram_mb" in r for r in tr.values())
+    return ("peak_vram_mb", "VRAM") if gpu else ("peak_rss_mb", "RSS")
+
+
 def report(res: dict) -> tuple[str, list[str]]:
     """The Markdown tables and the ratio lines."""
     tr, peak = res["training"], res["matmul_peak_gflops"]
     ours = tr.get("ours", {})
+    mem_key, mem_name = memory_column(tr)
     lines = [f"# Benchmark: {res['recipe']} ({res['base_model']})", "",
              f"{res['time']}, git {res['git_commit']}; {res['machine']['cpu']}, {res['machine']['cores']} cores"
              + (f", {res['machine']['gpu']}" if "gpu" in res["machine"] else "")
@@ -382,15 +396,15 @@ def report(res: dict) -> tuple[str, list[str]]:
              f"{res['warmup']} warm-up steps, then {res['steps']} timed steps per variant "
              + (f"(best of {res['rounds']} interleaved rounds) " if res["rounds"] > 1 else "") +
              f"(batch {res['batch_size']} x grad_accum {res['grad_accum']}).", "",
-             "| training | precision | s/step | non-pad tok/s | examples/s | padding | peak RSS GB | MFU | tok/s vs ours |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| training | precision | s/step | non-pad tok/s | examples/s | padding | peak {mem_name} GB | MFU "
+             "| tok/s vs ours |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in tr.items():
         if "error" in r:
             lines.append(f"| {name} | failed: {r['error']} |||||||")
             continue
         rel = r["tokens_per_s"] / ours["tokens_per_s"] if ours.get("tokens_per_s") else None
         lines.append(f"| {name}: {r['what']} | {r['precision']} | {fmt(r['s_per_step'])} | {fmt(r['tokens_per_s'], 1)} "
-                     f"| {fmt(r['examples_per_s'])} | {r['padding_share']:.0%} | {r['peak_rss_mb'] / 1024:.2f} "
+                     f"| {fmt(r['examples_per_s'])} | {r['padding_share']:.0%} | {r[mem_key] / 1024:.2f} "
                      f"| {r['mfu']:.1%} | {fmt(rel)}x |")
     if res["rounds"] > 1:
         lines += ["", "Seconds/step in each round (the table keeps the best): " + "; ".join(
@@ -437,9 +451,10 @@ def ratio_checks(res: dict) -> list[dict]:
                        "target": f">= {TARGETS['generation']}x", "met": g["speedup"] >= TARGETS["generation"]})
         checks.append({"name": "greedy outputs identical", "value": f"{g['identical_outputs']}/{g['samples']}",
                        "target": "all", "met": ok})
-    if ours.get("peak_rss_mb"):
-        gb = ours["peak_rss_mb"] / 1024
-        checks.append({"name": "peak memory while training (ours, RSS)", "value": f"{gb:.2f} GB",
+    mem_key, mem_name = memory_column(tr)
+    if ours.get(mem_key):
+        gb = ours[mem_key] / 1024
+        checks.append({"name": f"peak memory while training (ours, {mem_name})", "value": f"{gb:.2f} GB",
                        "target": f"<= {TARGETS['peak_gb']} GB", "met": gb <= TARGETS["peak_gb"]})
     return checks
 
@@ -448,8 +463,6 @@ def body(ctx: run.Context) -> None:
     if ctx.args.worker:
         return worker_body(ctx)
     cfg, a = ctx.cfg, ctx.args
-    if cfg.model.arch != "causal":
-        raise UserError(f"make bench measures causal-LM recipes; {cfg.name} is {cfg.model.arch} (model.arch)")
     if a.steps < 1 or a.warmup < 0 or a.rounds < 1:
         raise UserError("--steps and --rounds must be >= 1, --warmup >= 0")
     rp = ctx.paths
@@ -463,7 +476,7 @@ def body(ctx: run.Context) -> None:
         raise UserError(f"--only: unknown variant(s) {', '.join(unknown)}; choose from "
                         f"{', '.join([*specs, 'generation'])}")
     log.info("probing the matmul peak ...")
-    res: dict[str, Any] = run.describe(cfg, "bench", machine=machine(), steps=a.steps, warmup=a.warmup, rounds=a.rounds,
+    res: dict[str, Any] = metadata.describe(cfg, "bench", machine=machine(), steps=a.steps, warmup=a.warmup, rounds=a.rounds,
                                        batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum)
     res["matmul_peak_gflops"] = matmul_peak(plan.device)
     log.info("matmul peak: %s GFLOP/s", res["matmul_peak_gflops"])
@@ -490,8 +503,8 @@ def body(ctx: run.Context) -> None:
     res["checks"] = ratio_checks(res)
     md, lines = report(res)
     out = paths.bench_dir()
-    run.atomic_write_json(out / f"{cfg.run}.json", res)
-    run.atomic_write_text(out / f"{cfg.run}.md", md)
+    io.atomic_write_json(out / f"{cfg.run}.json", res)
+    io.atomic_write_text(out / f"{cfg.run}.md", md)
     print(md.split("## Against the targets")[0].rstrip() + "\n")
     for line in lines:
         print(line)

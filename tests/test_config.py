@@ -113,3 +113,107 @@ def test_secrets_never_enter_the_config(ft_home, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_secretvalue123")
     dumped = json.dumps(config.load("smollm2").to_dict())
     assert "hf_secretvalue123" not in dumped
+
+
+@pytest.mark.parametrize("recipe, sets, fragment", [
+    ("mistral-xauusd", ["train.eval_strategy=no"], "train.load_best_model_at_end=true needs evaluations, but "
+                                                    "train.eval_strategy=no"),
+    ("mistral-xauusd", ["train.save_strategy=steps"], "train.save_strategy (steps) equal to train.eval_strategy (epoch)"),
+    ("smollm2", ["train.load_best_model_at_end=true", "train.save_steps=30"],
+     "train.save_steps (30) to be a multiple of train.eval_steps (20)"),
+    ("flan-t5", ["train.packing=true"], "train.packing=true needs model.arch=causal"),
+    ("flan-t5", ["train.loss_on=assistant_turns"], "train.loss_on=assistant_turns needs model.arch=causal"),
+    ("flan-t5", ["prompt.system=Be brief."], "prompt.system needs model.arch=causal"),
+    ("smollm2", ["model.arch=seq2seq"], "model.family=llama does not go with model.arch=seq2seq"),
+    ("smollm2", ["train.warmup_steps=5"], "train.warmup_steps (5) and train.warmup_ratio (0.05) are both set"),
+    ("llama3-alpaca", ["model.full_precision_name_or_path=null"], "quantization.prequantized=true needs "
+                                                                   "model.full_precision_name_or_path"),
+    ("smollm2", ["quantization.prequantized=true"], "quantization.prequantized=true needs quantization.bits"),
+    ("smollm2", ["tiny.shape=full"], "tiny.shape=full needs tiny.full_config"),
+    ("smollm2", ["train.max_steps=0", "train.epochs=0"], "nothing to train"),
+])
+def test_conflicting_settings_fail_with_one_line_naming_the_keys(ft_home, recipe, sets, fragment):
+    with pytest.raises(config.ConfigError) as e:
+        config.load(recipe, sets)
+    assert fragment in str(e.value) and "\n" not in str(e.value) and str(e.value).startswith(f"{recipe}.yaml: ")
+
+
+def test_conflicts_stop_make_before_any_step(ft_home):
+    from conftest import make, ran_steps
+
+    p = make(ft_home, "all", "RECIPE=mistral-xauusd", "TINY=1", "ARGS=--set train.eval_strategy=no", check=False)
+    assert p.returncode != 0 and "train.load_best_model_at_end=true needs evaluations" in p.stderr
+    assert ran_steps(p) == [] and "Traceback" not in p.stderr
+
+
+def test_task_settings_belong_to_their_task(ft_home):
+    with pytest.raises(config.ConfigError, match="'data.min_title_chars' is a setting of task product_description; "
+                                                 "this recipe's task is xauusd_forecast"):
+        config.load("smollm2-xauusd", ["data.min_title_chars=3"])
+    for key in ("data.format=csv", "data.max_content_chars=10", "eval.fixed_prompts=[a]"):
+        with pytest.raises(config.ConfigError, match="is a setting of task product_description"):
+            config.load("mistral-xauusd", [key])
+    with pytest.raises(config.ConfigError, match="is a setting of task xauusd_forecast"):
+        config.load("smollm2", ["data.dedupe_headlines=true"])
+    assert config.load("smollm2").data.dedupe_titles is True and config.load("smollm2-xauusd").data.dedupe_headlines is False
+
+
+def test_prompt_fields_are_checked_against_the_task(ft_home):
+    with pytest.raises(config.ConfigError, match=r"prompt.user uses \{titel\}, which product_description records do "
+                                                 r"not have; fields: title, content, uid"):
+        config.load("smollm2", ["prompt.user=Describe {titel}"])
+    with pytest.raises(config.ConfigError, match=r"prompt.user uses \{title\}, which xauusd_forecast records"):
+        config.load("smollm2-xauusd", ["prompt.user=Forecast {title}"])
+
+
+def sched(recipe: str, n_train: int, has_val: bool = True, *sets: str):
+    from common import training
+
+    return training.schedule(config.load(recipe, list(sets)), n_train, has_val)
+
+
+def test_epoch_cap_scales_steps_to_the_data_and_ends_on_an_evaluation(ft_home):
+    s = sched("smollm2", 480)  # 60 steps x 8 = one pass: unchanged
+    assert (s.max_steps, s.notes, s.load_best) == (60, [], True)
+    s = sched("smollm2", 129)  # 60 x 8 would be 3.7 passes over 129: 3 passes = 49 steps, down to an eval step (40)
+    assert s.max_steps == 40 and "train.max_steps 60 -> 40" in s.notes[0] and "3.7 passes" in s.notes[0]
+    s = sched("smollm2", 129, True, "train.max_epochs=null")
+    assert s.max_steps == 60 and s.notes == []
+    s = sched("mistral-xauusd", 100, True, "train.epochs=5")
+    assert s.epochs == 3 and "train.epochs 5 -> 3" in s.notes[0] and s.load_best
+
+
+def test_best_checkpoint_is_kept_by_default_where_it_can_be(ft_home):
+    assert sched("smollm2", 480, has_val=False).load_best is False  # no val split: nothing to pick by
+    assert sched("smollm2", 480, True, "train.eval_strategy=no").load_best is False
+    s = sched("smollm2", 480, True, "train.save_steps=30")  # checkpoints off the eval grid: said, not an error
+    assert s.load_best is False and "best-checkpoint selection off" in s.notes[0]
+    assert sched("smollm2", 480, True, "train.load_best_model_at_end=false").load_best is False
+
+
+@pytest.mark.parametrize("name, params", [
+    ("tinyllama-1.1b", 1_100_048_384), ("mistral-7b-instruct-v0.2", 7_241_732_096), ("llama-3-8b", 8_030_261_248),
+    ("flan-t5-base", 222_903_552),  # 247.6M with lm_head counted apart; transformers 5 always ties T5's lm_head
+])
+def test_real_shape_configs_have_the_real_parameter_counts(name, params):
+    """The kept configurations build the real models' shapes (on the meta device: no memory, no time)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from common import modeling
+
+    cfg = modeling.stand_in_config("llama", 100, {"pad": 0, "eos": 1, "bos": 2}, name)
+    cls = AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = cls.from_config(cfg)
+    assert sum(p.numel() for p in model.parameters()) == params
+    grown = modeling.stand_in_config("llama", 49_152, {"pad": 0, "eos": 1, "bos": 2}, name)
+    assert grown.vocab_size == max(49_152, cfg.vocab_size)  # SmolLM2's tokenizer must fit; Llama-3's 128k stays
+
+
+def test_full_shape_keeps_the_recipes_batch_and_gets_its_own_run(ft_home):
+    cfg = config.load("mistral-xauusd", ["tiny.shape=full"], tiny=True)
+    assert cfg.run == "mistral-xauusd-full" and cfg.tiny.full_config == "mistral-7b-instruct-v0.2"
+    assert (cfg.train.batch_size, cfg.train.grad_accum, cfg.train.max_length) == (2, 8, 512)
+    assert cfg.train.max_steps == config.TINY_OVERRIDES["train.max_steps"]
+    assert paths.RunPaths(cfg.run).out == ft_home / "outputs/mistral-xauusd-full"

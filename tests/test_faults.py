@@ -80,9 +80,15 @@ def test_same_run_twice_is_refused(ft_home):
     assert not (ft_home / "data/processed/smollm2/prepare_report.json").exists()
 
 
-def test_redaction_in_logs(monkeypatch):
-    monkeypatch.setenv("HF_TOKEN", "hf_abcdef123456")
-    assert run.redact("token is hf_abcdef123456 ok") == "token is *** ok"
+def test_redaction_in_logs(ft_home, monkeypatch):
+    secret = "hf_abcdef123456"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    assert run.redact(f"token is {secret} ok") == "token is *** ok"
+    # a secret that reaches a logged value (here pasted as the model name) is masked in the log file and stderr
+    p = step("01_prepare", "--recipe", "smollm2", "--tiny", "--set", f"model.name_or_path=org/{secret}", check=False)
+    log_text = (ft_home / "outputs/smollm2-tiny/logs/prepare.log").read_text()
+    assert "model=org/***" in log_text and secret not in log_text
+    assert secret not in p.stderr and "***" in p.stderr
 
 
 # --------------------------------------------------------------------------- kills outside training

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -82,3 +83,28 @@ def test_scripts_run_as_files_and_as_modules(ft_home):
     for cmd in ([sys.executable, "scripts/01_prepare.py", "--help"], [sys.executable, "-m", "scripts.01_prepare", "--help"]):
         p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         assert p.returncode == 0 and "make prepare" in p.stdout
+
+
+def test_a_second_clone_runs_its_own_code(ft_home, tmp_path):
+    """Two clones, one environment (the editable install points at this one): the other clone's make runs the
+    other clone's code, and its scripts run as files say how to fix the import instead of running foreign code."""
+    import shutil
+
+    clone = tmp_path / "clone"
+    shutil.copytree(REPO, clone, ignore=shutil.ignore_patterns(".git", "outputs", "processed", "__pycache__", "*.egg-info"))
+    (clone / "outputs").mkdir()
+    recipe = clone / "recipes/only-in-clone.yaml"
+    recipe.write_text((REPO / "recipes/smollm2.yaml").read_text())
+    env = dict(os.environ, FT_HOME=str(ft_home))
+    env.pop("PYTHONPATH", None)
+    # the environment is already installed: an env.json keeps the clone's make from re-pointing the editable
+    # install at this temporary folder (which `make install` in a real second clone would do, on purpose)
+    (ft_home / "outputs").mkdir(exist_ok=True)
+    (ft_home / "outputs/env.json").write_text("{}")
+    p = subprocess.run(["make", f"PY={sys.executable}", "prepare", "RECIPE=only-in-clone", "TINY=1"], cwd=clone, env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (ft_home / "data/processed/only-in-clone-tiny/prepare_report.json").exists()
+    q = subprocess.run([sys.executable, "scripts/01_prepare.py", "--recipe", "only-in-clone", "--tiny"], cwd=clone,
+                       env=env, capture_output=True, text=True)
+    assert q.returncode == 2 and "another clone's editable install" in q.stderr and "Traceback" not in q.stderr

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gzip
-import importlib
 import json
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 
 from conftest import step
 
-prep = importlib.import_module("scripts.01_prepare")
+from common import data, paths
 
 GOOD = [{"uid": f"U{i}", "title": f"Acme Widget {i}", "content": f"A sturdy widget number {i} for the kitchen and home.",
          "target_ind": [i], "target_rel": [1.0]} for i in range(40)]
@@ -35,8 +34,8 @@ def report(ft_home, run="smollm2") -> dict:
 
 
 def test_clean_text_unescapes_entities_and_whitespace():
-    assert prep.clean_text("It&#8217;s  a\n\t&quot;great&quot;  gift &amp;amp; more ") == "It’s a \"great\" gift & more"
-    assert prep.clean_text("   ") == ""
+    assert data.clean_text("It&#8217;s  a\n\t&quot;great&quot;  gift &amp;amp; more ") == "It’s a \"great\" gift & more"
+    assert data.clean_text("   ") == ""
 
 
 def test_cleaning_drops_by_reason(ft_home, tmp_path):
@@ -135,7 +134,7 @@ def test_debug_flag_shows_the_traceback(ft_home, tmp_path):
 
 
 def test_shipped_sample_has_the_real_files_quirks():
-    rows = [json.loads(x) for x in (Path(prep.paths.REPO) / "data/sample/trn.json").read_text().splitlines()]
+    rows = [json.loads(x) for x in (paths.REPO / "data/sample/trn.json").read_text().splitlines()]
     assert len(rows) >= 1500
     assert all(set(r) == {"uid", "title", "content", "target_ind", "target_rel"} for r in rows)
     empty = sum(1 for r in rows if not r["content"]) / len(rows)
@@ -148,7 +147,7 @@ def test_shipped_sample_has_the_real_files_quirks():
 def test_forecast_csv_rows_validated_and_missing_columns_named(ft_home, tmp_path):
     import csv
 
-    src = Path(prep.paths.REPO) / "data/sample/xauusd.csv"
+    src = paths.REPO / "data/sample/xauusd.csv"
     step("01_prepare", "--recipe", "smollm2-xauusd", "--set", "data.train_size=40", "--set", "data.val_size=5",
          "--set", "data.test_size=5")
     r = report(ft_home, "smollm2-xauusd")

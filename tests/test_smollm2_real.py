@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from test_pipeline import make, ran_steps
+from conftest import make, ran_steps
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,109 @@
+"""Base vs tuned on the eval split: cached base generations, the task's scores, the paired CI, the result files.
+
+The task (common/tasks/) scores answers; this module compares the two models and writes what a reader opens:
+side_by_side.csv, improved_examples.csv, fixed_prompts.csv (when the task has extra prompts), report.md and,
+last, metrics.json, all inside one atomically replaced eval/ folder.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+from io import StringIO
+from typing import Any
+
+from common import io, metadata, metrics, modeling, paths, prompts
+
+log = logging.getLogger("ft")
+
+
+def base_generations(cfg: Any, rp: paths.RunPaths, tok: Any, ids: list[list[int]], precision: str,
+                     architecture: Any) -> list[str]:
+    """The base model's answers, cached in outputs/<run>/base_generations.jsonl by model, prompts and settings."""
+    source = modeling.model_source(cfg)
+    key = hashlib.sha256(json.dumps([source, ids, cfg.eval.max_new_tokens, precision]).encode()).hexdigest()[:16]
+    if rp.base_cache.exists():
+        cached = io.read_jsonl(rp.base_cache)
+        if cached and cached[0].get("key") == key:
+            log.info("base generations: reusing %d cached answers (%s)", len(cached) - 1, rp.base_cache.name)
+            return [r["answer"] for r in cached[1:]]
+    model = modeling.load_model(cfg, source, 0, modeling.inference_dtype())
+    answers = modeling.generate(model, tok, ids, cfg.eval.max_new_tokens, architecture, cfg.eval.batch_size,
+                                "base model", precision)
+    io.write_jsonl(rp.base_cache, [{"key": key, "model": source}] + [{"answer": a} for a in answers])
+    return answers
+
+
+def compare(cfg: Any, task: Any, rows: list[dict], base: list[str], tuned: list[str],
+            train_refs: list[str]) -> tuple[dict, list[dict]]:
+    """(metrics.json content without meta, side-by-side rows) for base and tuned answers to `rows`."""
+    refs = [prompts.reference(r) for r in rows]
+    m: dict[str, Any] = {"n_examples": len(rows), "task": task.name, "primary_metric": task.primary}
+    m["base"], per_b = task.score(base, refs)
+    m["tuned"], per_t = task.score(tuned, refs)
+    trivial = task.baseline(train_refs)
+    if trivial is not None:
+        m["trivial"], _ = task.score([trivial] * len(refs), refs)
+        m["trivial_prediction"] = trivial
+        m["beats_trivial"] = m["tuned"][task.primary] > m["trivial"][task.primary]
+    key = task.per_example
+    mean, lo, hi = metrics.bootstrap_ci([t[key] - b[key] for t, b in zip(per_t, per_b)], cfg.eval.bootstrap)
+    m["comparison"] = {"metric": task.primary, "per_example": key, "mean": mean, "ci_low": lo, "ci_high": hi,
+                       "confidence": 0.95, "bootstrap_resamples": cfg.eval.bootstrap}
+    side = [{"id": r["id"], "prompt": prompts.prompt_text(r), "reference": ref, "base": b, "tuned": t,
+             f"base_{key}": round(pb[key], 4), f"tuned_{key}": round(pt[key], 4)}
+            for r, ref, b, t, pb, pt in zip(rows, refs, base, tuned, per_b, per_t)]
+    return m, side
+
+
+def to_csv(rows: list[dict]) -> str:
+    buf = StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return buf.getvalue()
+
+
+def report_md(cfg: Any, m: dict, examples: list[dict], notes: list[str]) -> str:
+    triv = "trivial" in m
+    lines = [f"# Evaluation: {cfg.name}", "",
+             f"Base model `{cfg.model.name_or_path}`, tuned with recipe `{cfg.name}` ({m['n_examples']} "
+             f"`{cfg.eval.split}` examples, greedy, max_new_tokens={cfg.eval.max_new_tokens}).", "",
+             "| metric | base | tuned |" + (" trivial |" if triv else ""), "|---|---|---|" + ("---|" if triv else "")]
+    for k, v in m["tuned"].items():
+        lines.append(f"| {k} | {m['base'][k]:.4f} | {v:.4f} |" + (f" {m['trivial'].get(k, float('nan')):.4f} |"
+                                                                   if triv else ""))
+    c = m["comparison"]
+    verdict = "better" if c["ci_low"] > 0 else "worse" if c["ci_high"] < 0 else "not distinguishable from the base"
+    lines += ["", f"**{c['metric']} difference (tuned - base): {c['mean']:+.4f}, 95% CI [{c['ci_low']:+.4f}, "
+              f"{c['ci_high']:+.4f}]** — the tuned model is {verdict} at this sample size."]
+    if "beats_trivial" in m:
+        lines.append(f"Tuned vs trivial predictor on {m['primary_metric']}: "
+                     f"{'beats it' if m['beats_trivial'] else 'does not beat it'}.")
+    if notes:
+        lines += ["", "Settings replaced on this machine: " + "; ".join(notes)]
+    lines += ["", "## Examples", ""]
+    flat = lambda s: " ".join(str(s).split())  # noqa: E731 (one line per answer in Markdown)
+    for ex in examples[:3]:
+        lines += [f"**Prompt:** {flat(ex['prompt'])}", "", f"- reference: {flat(ex['reference'])}",
+                  f"- base: {flat(ex['base'])}", f"- tuned: {flat(ex['tuned'])}", ""]
+    return "\n".join(lines) + "\n"
+
+
+def write(cfg: Any, rp: paths.RunPaths, m: dict, side: list[dict], extra: list[dict], info: dict) -> None:
+    """The eval/ folder, replaced whole; metrics.json is written last inside it."""
+    key = m["comparison"]["per_example"]
+    improved = sorted((s for s in side if s[f"tuned_{key}"] > s[f"base_{key}"]),
+                      key=lambda s: s[f"base_{key}"] - s[f"tuned_{key}"])
+    m["meta"] = metadata.describe(cfg, "eval", tuned_model=str(rp.merged if cfg.eval.use == "merged" else rp.adapter),
+                                  replaced=info.get("replaced", []),
+                                  generation_precision=info.get("plan", {}).get("precision", "fp32"))
+    with io.atomic_dir(rp.eval) as tmp:
+        io.atomic_write_text(tmp / "side_by_side.csv", to_csv(side))
+        io.atomic_write_text(tmp / "improved_examples.csv", to_csv(improved))
+        if extra:
+            io.atomic_write_text(tmp / "fixed_prompts.csv", to_csv(extra))
+        io.atomic_write_text(tmp / "report.md", report_md(cfg, m, improved or side, info.get("replaced", [])))
+        io.atomic_write_json(tmp / "metrics.json", m)

@@ -1,0 +1,62 @@
+"""What every artifact says about itself: recipe, base model, git commit, time, host, package versions."""
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import subprocess
+from importlib import metadata
+from typing import Any
+
+from common import config, paths
+
+PACKAGES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes")
+
+
+def git_commit() -> str | None:
+    """The repository's short commit, with -dirty when tracked files changed; None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "-C", str(paths.REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(paths.REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in PACKAGES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def describe(cfg: config.Config, step: str, **extra: Any) -> dict:
+    """The self-description every artifact carries."""
+    return {
+        "recipe": cfg.name,
+        "run": cfg.run,
+        "tiny_mode": cfg.tiny_mode,
+        "recipe_file": cfg.recipe_file,
+        "base_model": cfg.model.name_or_path,
+        "task": cfg.task,
+        "step": step,
+        "git_commit": git_commit(),
+        "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "versions": versions(),
+        "settings": config.step_settings(cfg, step) if step in config.STEP_KEYS else None,
+        **extra,
+    }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (the kernel's high-water mark), in MiB."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

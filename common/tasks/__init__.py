@@ -1,0 +1,78 @@
+"""Tasks: what a recipe teaches, one module each (nanochat's tasks/<name>.py, axolotl's prompt_strategies).
+
+A task module in this package defines `TASK`, an instance of a `Task` subclass, and that is all a new task needs
+(plus a recipe naming it in `task:`): the registry below finds the modules, config.py adds the task's own settings
+to the schema, and every step asks the task instead of testing `cfg.task`. A task knows:
+
+- how to read and clean its records from the raw file, counting each dropped row by reason (`records`);
+- which record fields a prompt may use and its default prompt (`fields`, `prompt_defaults`);
+- its own settings, per recipe section (`settings`: e.g. data.min_title_chars for product descriptions);
+- how to score answers against references, per example and in aggregate, and which per-example score the
+  base-vs-tuned confidence interval is computed on (`score`, `primary`);
+- an optional trivial baseline (`baseline`) and what the demo asks for (`demo_fields`, `extra_prompts`).
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from functools import cache
+from pathlib import Path
+from typing import Any, Iterator
+
+
+class Task:
+    name: str = ""
+    description: str = ""
+    expects: str = ""  # what the raw file must look like, for error messages
+    fields: tuple[str, ...] = ()  # record fields a prompt template may use
+    prompt_defaults: dict[str, str] = {}  # prompt.user / prompt.target when the recipe sets none
+    settings: dict[str, dict] = {}  # section -> {key: config.F}; only this task accepts these keys
+    primary: str = ""  # aggregate metric the report leads with
+    per_example: str = ""  # per-example score the paired bootstrap CI is computed on
+    higher_is_better: bool = True
+    duplicate_reason = "duplicate"  # drop reason for a repeated record (see records' dedupe key)
+    demo_field = ""  # the field a person types in the demo (a product title, a headline)
+    answer_fields: tuple[str, ...] = ()  # fields that hold the answer: empty in a demo question
+
+    def records(self, path: Path, cfg: Any, rep: Any) -> Iterator[tuple[str | None, dict]]:
+        """(dedupe key or None, fields) for every clean record; rejected rows go to rep.drop(reason, where)."""
+        raise NotImplementedError
+
+    def example_extra(self, fields: dict) -> dict:
+        """Fields kept next to prompt/completion in the processed split (for reading the files)."""
+        return {}
+
+    def score(self, preds: list[str], refs: list[str]) -> tuple[dict, list[dict]]:
+        """(aggregate metrics, per-example scores; each has the `per_example` key)."""
+        raise NotImplementedError
+
+    def baseline(self, train_refs: list[str]) -> str | None:
+        """A trivial answer from the train split to compare against (None: the task has none)."""
+        return None
+
+    def demo_fields(self, text: str, extra: dict[str, str]) -> dict:
+        """Record fields for a demo question typed by a person; other fields read 'unknown' unless given."""
+        return _Unknown({**{f: "" for f in self.answer_fields}, self.demo_field: text, **extra})
+
+    def extra_prompts(self, cfg: Any) -> list[tuple[str, dict]]:
+        """(label, fields) of extra prompts answered before and after training (e.g. eval.fixed_prompts)."""
+        return []
+
+
+class _Unknown(dict):
+    def __missing__(self, key: str) -> str:
+        return "unknown"
+
+
+@cache
+def names() -> tuple[str, ...]:
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
+
+
+@cache
+def get(name: str) -> Task:
+    if name not in names():
+        raise KeyError(f"unknown task '{name}'; available: {', '.join(names())}")
+    task = importlib.import_module(f"{__name__}.{name}").TASK
+    assert task.name == name, f"common/tasks/{name}.py defines TASK.name={task.name!r}"
+    return task
