@@ -16,7 +16,6 @@ import argparse
 import shutil
 import sys
 import textwrap
-from typing import Any
 
 from common import arch, io, modeling, run, tasks
 

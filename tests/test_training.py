@@ -99,3 +99,13 @@ def test_bench_measures_every_variant_and_writes_its_tables(ft_home):
     assert g["samples"] == 4 and g["identical_outputs"] == 4 and g["speedup"] > 0
     assert res["matmul_peak_gflops"]["fp32"] > 1 and res["machine"]["cores"] >= 1
     assert "ours vs reference" in p.stdout and "generation samples/s" in p.stdout
+
+
+def test_a_failed_bench_variant_shows_its_exception_not_a_progress_bar(ft_home):
+    step("01_prepare", "--recipe", "smollm2", "--tiny")
+    p = step("bench", "--recipe", "smollm2", "--tiny", "--steps", "1", "--warmup", "0", "--only", "ours",
+             "--set", "model.attn_implementation=no_such_kernel", check=False)
+    assert p.returncode == 2 and "variant(s) failed: ours" in p.stderr
+    md = (ft_home / "outputs/bench/smollm2-tiny.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| ours | failed: "))
+    assert "no_such_kernel" in row and "it/s" not in row, row
