@@ -119,6 +119,7 @@ SCHEMA: dict[str, Any] = {
         "fast_dropout": F(bool, True),  # CPU: LoRA dropout masks from 4x fewer random draws (common/training.py)
         "answer_only_logits": F(bool, True),  # output layer + loss only where labels are (common/training.py)
         "eval_bleu": F(bool, False),  # seq2seq: sacreBLEU on val at each evaluation (generates; slower)
+        "report_to": F((str, list), "none"),  # none, or any of tensorboard, wandb, trackio, mlflow (when installed)
     },
     "eval": {
         "split": F(str, "test", ("test", "val")),
@@ -355,6 +356,13 @@ def check_prompt_fields(cfg: dict, task: Any) -> None:
                                   f"{', '.join(task.fields)}")
 
 
+TRACKERS = ("none", "tensorboard", "wandb", "trackio", "mlflow")
+
+
+def _as_list(x: Any) -> list:
+    return list(x) if isinstance(x, list) else [x]
+
+
 def check_conflicts(cfg: dict) -> None:
     """Settings that cannot work together, caught before any model loads: one line naming the keys."""
     t, m, q, p = cfg["train"], cfg["model"], cfg["quantization"], cfg["prompt"]
@@ -387,6 +395,8 @@ def check_conflicts(cfg: dict) -> None:
         (cfg["tiny"]["shape"] == "full" and not cfg["tiny"]["full_config"],
          "tiny.shape=full needs tiny.full_config (a file in common/model_configs/)"),
         (t["max_epochs"] is not None and t["max_epochs"] <= 0, "train.max_epochs must be > 0 (or null for no cap)"),
+        (bool(set(_as_list(t["report_to"])) - set(TRACKERS)),
+         f"train.report_to must be none or a list of {', '.join(TRACKERS[1:])}, got {t['report_to']!r}"),
     ]
     for bad, msg in rules:
         if bad:

@@ -7,6 +7,7 @@ The artifact root defaults to the repository and moves with the FT_HOME environm
     outputs/<run>/adapter/     LoRA adapter + tokenizer + run_info.json       (02_sft_qlora)
     outputs/<run>/merged/      merged fp16 model                              (03_merge_fp16)
     outputs/<run>/eval/        metrics.json, side_by_side.csv, report.md ...  (04_eval)
+    outputs/<run>/tensorboard/ event files when train.report_to has tensorboard (02_sft_qlora)
     outputs/env.json           what 00_install found                          (00_install)
     outputs/bench/<run>.json   speed benchmark results and tables (.md)       (bench)
     outputs/.cache/            converted GGUF models, tiny models
@@ -98,6 +99,11 @@ class RunPaths:
     @property
     def checkpoints(self) -> Path:
         return self.out / "checkpoints"
+
+    @property
+    def tensorboard(self) -> Path:
+        """TensorBoard event files (train.report_to: tensorboard)."""
+        return self.out / "tensorboard"
 
     @property
     def merged(self) -> Path:

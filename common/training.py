@@ -212,7 +212,32 @@ def schedule(cfg: Any, n_train: int, has_val: bool) -> Schedule:
     return s
 
 
-def training_args(cfg: Any, plan: modeling.Plan, out: str, has_val: bool, sched: Schedule | None = None) -> dict:
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "trackio": ("trackio",),
+                    "mlflow": ("mlflow",)}
+
+
+def trackers(cfg: Any, plan: modeling.Plan, logdir: Any) -> list[str]:
+    """The experiment trackers of train.report_to that are installed here (others are replaced, with a note);
+    TensorBoard writes its event files to `logdir` (outputs/<run>/tensorboard)."""
+    import os
+
+    want = [x for x in (cfg.train.report_to if isinstance(cfg.train.report_to, list) else [cfg.train.report_to])
+            if x != "none"]
+    out = []
+    for name in want:
+        if any(importlib.util.find_spec(pkg) for pkg in TRACKER_PACKAGES[name]):
+            out.append(name)
+        else:
+            plan.note(f"report_to {name} -> none: {' or '.join(TRACKER_PACKAGES[name])} is not installed (pip install "
+                      f"{TRACKER_PACKAGES[name][0]})")
+    if "tensorboard" in out:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(logdir)  # transformers' TensorBoardCallback reads it
+        log.info("TensorBoard event files -> %s (tensorboard --logdir %s)", logdir, logdir)
+    return out
+
+
+def training_args(cfg: Any, plan: modeling.Plan, out: str, has_val: bool, sched: Schedule | None = None,
+                  report_to: list[str] | None = None) -> dict:
     t = cfg.train
     sched = sched or Schedule(t.max_steps, t.epochs, bool(t.load_best_model_at_end) and has_val)
     return dict(
@@ -226,15 +251,15 @@ def training_args(cfg: Any, plan: modeling.Plan, out: str, has_val: bool, sched:
         metric_for_best_model="eval_loss", greater_is_better=False, seed=t.seed, data_seed=t.seed,
         bf16=plan.precision == "bf16", fp16=plan.precision == "fp16", use_cpu=plan.device == "cpu",
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-        report_to="none", remove_unused_columns=False, dataloader_num_workers=0, save_only_model=False,
+        report_to=report_to or "none", remove_unused_columns=False, dataloader_num_workers=0, save_only_model=False,
         gradient_checkpointing=False,  # already applied to the model above, once
     )
 
 
 def make_trainer(cfg: Any, plan: modeling.Plan, model: Any, tok: Any, train_ds: Any, val_ds: Any, out: str,
-                 sched: Schedule | None = None) -> Any:
+                 sched: Schedule | None = None, report_to: list[str] | None = None) -> Any:
     """The architecture's trainer with this project's loss, autocast and fp32 trainable weights."""
-    args = training_args(cfg, plan, out, len(val_ds) > 0, sched)
+    args = training_args(cfg, plan, out, len(val_ds) > 0, sched, report_to)
     trainer = arch.get(cfg).trainer(cfg, plan, model, tok, train_ds, val_ds, args)
     align_dtypes(trainer.model, plan)  # after the trainer: TRL casts trainable weights in its __init__
     return trainer

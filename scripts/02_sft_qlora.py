@@ -16,7 +16,8 @@ SM_CHANNEL_TRAINING channel (common/config.py). HF_TOKEN is read from the enviro
 An interrupted run resumes from its last checkpoint (outputs/<run>/checkpoints/) when started again.
 
 Writes outputs/<run>/: checkpoints/, train_log.csv, loss.png, baseline_samples.jsonl (when eval.baseline_samples
-> 0), and, last and atomically, adapter/ (LoRA weights, tokenizer with its chat template, run_info.json).
+> 0), tensorboard/ (when train.report_to has tensorboard; wandb, trackio and mlflow log to their own places), and,
+last and atomically, adapter/ (LoRA weights, tokenizer with its chat template, run_info.json).
 """
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def body(ctx: run.Context) -> None:
         baseline_samples(cfg, plan, model, tok, val_rows, rp.out)
 
     last = resumable_checkpoint(cfg, rp)  # before the trainer, which creates the folder
-    trainer = training.make_trainer(cfg, plan, model, tok, train_ds, val_ds, str(rp.checkpoints), sched)
+    trainer = training.make_trainer(cfg, plan, model, tok, train_ds, val_ds, str(rp.checkpoints), sched,
+                                    training.trackers(cfg, plan, rp.tensorboard))
     trainer.add_callback(training.log_callback())
     if last:
         log.info("resuming from %s (an earlier run was interrupted)", last)

@@ -109,3 +109,33 @@ def test_a_failed_bench_variant_shows_its_exception_not_a_progress_bar(ft_home):
     md = (ft_home / "outputs/bench/smollm2-tiny.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| ours | failed: "))
     assert "no_such_kernel" in row and "it/s" not in row, row
+
+
+def test_tensorboard_tracking_logs_the_losses_under_the_run(ft_home):
+    import csv
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    step("01_prepare", "--recipe", "smollm2", "--tiny")
+    step("02_sft_qlora", "--recipe", "smollm2", "--tiny", "--set", "train.report_to=tensorboard")
+    out = ft_home / "outputs/smollm2-tiny"
+    events = list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events, "no event file under outputs/<run>/tensorboard"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    logged = {e.step: e.value for e in acc.Scalars("train/loss")}
+    rows = {int(r["step"]): float(r["loss"]) for r in csv.DictReader((out / "train_log.csv").open()) if r["loss"]}
+    assert logged and set(logged) == set(rows)
+    assert all(abs(logged[s] - rows[s]) < 1e-4 for s in rows)  # the same losses the CSV and loss.png show
+    assert {e.step for e in acc.Scalars("eval/loss")}  # evaluations are logged too
+
+
+def test_a_tracker_that_is_not_installed_is_replaced_with_a_note(ft_home):
+    from common import config, modeling
+
+    cfg = config.load("smollm2", ["train.report_to=[tensorboard, mlflow]"], tiny=True)
+    plan = modeling.plan(cfg)
+    got = training.trackers(cfg, plan, ft_home / "tb")
+    assert got == ["tensorboard"] and any("report_to mlflow -> none" in n for n in plan.notes)
+    with pytest.raises(config.ConfigError, match="train.report_to must be none or a list of"):
+        config.load("smollm2", ["train.report_to=neptune"])
