@@ -19,29 +19,39 @@ log = logging.getLogger("ft")
 
 
 def base_generations(cfg: Any, rp: paths.RunPaths, tok: Any, ids: list[list[int]], precision: str,
-                     architecture: Any) -> list[str]:
-    """The base model's answers, cached in outputs/<run>/base_generations.jsonl by model, prompts and settings."""
+                     architecture: Any) -> tuple[list[str], list[bool]]:
+    """The base model's answers and whether each stopped, cached in outputs/<run>/base_generations.jsonl by model,
+    prompts and settings."""
     source = modeling.model_source(cfg)
-    key = hashlib.sha256(json.dumps([source, ids, cfg.eval.max_new_tokens, precision]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([source, ids, cfg.eval.max_new_tokens, precision, "stops"]).encode()).hexdigest()[:16]
     if rp.base_cache.exists():
         cached = io.read_jsonl(rp.base_cache)
         if cached and cached[0].get("key") == key:
             log.info("base generations: reusing %d cached answers (%s)", len(cached) - 1, rp.base_cache.name)
-            return [r["answer"] for r in cached[1:]]
+            return [r["answer"] for r in cached[1:]], [r["stopped"] for r in cached[1:]]
     model = modeling.load_model(cfg, source, 0, modeling.inference_dtype())
+    stops: list[bool] = []
     answers = modeling.generate(model, tok, ids, cfg.eval.max_new_tokens, architecture, cfg.eval.batch_size,
-                                "base model", precision)
-    io.write_jsonl(rp.base_cache, [{"key": key, "model": source}] + [{"answer": a} for a in answers])
-    return answers
+                                "base model", precision, stops)
+    io.write_jsonl(rp.base_cache, [{"key": key, "model": source}] +
+                   [{"answer": a, "stopped": s} for a, s in zip(answers, stops)])
+    return answers, stops
 
 
-def compare(cfg: Any, task: Any, rows: list[dict], base: list[str], tuned: list[str],
-            train_refs: list[str]) -> tuple[dict, list[dict]]:
-    """(metrics.json content without meta, side-by-side rows) for base and tuned answers to `rows`."""
+STOP_RATE_FLAG = 0.9  # a tuned model whose answers end on EOS less often than this is flagged in the report
+
+
+def compare(cfg: Any, task: Any, rows: list[dict], base: list[str], tuned: list[str], train_refs: list[str],
+            base_stops: list[bool], tuned_stops: list[bool]) -> tuple[dict, list[dict]]:
+    """(metrics.json content without meta, side-by-side rows) for base and tuned answers to `rows`; stop_rate is
+    the share of answers that ended on EOS before eval.max_new_tokens."""
     refs = [prompts.reference(r) for r in rows]
     m: dict[str, Any] = {"n_examples": len(rows), "task": task.name, "primary_metric": task.primary}
     m["base"], per_b = task.score(base, refs)
     m["tuned"], per_t = task.score(tuned, refs)
+    for name, stops in (("base", base_stops), ("tuned", tuned_stops)):
+        m[name]["stop_rate"] = sum(stops) / max(1, len(stops))
+    m["tuned_does_not_stop"] = m["tuned"]["stop_rate"] < STOP_RATE_FLAG
     trivial = task.baseline(train_refs)
     if trivial is not None:
         m["trivial"], _ = task.score([trivial] * len(refs), refs)
@@ -73,12 +83,17 @@ def report_md(cfg: Any, m: dict, examples: list[dict], notes: list[str]) -> str:
              f"`{cfg.eval.split}` examples, greedy, max_new_tokens={cfg.eval.max_new_tokens}).", "",
              "| metric | base | tuned |" + (" trivial |" if triv else ""), "|---|---|---|" + ("---|" if triv else "")]
     for k, v in m["tuned"].items():
-        lines.append(f"| {k} | {m['base'][k]:.4f} | {v:.4f} |" + (f" {m['trivial'].get(k, float('nan')):.4f} |"
-                                                                   if triv else ""))
+        trivial = f" {m['trivial'][k]:.4f} |" if triv and k in m["trivial"] else " - |" if triv else ""
+        lines.append(f"| {k} | {m['base'][k]:.4f} | {v:.4f} |" + trivial)
     c = m["comparison"]
     verdict = "better" if c["ci_low"] > 0 else "worse" if c["ci_high"] < 0 else "not distinguishable from the base"
     lines += ["", f"**{c['metric']} difference (tuned - base): {c['mean']:+.4f}, 95% CI [{c['ci_low']:+.4f}, "
               f"{c['ci_high']:+.4f}]** — the tuned model is {verdict} at this sample size."]
+    if m.get("tuned_does_not_stop"):
+        lines.append(f"**Warning: the tuned model does not stop.** Only {m['tuned']['stop_rate']:.0%} of its answers "
+                     f"ended on EOS within max_new_tokens={cfg.eval.max_new_tokens} (base: {m['base']['stop_rate']:.0%})"
+                     "; check that the training answers end with the EOS token (prompt.template) or raise "
+                     "eval.max_new_tokens.")
     if "beats_trivial" in m:
         lines.append(f"Tuned vs trivial predictor on {m['primary_metric']}: "
                      f"{'beats it' if m['beats_trivial'] else 'does not beat it'}.")

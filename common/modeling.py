@@ -312,9 +312,11 @@ def build_tiny(family: str, template: str | None = None, seed: int = 0, full_con
 
 # --------------------------------------------------------------------------- generation
 def generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int, architecture: Any,
-             batch_size: int = 8, desc: str = "generating", precision: str = "fp32") -> list[str]:
+             batch_size: int = 8, desc: str = "generating", precision: str = "fp32", stops: list | None = None
+             ) -> list[str]:
     """Greedy decoding in length-sorted batches with the KV cache; returns answers in order. Prompts are padded on
-    the architecture's side (left for decoder-only models, whose output continues the prompt; right for seq2seq)."""
+    the architecture's side (left for decoder-only models, whose output continues the prompt; right for seq2seq).
+    `stops`, when given, is filled with whether each answer ended on EOS before max_new_tokens (the model stopped)."""
     import contextlib
 
     import torch
@@ -325,6 +327,7 @@ def generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int
     dev = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[str] = [""] * len(prompts)
+    stopped = [False] * len(prompts)
     pad, eos = tok.pad_token_id, tok.eos_token_id
     left = a.padding_side == "left"
     amp = (torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
@@ -342,5 +345,8 @@ def generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int
             new = gen[:, width:] if a.echoes_prompt else gen
             for j, i in enumerate(idx):
                 out[i] = tok.decode(new[j], skip_special_tokens=True).strip()
+                stopped[i] = bool((new[j] == eos).any())  # generation ends at EOS; what follows is padding
             bar.update(len(idx))
+    if stops is not None:
+        stops[:] = stopped
     return out

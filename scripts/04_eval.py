@@ -9,7 +9,9 @@ eval after more training does not regenerate them.
 
 The recipe's task scores the answers (common/tasks/<task>.py: ROUGE/BLEU/chrF for product descriptions; JSON
 validity, direction accuracy, macro-F1 and magnitude MAE for the forecast, against a trivial predictor too); the
-difference tuned - base on the task's per-example score gets a paired 95% bootstrap confidence interval.
+difference tuned - base on the task's per-example score gets a paired 95% bootstrap confidence interval. For both
+models, stop_rate is the share of answers that ended on EOS before eval.max_new_tokens; the report warns when the
+tuned model does not stop (below 90%).
 
 Writes outputs/<run>/eval/ atomically: side_by_side.csv, improved_examples.csv, fixed_prompts.csv (when the task
 has extra prompts, e.g. eval.fixed_prompts), report.md and metrics.json.
@@ -37,12 +39,13 @@ def body(ctx: run.Context) -> None:
     tok = AutoTokenizer.from_pretrained(rp.adapter if rp.adapter.exists() else modeling.model_source(cfg))
     extra = task.extra_prompts(cfg)
     ids = [a.encode_prompt(cfg, tok, ex) for ex in rows + [a.build(cfg, fields) for _, fields in extra]]
-    base = evaluation.base_generations(cfg, rp, tok, ids, precision, a)
+    base, base_stops = evaluation.base_generations(cfg, rp, tok, ids, precision, a)
+    tuned_stops: list[bool] = []
     tuned = modeling.generate(modeling.load_tuned(cfg, rp, cfg.eval.use), tok, ids, cfg.eval.max_new_tokens, a,
-                              cfg.eval.batch_size, "tuned model", precision)
+                              cfg.eval.batch_size, "tuned model", precision, tuned_stops)
     n = len(rows)
     train_refs = [prompts.reference(r) for r in io.read_jsonl(rp.split("train"))]
-    m, side = evaluation.compare(cfg, task, rows, base[:n], tuned[:n], train_refs)
+    m, side = evaluation.compare(cfg, task, rows, base[:n], tuned[:n], train_refs, base_stops[:n], tuned_stops[:n])
     answers = [{"prompt": label, "base": b, "tuned": t} for (label, _), b, t in zip(extra, base[n:], tuned[n:])]
     evaluation.write(cfg, rp, m, side, answers, info)
     c = m["comparison"]

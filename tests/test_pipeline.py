@@ -44,6 +44,10 @@ def test_recipe_end_to_end_tiny(recipe, ft_home):
     assert (out / "merged/config.json").exists()
     metrics = json.loads((out / "eval/metrics.json").read_text())
     assert metrics["n_examples"] == 8 and metrics["meta"]["recipe"] == recipe
+    for model in ("base", "tuned"):  # share of answers that ended on EOS before max_new_tokens
+        assert 0 <= metrics[model]["stop_rate"] <= 1
+    assert metrics["tuned_does_not_stop"] == (metrics["tuned"]["stop_rate"] < 0.9)
+    assert ("does not stop" in (out / "eval/report.md").read_text()) == metrics["tuned_does_not_stop"]
     side = list(csv.DictReader((out / "eval/side_by_side.csv").open()))
     assert len(side) == 8 and all(r["reference"] for r in side)
     assert (out / "eval/report.md").read_text().startswith(f"# Evaluation: {recipe}")

@@ -144,3 +144,30 @@ def test_numbered_scripts_stay_thin():
         text = f.read_text()
         assert len(text.splitlines()) < 200, f.name
         assert text.startswith('"""') and "def main(argv" in text and 'if __name__ == "__main__":' in text, f.name
+
+
+def test_generate_reports_which_answers_stopped_on_eos():
+    """stop_rate's source: an answer stopped when EOS came before max_new_tokens (padding after it is EOS too)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from common import arch, modeling
+
+    tok = AutoTokenizer.from_pretrained(modeling.smollm2_tokenizer_dir())
+    eos, word = tok.eos_token_id, tok("hello", add_special_tokens=False).input_ids[0]
+
+    class Fixed(torch.nn.Module):  # answers: "hello" + EOS (stopped), "hello hello hello" (cut at 3 tokens)
+        config = type("C", (), {"is_encoder_decoder": False})()
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, input_ids, **kw):
+            tails = {4: [word, eos, eos], 3: [word, word, word]}  # keyed by prompt length
+            return torch.tensor([row.tolist() + tails[int((kw["attention_mask"][i]).sum())]
+                                 for i, row in enumerate(input_ids)])
+
+    stops: list = []
+    out = modeling.generate(Fixed(), tok, [[1, 2, 3, 4], [1, 2, 3]], 3, arch.ARCHS["causal"], 2, "t", "fp32", stops)
+    assert stops == [True, False] and out[0] == "hello" and out[1].count("hello") == 3
