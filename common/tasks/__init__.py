@@ -22,14 +22,12 @@ from typing import Any, Iterator
 
 class Task:
     name: str = ""
-    description: str = ""
     expects: str = ""  # what the raw file must look like, for error messages
     fields: tuple[str, ...] = ()  # record fields a prompt template may use
     prompt_defaults: dict[str, str] = {}  # prompt.user / prompt.target when the recipe sets none
     settings: dict[str, dict] = {}  # section -> {key: config.F}; only this task accepts these keys
-    primary: str = ""  # aggregate metric the report leads with
+    primary: str = ""  # aggregate metric the report leads with (higher is better)
     per_example: str = ""  # per-example score the paired bootstrap CI is computed on
-    higher_is_better: bool = True
     duplicate_reason = "duplicate"  # drop reason for a repeated record (see records' dedupe key)
     demo_field = ""  # the field a person types in the demo (a product title, a headline)
     answer_fields: tuple[str, ...] = ()  # fields that hold the answer: empty in a demo question

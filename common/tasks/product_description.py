@@ -18,7 +18,6 @@ from common.tasks import Task
 
 class ProductDescription(Task):
     name = "product_description"
-    description = "product title -> description (AmazonTitles-1.3MM trn.json)"
     expects = "JSON lines with title and content (the AmazonTitles trn.json format)"
     fields = ("title", "content", "uid")
     prompt_defaults = {"user": "{title}", "target": "{content}"}

@@ -31,7 +31,6 @@ TARGETS = tuple(f"{kind}_{h}" for h in HORIZONS for kind in ("direction", "magni
 
 class XauusdForecast(Task):
     name = "xauusd_forecast"
-    description = "gold headline -> JSON forecast at 6/12/24/48 h"
     expects = f"a CSV with the columns {', '.join(CONTEXT + TARGETS)}"
     fields = (*CONTEXT, "target_json", "uid")
     prompt_defaults = {
