@@ -20,15 +20,13 @@ CASES = [  # (precision, quantization bits, answer-only output layer)
 
 @pytest.fixture(scope="module")
 def tinyllama_data(tmp_path_factory, model_cache):
-    import os
-
+    """One prepared tinyllama-tiny split shared by the matrix below."""
     home = tmp_path_factory.mktemp("dtypes")
-    old = os.environ.get("FT_HOME"), os.environ.get("FT_CACHE")
-    os.environ.update(FT_HOME=str(home), FT_CACHE=str(model_cache))
-    step("01_prepare", "--recipe", "tinyllama", "--tiny")
-    yield home
-    for k, v in zip(("FT_HOME", "FT_CACHE"), old):
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FT_HOME", str(home))
+        mp.setenv("FT_CACHE", str(model_cache))
+        step("01_prepare", "--recipe", "tinyllama", "--tiny")
+        yield home
 
 
 @pytest.mark.parametrize("precision, bits, answer_only", CASES)
