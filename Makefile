@@ -4,6 +4,7 @@
 #   make all RECIPE=flan-t5 TINY=1             # tiny-model mode: same code path on a tiny random-init model
 #   make all ARGS="--set train.max_steps=20"   # override recipe settings
 #   make bench RECIPE=mistral-xauusd SHAPE=full  # random-init stand-in at the real model's shape (GPU speed, VRAM)
+#   make export && make report                  # GGUF + Ollama Modelfile (checked); every run on one HTML page
 # Each step's target is the file it writes last; a second `make all` does nothing, and a changed setting
 # re-runs only the steps that depend on it (per-step stamps under outputs/<run>/.stamps/).
 SHELL := bash
@@ -22,6 +23,7 @@ TINY   ?=
 ARGS   ?=
 BENCH  ?=
 SHAPE  ?=
+DRY_RUN ?=
 RECIPES := $(sort $(basename $(notdir $(wildcard recipes/*.yaml))))
 FLAGS   := --recipe $(RECIPE) $(if $(or $(TINY),$(SHAPE)),--tiny) $(if $(SHAPE),--set tiny.shape=$(SHAPE)) $(ARGS)
 
@@ -38,7 +40,7 @@ ifneq ($(filter-out $(NO_RECIPE_GOALS),$(or $(MAKECMDGOALS),all)),)
   endif
   # Validate the recipe; for the pipeline goals also write per-step stamps (rewritten only when a step's
   # settings change). Other goals (install, test, clean) leave the run folder alone.
-  STAMP_GOALS := all prepare train merge eval demo bench
+  STAMP_GOALS := all prepare train merge eval export push demo bench
   STAMP_ERR := $(shell $(PY) -m common.config $(FLAGS) \
     $(if $(filter $(STAMP_GOALS),$(or $(MAKECMDGOALS),all)),--stamps) 2>&1 >/dev/null)
   ifneq ($(STAMP_ERR),)
@@ -47,7 +49,8 @@ ifneq ($(filter-out $(NO_RECIPE_GOALS),$(or $(MAKECMDGOALS),all)),)
   # All paths come from common/paths.py.
   $(foreach v,$(shell $(PY) -m common.paths $(FLAGS)),$(eval $(v)))
 endif
-.PHONY: all help install prepare train merge eval demo bench test test-fast test-gpu clean clean-all recipes
+.PHONY: all help install prepare train merge eval export report push demo bench test test-fast test-gpu clean clean-all \
+	recipes
 all: $(EVALUATED) ## install -> prepare -> train -> merge -> eval
 	@echo "done: $(OUT_DIR)/eval/report.md"
 
@@ -71,6 +74,17 @@ $(MERGED): scripts/03_merge_fp16.py $(STAMPS)/merge.json $(TRAINED)
 
 $(EVALUATED): scripts/04_eval.py $(STAMPS)/eval.json $(MERGED)
 	$(PY) scripts/04_eval.py $(FLAGS)
+
+export: $(EXPORTED) ## GGUF (f16, q8_0) + Ollama Modelfile, checked against merged/ -> outputs/<run>/export
+$(EXPORTED): scripts/06_export.py $(STAMPS)/export.json $(MERGED)
+	$(PY) scripts/06_export.py $(FLAGS)
+
+report: $(SUMMARY) ## every evaluated run on one page -> outputs/summary.csv, outputs/report.html
+$(SUMMARY): scripts/07_report.py common/report.py $(wildcard $(HOME_DIR)/outputs/*/eval/metrics.json)
+	$(PY) scripts/07_report.py
+
+push: $(EVALUATED) ## adapter or merged model + card to the hub (HF_TOKEN, card.repo_id); DRY_RUN=1 writes what would go
+	$(PY) scripts/08_push.py $(FLAGS) $(if $(DRY_RUN),--dry-run)
 
 demo: $(TRAINED) ## base vs tuned answers side by side: make demo TITLE="..."
 	$(PY) scripts/05_demo.py $(FLAGS) $(if $(TITLE),--title "$(TITLE)")

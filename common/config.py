@@ -132,7 +132,30 @@ SCHEMA: dict[str, Any] = {
     },
     "merge": {
         "dtype": F(str, "float16", ("float16", "bfloat16", "float32")),
-        "check_prompts": F(int, 4),
+        "check_prompts": F(int, 4),  # val examples the parity gate compares (merged vs adapter)
+        # The gate fails the merge when the merged model does not answer like the adapter model: next-token
+        # agreement on whole val examples (teacher-forced; fp16 rounding measured >= 0.99) and the share of
+        # identical greedy answers (one near-tie flips a whole answer, hence lower).
+        "min_token_agreement": F(float, 0.98),
+        "min_answer_match": F(float, 0.5),
+    },
+    "export": {  # make export: GGUF files + Ollama Modelfile (common/export.py)
+        "name": F(str),  # file name stem; null = the run name
+        "quantizations": F(list, ["f16", "q8_0"]),
+        "check_prompts": F(int, 8),  # val prompts the parity gate answers with merged/ and each GGUF
+        "f16_min_answer_match": F(float, 1.0),  # f16 holds merged/'s fp16 weights exactly: answers must be equal
+        "f16_min_token_agreement": F(float, 0.999),
+        "q8_0_min_answer_match": F(float, 0.5),  # 8-bit rounding flips some near-ties in long greedy answers
+        "q8_0_min_token_agreement": F(float, 0.95),
+        "pre_tokenizer": F(str),  # llama.cpp's pre-tokenizer name; null = read off tokenizer.json
+    },
+    "card": {  # model cards (merged/README.md, adapter/README.md) and make push
+        "base_model": F(str),  # hub id the card names as base_model; null = model.name_or_path
+        "license": F(str),  # the base model's license id on the hub, e.g. apache-2.0, llama3
+        "tags": F(list, []),
+        "repo_id": F(str),  # make push: user/name on the hub
+        "push": F(str, "adapter", ("adapter", "merged")),
+        "private": F(bool, True),
     },
     "tiny": {
         "template": F(str),  # chat template the real model ships with, given to the tiny stand-in
@@ -356,6 +379,7 @@ def check_prompt_fields(cfg: dict, task: Any) -> None:
                                   f"{', '.join(task.fields)}")
 
 
+GGUF_QUANTS = ("f16", "q8_0")  # what common/export.py writes
 TRACKERS = ("none", "tensorboard", "wandb", "trackio", "mlflow")
 
 
@@ -397,6 +421,13 @@ def check_conflicts(cfg: dict) -> None:
         (t["max_epochs"] is not None and t["max_epochs"] <= 0, "train.max_epochs must be > 0 (or null for no cap)"),
         (bool(set(_as_list(t["report_to"])) - set(TRACKERS)),
          f"train.report_to must be none or a list of {', '.join(TRACKERS[1:])}, got {t['report_to']!r}"),
+        (bool(set(_as_list(cfg["export"]["quantizations"])) - set(GGUF_QUANTS)) or not cfg["export"]["quantizations"],
+         f"export.quantizations must be a non-empty list of {', '.join(GGUF_QUANTS)}, got "
+         f"{cfg['export']['quantizations']!r}"),
+        *((not 0 <= sec[k] <= 1, f"{name}.{k} must be between 0 and 1, got {sec[k]}")
+          for name in ("merge", "export") for sec in [cfg[name]] for k in sec if "min_" in k),
+        (cfg["card"]["repo_id"] is not None and cfg["card"]["repo_id"].count("/") != 1,
+         f"card.repo_id must look like user/name, got {cfg['card']['repo_id']!r}"),
     ]
     for bad, msg in rules:
         if bad:
@@ -415,7 +446,8 @@ STEP_KEYS = {
                 "tiny", "train.max_length", "train.max_target_length"],
     "train": ["model", "quantization", "lora", "train", "eval.baseline_samples", "tiny"],
     "merge": ["merge", "model.full_precision_name_or_path"],
-    "eval": ["eval"],
+    "eval": ["eval", "card.base_model", "card.license", "card.tags"],
+    "export": ["export", "card.license"],
 }
 
 

@@ -60,3 +60,29 @@ def peak_rss_mb() -> float:
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def peak_gpu_mb() -> float | None:
+    """Peak GPU memory allocated by this process (None without CUDA)."""
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
+
+
+def hardware() -> dict:
+    """The machine a step ran on: GPU name and memory, or the CPU model and core count."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        return {"device": "cuda", "name": p.name, "memory_gb": round(p.total_memory / 2**30, 1),
+                "count": torch.cuda.device_count()}
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return {"device": "cpu", "name": name, "cores": os.cpu_count()}

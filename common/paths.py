@@ -7,6 +7,10 @@ The artifact root defaults to the repository and moves with the FT_HOME environm
     outputs/<run>/adapter/     LoRA adapter + tokenizer + run_info.json       (02_sft_qlora)
     outputs/<run>/merged/      merged fp16 model                              (03_merge_fp16)
     outputs/<run>/eval/        metrics.json, side_by_side.csv, report.md ...  (04_eval)
+    outputs/<run>/export/      <name>-f16.gguf, <name>-q8_0.gguf, Modelfile,  (06_export)
+                               export_report.json
+    outputs/<run>/push-dry-run/ what make push would upload                   (08_push --dry-run)
+    outputs/summary.csv, outputs/report.html   every run on one page          (07_report)
     outputs/<run>/tensorboard/ event files when train.report_to has tensorboard (02_sft_qlora)
     outputs/env.json           what 00_install found                          (00_install)
     outputs/bench/<run>.json   speed benchmark results and tables (.md)       (bench)
@@ -57,6 +61,15 @@ def env_json() -> Path:
 def bench_dir() -> Path:
     """`make bench` results: <run>.json and <run>.md."""
     return home() / "outputs" / "bench"
+
+
+def summary_csv() -> Path:
+    """make report: one row per run under the artifact root (and report.html beside it)."""
+    return home() / "outputs" / "summary.csv"
+
+
+def report_html() -> Path:
+    return home() / "outputs" / "report.html"
 
 
 def cache_dir() -> Path:
@@ -115,6 +128,20 @@ class RunPaths:
         return self.out / "merge_report.json"
 
     @property
+    def export(self) -> Path:
+        """GGUF files, Modelfile and export_report.json (06_export)."""
+        return self.out / "export"
+
+    @property
+    def export_report(self) -> Path:
+        return self.export / "export_report.json"
+
+    @property
+    def push_preview(self) -> Path:
+        """make push ARGS=--dry-run: exactly the files that would be uploaded, and manifest.json."""
+        return self.out / "push-dry-run"
+
+    @property
     def eval(self) -> Path:
         return self.out / "eval"
 
@@ -146,6 +173,8 @@ class RunPaths:
             "TRAINED": self.adapter / "run_info.json",
             "MERGED": self.merge_report,
             "EVALUATED": self.eval / "metrics.json",
+            "EXPORTED": self.export_report,
+            "SUMMARY": summary_csv(),
             "STAMPS": self.stamps,
         }
 

@@ -17,7 +17,7 @@ An interrupted run resumes from its last checkpoint (outputs/<run>/checkpoints/)
 
 Writes outputs/<run>/: checkpoints/, train_log.csv, loss.png, baseline_samples.jsonl (when eval.baseline_samples
 > 0), tensorboard/ (when train.report_to has tensorboard; wandb, trackio and mlflow log to their own places), and,
-last and atomically, adapter/ (LoRA weights, tokenizer with its chat template, run_info.json).
+last and atomically, adapter/ (LoRA weights, tokenizer with its chat template, trainer_state.json, run_info.json).
 """
 from __future__ import annotations
 
@@ -85,19 +85,25 @@ def body(ctx: run.Context) -> None:
     history = trainer.state.log_history
     training.write_history(history, rp.out)
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    ran = trainer.state.global_step - (int(Path(last).name.rsplit("-", 1)[-1]) if last else 0)
+    batch = cfg.train.batch_size * cfg.train.grad_accum
     info = metadata.describe(cfg, "train", plan={"device": plan.device, "precision": plan.precision,
                                                  "quantization_bits": plan.quant_bits, "optim": plan.optim},
                         replaced=plan.notes, schedule={"max_steps": sched.max_steps, "epochs": sched.epochs,
                                                        "load_best": sched.load_best, "notes": sched.notes},
-                        resumed_from=last, train_seconds=round(seconds, 1),
-                        global_step=trainer.state.global_step, train_loss=result.training_loss,
+                        resumed_from=last, train_seconds=round(seconds, 1), steps_this_process=ran,
+                        train_tokens_per_second=round(n_tokens * ran * batch / len(train_ds) / seconds, 1)
+                        if ran and seconds else None,  # examples seen in this process x mean tokens per example
+                        global_step=trainer.state.global_step, train_loss=result.training_loss if ran else None,
                         final_eval_loss=evals[-1] if evals else None, best_eval_loss=min(evals) if evals else None,
                         best_checkpoint=trainer.state.best_model_checkpoint,
                         train_examples=len(train_ds), train_tokens=n_tokens, answer_tokens=n_answer,
-                        peak_rss_mb=metadata.peak_rss_mb())
+                        peak_rss_mb=metadata.peak_rss_mb(), peak_gpu_mb=metadata.peak_gpu_mb(),
+                        hardware=metadata.hardware())
     with io.atomic_dir(rp.adapter) as tmp:
         trainer.model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        trainer.state.save_to_json(str(tmp / "trainer_state.json"))  # the whole log history, with the adapter
         io.atomic_write_json(tmp / "run_info.json", info)
     if os.environ.get("SM_MODEL_DIR"):  # SageMaker uploads whatever lands here as the model artifact
         shutil.copytree(rp.adapter, os.environ["SM_MODEL_DIR"], dirs_exist_ok=True)

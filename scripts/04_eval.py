@@ -14,14 +14,15 @@ models, stop_rate is the share of answers that ended on EOS before eval.max_new_
 tuned model does not stop (below 90%).
 
 Writes outputs/<run>/eval/ atomically: side_by_side.csv, improved_examples.csv, fixed_prompts.csv (when the task
-has extra prompts, e.g. eval.fixed_prompts), report.md and metrics.json.
+has extra prompts, e.g. eval.fixed_prompts), report.md and metrics.json; then the model cards merged/README.md and
+adapter/README.md (common/cards.py), whose figures are read from these files.
 """
 from __future__ import annotations
 
 import logging
 import sys
 
-from common import arch, evaluation, io, modeling, prompts, run, tasks
+from common import arch, cards, evaluation, io, modeling, prompts, run, tasks
 
 log = logging.getLogger("ft")
 
@@ -48,6 +49,7 @@ def body(ctx: run.Context) -> None:
     m, side = evaluation.compare(cfg, task, rows, base[:n], tuned[:n], train_refs, base_stops[:n], tuned_stops[:n])
     answers = [{"prompt": label, "base": b, "tuned": t} for (label, _), b, t in zip(extra, base[n:], tuned[n:])]
     evaluation.write(cfg, rp, m, side, answers, info)
+    cards.write(cfg, rp)
     c = m["comparison"]
     log.info("%s base %.4f -> tuned %.4f; difference %+.4f, 95%% CI [%+.4f, %+.4f] -> %s", task.primary,
              m["base"][task.primary], m["tuned"][task.primary], c["mean"], c["ci_low"], c["ci_high"], rp.eval)

@@ -41,6 +41,7 @@ def test_recipe_end_to_end_tiny(recipe, ft_home):
     assert any(r["loss"] for r in log_rows) and (out / "loss.png").stat().st_size > 1000
     merge = json.loads((out / "merge_report.json").read_text())
     assert merge["max_abs_logit_diff"] < 0.05, merge  # merged fp16 model == adapter model, within fp16 rounding
+    assert merge["token_agreement"] >= recipe_cfg.merge.min_token_agreement and merge["answer_match"] >= 0.5, merge
     assert (out / "merged/config.json").exists()
     metrics = json.loads((out / "eval/metrics.json").read_text())
     assert metrics["n_examples"] == 8 and metrics["meta"]["recipe"] == recipe
@@ -63,6 +64,19 @@ def test_recipe_end_to_end_tiny(recipe, ft_home):
         assert (out / "eval/fixed_prompts.csv").exists()
     if recipe_cfg.data.export_formatted:
         assert json.loads((data / recipe_cfg.data.export_formatted).read_text())
+    for kind in ("adapter", "merged"):  # model cards, with the evaluated figures
+        card = (out / kind / "README.md").read_text()
+        assert card.startswith("---\nbase_model:") and f"| stop_rate | {metrics['base']['stop_rate']:.4f} |" in card
+    assert json.loads((out / "adapter/trainer_state.json").read_text())["global_step"] == 4
+    exp = make(ft_home, "export", f"RECIPE={recipe}", "TINY=1", check=False)
+    if recipe_cfg.model.arch == "seq2seq":  # llama.cpp/Ollama do not run T5: one line, nothing written
+        assert exp.returncode != 0 and "error: GGUF export supports Llama- and Mistral-family" in exp.stderr, exp.stderr
+        assert not (out / "export").exists()
+    else:
+        assert exp.returncode == 0, exp.stderr[-3000:]
+        files = json.loads((out / "export/export_report.json").read_text())["files"]
+        assert files["f16"]["answer_match"] == 1.0 and files["f16"]["prompt_tokens_match"] == 1.0, files
+        assert (out / "export/Modelfile").read_text().startswith("# ollama create")
 
     # a second `make all` does nothing; a changed eval setting re-runs eval only
     again = make(ft_home, "all", f"RECIPE={recipe}", "TINY=1")

@@ -24,3 +24,8 @@ def test_smollm2_short_real_run(ft_home):
     assert m["n_examples"] == 24
     assert m["tuned"]["rougeL"] > m["base"]["rougeL"] and m["comparison"]["mean"] > 0
     assert json.loads((out / "merge_report.json").read_text())["max_abs_logit_diff"] < 0.5
+    # the real model leaves the repo as GGUF: f16 answers exactly like merged/, q8_0 within the recipe's threshold
+    make(ft_home, "export", "RECIPE=smollm2", f"ARGS={SHORT}")
+    files = json.loads((out / "export/export_report.json").read_text())["files"]
+    assert files["f16"]["answer_match"] == 1.0 and files["f16"]["token_agreement"] == 1.0
+    assert files["q8_0"]["answer_match"] >= 0.5 and files["q8_0"]["token_agreement"] >= 0.95

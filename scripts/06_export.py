@@ -1,0 +1,106 @@
+"""Export the merged model for llama.cpp, Ollama and LM Studio: GGUF files and an Ollama Modelfile, checked.
+
+    make export RECIPE=smollm2         # or: python scripts/06_export.py --recipe smollm2
+    cd outputs/smollm2/export && ollama create smollm2-tuned -f Modelfile && ollama run smollm2-tuned
+
+Writes outputs/<run>/export/ (atomically): <name>-f16.gguf and <name>-q8_0.gguf (export.quantizations) with the
+tokenizer, special tokens and the recipe's chat template in the metadata (common/export.py); Modelfile (FROM the
+smallest file, TEMPLATE in Ollama's syntax for the chat template, SYSTEM, stop strings); and, last,
+export_report.json. The model cards (merged/README.md, adapter/README.md) gain an Ollama section.
+
+Parity gate (common/parity.py): each GGUF is reloaded with transformers' GGUF reader, tokenizer and chat template
+included, and compared with merged/ on export.check_prompts val examples: the prompt tokens must be identical,
+next-token agreement and identical greedy answers at least export.<quant>_min_token_agreement / _min_answer_match
+(f16 holds merged/'s fp16 weights exactly, so its answers must be equal). Below that the step fails and no
+export folder is written. Seq2seq models and tokenizers GGUF cannot describe stop with one line.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from common import arch, cards, export, io, metadata, modeling, parity, run
+
+log = logging.getLogger("ft")
+
+
+def check(cfg: Any, quant: str, folder: Any, fname: str, ref: dict, rows: list[dict], inputs: list[dict]) -> dict:
+    """Reload one GGUF file as a user's tool would (weights, tokenizer, chat template) and compare it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    model = _load(folder, fname, AutoModelForCausalLM)
+    try:
+        ids, answers = parity.greedy(cfg, model, tok, rows, f"{quant} GGUF")
+    except ValueError as e:  # e.g. no chat template in the file
+        raise parity.ParityError(f"{fname} cannot format the recipe's prompts: {e}") from None
+    figures = parity.agreement(ref["logits"], parity.teacher_forced(model, inputs))
+    figures.update(parity.answer_match(ref["answers"], answers))
+    figures["prompt_tokens_match"] = sum(a == b for a, b in zip(ids, ref["ids"])) / max(1, len(ids))
+    if figures["prompt_tokens_match"] < 1:
+        raise parity.ParityError(f"{fname} tokenizes the recipe's prompts differently from merged/ "
+                                 f"({figures['prompt_tokens_match']:.0%} identical): tokenizer or chat template lost")
+    e = cfg.export
+    parity.gate(fname, figures, e[f"{quant}_min_token_agreement"], e[f"{quant}_min_answer_match"],
+                f"Lower export.{quant}_min_answer_match only if the differences are rounding")
+    return figures
+
+
+def _load(folder: Any, fname: str, cls: Any) -> Any:
+    model = cls.from_pretrained(folder, gguf_file=fname, dtype=modeling.torch_dtype(modeling.inference_dtype()))
+    return model.to("cuda") if modeling.cuda() else model
+
+
+def body(ctx: run.Context) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    cfg, rp = ctx.cfg, ctx.paths
+    if not rp.merge_report.exists():
+        raise io.UserError(f"no merged model in {rp.merged}; run make merge RECIPE={cfg.name} first")
+    config = AutoConfig.from_pretrained(rp.merged)
+    export.check_supported(config)
+    tok = AutoTokenizer.from_pretrained(rp.merged)
+    meta = export.tokenizer_metadata(tok, rp.merged, config.vocab_size, cfg.export.pre_tokenizer)
+    a = arch.get(cfg)
+    rows = (io.read_jsonl(rp.split("val")) or io.read_jsonl(rp.split("test")))[: cfg.export.check_prompts]
+    inputs = [x for x in (a.forward_inputs(cfg, tok, ex) for ex in rows) if x]
+    merged = a.model_class().from_pretrained(rp.merged, dtype=modeling.torch_dtype(modeling.inference_dtype()))
+    merged = merged.to("cuda") if modeling.cuda() else merged
+    ids, answers = parity.greedy(cfg, merged, tok, rows, "merged model")
+    ref = {"ids": ids, "answers": answers, "logits": parity.teacher_forced(merged, inputs)}
+    del merged
+    name = cfg.export.name or cfg.run
+    base = cards.base_model(cfg)
+    describe = {"name": f"{name} ({'mistral' if config.model_type == 'mistral' else 'llama'} family)",
+                "description": f"{cfg.description or cfg.name}: fine-tuned from {base} with recipe {cfg.name}",
+                "license": cfg.card.license}
+    files: dict[str, Any] = {}
+    with io.atomic_dir(rp.export) as tmp:
+        for quant in cfg.export.quantizations:
+            fname = f"{name}-{quant}.gguf"
+            log.info("writing %s", fname)
+            written = export.write_gguf(tmp / fname, rp.merged, config, meta, quant, describe)
+            figures = check(cfg, quant, tmp, fname, ref, rows, inputs)
+            log.info("%s: %.0f MB; vs merged/: prompt tokens %.0f%% identical, next-token agreement %.4f, "
+                     "identical answers %.2f", fname, written["bytes"] / 1e6, 100 * figures["prompt_tokens_match"],
+                     figures["token_agreement"], figures["answer_match"])
+            files[quant] = {**written, **figures}
+        smallest = min(files.values(), key=lambda f: f["bytes"])["file"]
+        text, template, stops = export.modelfile(smallest, tok, cfg.prompt.system, cfg.train.max_length)
+        io.atomic_write_text(tmp / "Modelfile", text)
+        report = metadata.describe(cfg, "export", merged_dir=str(rp.merged), files=files, modelfile_from=smallest,
+                                   ollama_template=template, stops=stops, tokenizer_model=meta["model"],
+                                   pre_tokenizer=meta["pre"], check_prompts=len(rows),
+                                   thresholds={k: v for k, v in cfg.export.items() if "min_" in k})
+        io.atomic_write_json(tmp / "export_report.json", report)
+    cards.write(cfg, rp)
+    log.info("exported %s -> %s", ", ".join(f["file"] for f in files.values()), rp.export)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run.main("export", body, argv, __doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Every run on one page: outputs/summary.csv and a self-contained outputs/report.html.
+
+    make report                        # or: python scripts/07_report.py
+
+Reads each outputs/<run>/ that has eval/metrics.json (under FT_HOME when set): metrics with the confidence
+interval, stop rates, train time, speed and peak memory, the loss curve (embedded), five side-by-side examples
+and links to the run's files (common/report.py). Writes both files atomically; no run evaluated yet is an error.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from common import io, paths, report
+
+
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
+    try:
+        n = report.write()
+        if n == 0:
+            raise io.UserError(f"no evaluated run under {paths.home() / 'outputs'}; run make all first")
+    except io.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"report: {n} run(s) -> {paths.report_html()} and {paths.summary_csv()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

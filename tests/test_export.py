@@ -1,0 +1,319 @@
+"""What leaves the repo: GGUF export + Ollama Modelfile, parity gates (merge, export), model cards, the report page
+rendered in headless Chromium, and make push (dry run, and the upload call with a stand-in hub client)."""
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import os
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from common import export, report, templates
+from conftest import make
+
+SECRET = "hf_FAKEtokenFORtests123456"
+
+
+# --------------------------------------------------------------------------- unit tests, by value
+@pytest.fixture(scope="module")
+def smollm2_tok():
+    from transformers import AutoTokenizer
+
+    from common import modeling
+
+    return AutoTokenizer.from_pretrained(modeling.smollm2_tokenizer_dir())
+
+
+@pytest.mark.parametrize("name", list(templates.TEMPLATES))
+def test_ollama_template_renders_like_the_chat_template(name, smollm2_tok):
+    tok = smollm2_tok
+    tok.chat_template = templates.TEMPLATES[name]
+    tmpl = export.ollama_template(tok)
+    assert "{{ .Prompt }}" in tmpl
+    user = "Write the product description for this title.\nTitle: Lamp {x}"
+    for system in (None, "You write product copy."):
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        try:
+            want = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        except Exception:  # noqa: BLE001 (the mistral template rejects a system turn; so must Ollama's: no .System)
+            assert "{{ .System }}" not in tmpl
+            continue
+        assert export.render_ollama(tmpl, system, user) == want, (name, system)
+
+
+def test_ollama_template_keeps_a_default_system_prompt(smollm2_tok):
+    """SmolLM2's native template injects a default system prompt when none is given: the else branch keeps it."""
+    tok = smollm2_tok
+    tok.chat_template = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\n"
+                         "Default helper.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                         "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tmpl = export.ollama_template(tok)
+    assert "{{ else }}Default helper.{{ end }}" in tmpl
+    assert export.render_ollama(tmpl, None, "hi") == tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+
+
+def test_pre_tokenizer_names():
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    byte = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    assert export.pre_tokenizer_name({"pre_tokenizer": byte}) == "gpt-2"
+    digits = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte]}
+    assert export.pre_tokenizer_name({"pre_tokenizer": digits}) == "smollm"
+    llama3 = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"]}}, byte]}
+    assert export.pre_tokenizer_name({"pre_tokenizer": llama3}) == "llama-bpe"
+    assert export.pre_tokenizer_name({"pre_tokenizer": {"type": "Whitespace"}}, "custom") == "custom"
+    with pytest.raises(export.Unsupported, match="export.pre_tokenizer"):
+        export.pre_tokenizer_name({"pre_tokenizer": {"type": "Whitespace"}})
+
+
+def test_rope_permutation_is_what_transformers_undoes():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    w = np.arange(8 * 2 * 3, dtype=np.float32).reshape(8 * 2, 3)  # 4 heads of dim 4, 3 inputs
+    back = LlamaTensorProcessor()._reverse_permute_weights(export.permute_rope(w, 4), 4, 4)
+    assert np.array_equal(back, w) and not np.array_equal(export.permute_rope(w, 4), w)
+
+
+def test_seq2seq_and_rope_scaling_are_refused_in_one_line():
+    from transformers import AutoConfig
+
+    with pytest.raises(export.Unsupported, match="Llama- and Mistral-family.*'t5'"):
+        export.check_supported(AutoConfig.for_model("t5"))
+    cfg = AutoConfig.for_model("llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5,
+                                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                      "original_max_position_embeddings": 8192})
+    with pytest.raises(export.Unsupported, match="rope scaling 'llama3'"):
+        export.check_supported(cfg)
+
+
+# --------------------------------------------------------------------------- one tiny run, shared
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, model_cache):
+    """A tiny smollm2 run (prepare, train, merge, eval) and its export, in its own artifact root."""
+    home = tmp_path_factory.mktemp("ship") / "home"
+    home.mkdir()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    make(home, "all", "RECIPE=smollm2", "TINY=1", FT_CACHE=str(model_cache))
+    make(home, "export", "RECIPE=smollm2", "TINY=1", FT_CACHE=str(model_cache))
+    return home, home / "outputs" / "smollm2-tiny"
+
+
+@pytest.fixture
+def in_run(run, model_cache, monkeypatch):
+    """The environment of the shared run, for calling a script's main() in this process."""
+    monkeypatch.setenv("FT_HOME", str(run[0]))
+    monkeypatch.setenv("FT_CACHE", str(model_cache))
+    return run
+
+
+def test_export_writes_gguf_files_that_answer_like_merged(run):
+    import gguf
+
+    _, out = run
+    rep = json.loads((out / "export/export_report.json").read_text())
+    assert set(rep["files"]) == {"f16", "q8_0"}
+    f16, q8 = rep["files"]["f16"], rep["files"]["q8_0"]
+    assert f16["answer_match"] == 1.0 and f16["token_agreement"] == 1.0 and f16["prompt_tokens_match"] == 1.0
+    assert q8["answer_match"] >= 0.5 and q8["token_agreement"] >= 0.95 and q8["bytes"] < f16["bytes"]
+    r = gguf.GGUFReader(out / "export" / f16["file"])
+    meta = {k: r.fields[k].contents() for k in ("general.architecture", "tokenizer.ggml.model", "tokenizer.chat_template",
+                                                 "tokenizer.ggml.eos_token_id", "tokenizer.ggml.pre")}
+    assert meta["general.architecture"] == "llama" and meta["tokenizer.ggml.model"] == "gpt2"
+    assert meta["tokenizer.chat_template"] == templates.TEMPLATES["chatml"] and meta["tokenizer.ggml.pre"] == "gpt-2"
+    tokens = r.fields["tokenizer.ggml.tokens"].contents()
+    assert tokens[meta["tokenizer.ggml.eos_token_id"]] == "<|im_end|>"
+    assert r.fields["tokenizer.ggml.token_type"].contents()[2] == gguf.TokenType.CONTROL  # <|im_end|> stays whole
+    mf = (out / "export/Modelfile").read_text()
+    assert f"FROM ./{q8['file']}" in mf and 'PARAMETER stop "<|im_end|>"' in mf
+    tmpl = mf.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    assert tmpl == rep["ollama_template"]
+    assert export.render_ollama(tmpl, None, "x") == "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
+    assert "Ollama" in (out / "merged/README.md").read_text()  # export adds the section to the cards
+
+
+def _call(script: str, *args: str) -> int:
+    return importlib.import_module(f"scripts.{script}").main(["--recipe", "smollm2", "--tiny", *args])
+
+
+def test_a_corrupted_weight_fails_the_export(in_run, monkeypatch):
+    _, out = in_run
+    shutil.rmtree(out / "export")
+    real = export.gguf_tensors
+
+    def corrupted(folder, config):
+        for name, w in real(folder, config):
+            yield name, (np.random.default_rng(0).standard_normal(w.shape).astype(np.float32)
+                         if name == "output.weight" else w)
+
+    monkeypatch.setattr(export, "gguf_tensors", corrupted)
+    assert _call("06_export") == 2
+    assert not (out / "export").exists() and not list(out.glob(".export*"))
+
+
+def test_a_dropped_chat_template_fails_the_export(in_run, monkeypatch, capsys):
+    _, out = in_run
+    real = export.tokenizer_metadata
+
+    def without_template(*a, **k):
+        meta = real(*a, **k)
+        meta["chat_template"] = None
+        return meta
+
+    monkeypatch.setattr(export, "tokenizer_metadata", without_template)
+    assert _call("06_export") == 2
+    assert "cannot format the recipe's prompts" in capsys.readouterr().err
+    assert not (out / "export").exists()
+
+
+def test_a_broken_merge_fails_the_merge(in_run, monkeypatch, capsys):
+    import torch
+    from peft.tuners.lora import LoraModel  # PeftModel.merge_and_unload forwards to it
+
+    _, out = in_run
+    report_before = (out / "merge_report.json").read_text()
+    weights_before = (out / "merged/model.safetensors").read_bytes()
+    (out / "merge_report.json").unlink()
+    real = LoraModel.merge_and_unload
+
+    def broken(self, *a, **k):
+        model = real(self, *a, **k)
+        with torch.no_grad():
+            model.lm_head.weight.copy_(torch.randn_like(model.lm_head.weight))
+        return model
+
+    monkeypatch.setattr(LoraModel, "merge_and_unload", broken)
+    try:
+        assert _call("03_merge_fp16") == 2
+        assert "does not answer like the model it was made from" in capsys.readouterr().err
+        assert not (out / "merge_report.json").exists()
+        assert (out / "merged/model.safetensors").read_bytes() == weights_before  # the old merge is untouched
+    finally:
+        (out / "merge_report.json").write_text(report_before)
+
+
+def test_model_cards_match_what_was_evaluated(run):
+    _, out = run
+    m = json.loads((out / "eval/metrics.json").read_text())
+    for kind, library in (("adapter", "peft"), ("merged", "transformers")):
+        text = (out / kind / "README.md").read_text()
+        front = yaml.safe_load(text.split("---")[1])
+        assert front["library_name"] == library and front["pipeline_tag"] == "text-generation"
+        assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and front["license"] == "apache-2.0"
+        assert {"llm-finetune-recipes", "lora", "product_description"} <= set(front["tags"])
+        for k, v in m["tuned"].items():
+            assert f"| {k} | {report.fmt(m['base'][k])} | {report.fmt(v)} |" in text
+        c = m["comparison"]
+        assert f"95% CI [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]" in text
+        assert "Test run on a random-init stand-in" in text and "![training and validation loss](loss.png)" in text
+        assert (out / kind / "loss.png").stat().st_size > 1000
+    state = json.loads((out / "adapter/trainer_state.json").read_text())
+    info = json.loads((out / "adapter/run_info.json").read_text())
+    assert state["global_step"] == info["global_step"] and any("loss" in h for h in state["log_history"])
+
+
+class _Cells(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.cells: dict[tuple[str, str], str] = {}
+        self._key = None
+        self.images = 0
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if "data-key" in a:
+            self._key = (a["data-run"], a["data-key"])
+            self.cells[self._key] = ""
+        if tag == "img" and (a.get("src") or "").startswith("data:image/png;base64,"):
+            self.images += 1
+
+    def handle_endtag(self, tag):
+        self._key = None
+
+    def handle_data(self, data):
+        if self._key:
+            self.cells[self._key] += data
+
+
+def test_report_page_in_headless_chromium_shows_each_runs_metrics(run, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("Chromium is not installed (apt-get install chromium); .ci/run installs it")
+    home, out = run
+    # a second run in the same root: the page lists both
+    second = home / "outputs" / "copy-of-tiny"
+    shutil.copytree(out / "eval", second / "eval")
+    make(home, "report", "RECIPE=smollm2", "TINY=1")
+    rows = list(csv.DictReader((home / "outputs/summary.csv").open()))
+    assert [r["run"] for r in rows] == ["copy-of-tiny", "smollm2-tiny"]
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                          f"--user-data-dir={tmp_path / 'chromium'}", "--dump-dom",
+                          (home / "outputs/report.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
+    page = _Cells()
+    page.feed(dom)
+    assert page.images >= 1  # the loss curve is embedded
+    for name in ("smollm2-tiny", "copy-of-tiny"):
+        m = json.loads((home / "outputs" / name / "eval/metrics.json").read_text())
+        for model in ("base", "tuned"):
+            for k, v in m[model].items():
+                assert page.cells[(name, f"{model}.{k}")] == report.fmt(v), (name, model, k)
+        for k in ("mean", "ci_low", "ci_high"):
+            assert page.cells[(name, f"comparison.{k}")] == report.fmt(m["comparison"][k])
+        assert page.cells[(name, "summary.tuned")] == report.fmt(m["tuned"][m["primary_metric"]])
+        row = next(r for r in rows if r["run"] == name)
+        assert float(row["tuned"]) == m["tuned"][m["primary_metric"]] and float(row["ci_low"]) == m["comparison"]["ci_low"]
+
+
+def test_push_dry_run_writes_what_would_go_and_never_the_token(in_run, monkeypatch):
+    home, out = in_run
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    assert _call("08_push", "--dry-run", "--set", "card.repo_id=someone/tiny") == 0
+    manifest = json.loads((out / "push-dry-run.json").read_text())
+    staged = out / "push-dry-run"
+    names = {f["path"] for f in manifest["files"]}
+    assert {"README.md", "adapter_model.safetensors", "adapter_config.json", "trainer_state.json"} <= names
+    assert "run_info.json" not in names and names == {str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file()}
+    import hashlib
+
+    for f in manifest["files"]:
+        assert hashlib.sha256((staged / f["path"]).read_bytes()).hexdigest() == f["sha256"]
+    assert manifest["repo_id"] == "someone/tiny" and manifest["private"] is True
+    for f in home.rglob("*"):
+        if f.is_file() and f.stat().st_size < 50_000_000:
+            assert SECRET.encode() not in f.read_bytes(), f
+
+
+def test_push_uploads_the_staged_folder_with_the_token_from_the_environment(in_run, monkeypatch):
+    import huggingface_hub
+
+    _, out = in_run
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id, private, exist_ok):
+            calls.append(("create", repo_id, private, exist_ok))
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            calls.append(("upload", sorted(p.name for p in Path(folder_path).iterdir()), repo_id))
+            return type("Info", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert _call("08_push", "--set", "card.repo_id=someone/tiny") == 2  # no token: one line, nothing sent
+    assert calls == []
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    assert _call("08_push", "--set", "card.repo_id=someone/tiny", "--set", "card.push=merged") == 0
+    assert calls[0] == ("token", SECRET) and calls[1] == ("create", "someone/tiny", True, True)
+    assert calls[2][0] == "upload" and "model.safetensors" in calls[2][1] and "README.md" in calls[2][1]
