@@ -174,7 +174,6 @@ class RunPaths:
             "MERGED": self.merge_report,
             "EVALUATED": self.eval / "metrics.json",
             "EXPORTED": self.export_report,
-            "SUMMARY": summary_csv(),
             "STAMPS": self.stamps,
         }
 
