@@ -35,13 +35,14 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def render(cfg: Any, rp: paths.RunPaths, kind: str) -> str:
-    """The card of `kind` ("merged" or "adapter") from the files on disk."""
+def render(cfg: Any, rp: paths.RunPaths, kind: str, metrics: dict | None = None, exported: dict | None = None) -> str:
+    """The card of `kind` ("merged" or "adapter") from the files on disk; `metrics` / `exported`: the content of
+    eval/metrics.json / export_report.json about to be committed (the cards are written before a step's target)."""
     prep = io.read_json(rp.prepare_report, {})
     info = io.read_json(rp.adapter / "run_info.json", {})
     merge = io.read_json(rp.merge_report, {})
-    m = io.read_json(rp.eval / "metrics.json", {})
-    exp = io.read_json(rp.export_report, {})
+    m = metrics if metrics is not None else io.read_json(rp.eval / "metrics.json", {})
+    exp = exported if exported is not None else io.read_json(rp.export_report, {})
     plan = info.get("plan", {})
     bits = plan.get("quantization_bits", cfg.quantization.bits)
     method = "qlora" if bits else "lora"
@@ -122,11 +123,12 @@ def render(cfg: Any, rp: paths.RunPaths, kind: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(cfg: Any, rp: paths.RunPaths) -> None:
-    """merged/README.md (when merged/ exists) and adapter/README.md, with loss.png beside each."""
+def write(cfg: Any, rp: paths.RunPaths, metrics: dict | None = None, exported: dict | None = None) -> None:
+    """merged/README.md (when merged/ exists) and adapter/README.md, with loss.png beside each. Called before the
+    step commits its target, so a step killed here is re-run by Make and rewrites them."""
     for kind, folder in (("adapter", rp.adapter), ("merged", rp.merged)):
         if not folder.is_dir():
             continue
         if (rp.out / "loss.png").exists():
             shutil.copyfile(rp.out / "loss.png", folder / "loss.png")
-        io.atomic_write_text(folder / "README.md", render(cfg, rp, kind))
+        io.atomic_write_text(folder / "README.md", render(cfg, rp, kind, metrics, exported))

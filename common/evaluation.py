@@ -107,14 +107,19 @@ def report_md(cfg: Any, m: dict, examples: list[dict], notes: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def meta(cfg: Any, rp: paths.RunPaths, info: dict) -> dict:
+    """metrics.json's self-description."""
+    return metadata.describe(cfg, "eval", tuned_model=str(rp.merged if cfg.eval.use == "merged" else rp.adapter),
+                             replaced=info.get("replaced", []),
+                             generation_precision=info.get("plan", {}).get("precision", "fp32"))
+
+
 def write(cfg: Any, rp: paths.RunPaths, m: dict, side: list[dict], extra: list[dict], info: dict) -> None:
     """The eval/ folder, replaced whole; metrics.json is written last inside it."""
     key = m["comparison"]["per_example"]
     improved = sorted((s for s in side if s[f"tuned_{key}"] > s[f"base_{key}"]),
                       key=lambda s: s[f"base_{key}"] - s[f"tuned_{key}"])
-    m["meta"] = metadata.describe(cfg, "eval", tuned_model=str(rp.merged if cfg.eval.use == "merged" else rp.adapter),
-                                  replaced=info.get("replaced", []),
-                                  generation_precision=info.get("plan", {}).get("precision", "fp32"))
+    m.setdefault("meta", meta(cfg, rp, info))
     with io.atomic_dir(rp.eval) as tmp:
         io.atomic_write_text(tmp / "side_by_side.csv", to_csv(side))
         io.atomic_write_text(tmp / "improved_examples.csv", to_csv(improved))

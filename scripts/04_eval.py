@@ -48,8 +48,9 @@ def body(ctx: run.Context) -> None:
     train_refs = [prompts.reference(r) for r in io.read_jsonl(rp.split("train"))]
     m, side = evaluation.compare(cfg, task, rows, base[:n], tuned[:n], train_refs, base_stops[:n], tuned_stops[:n])
     answers = [{"prompt": label, "base": b, "tuned": t} for (label, _), b, t in zip(extra, base[n:], tuned[n:])]
+    m["meta"] = evaluation.meta(cfg, rp, info)
+    cards.write(cfg, rp, metrics=m)  # before metrics.json (the target): a kill in between re-runs eval
     evaluation.write(cfg, rp, m, side, answers, info)
-    cards.write(cfg, rp)
     c = m["comparison"]
     log.info("%s base %.4f -> tuned %.4f; difference %+.4f, 95%% CI [%+.4f, %+.4f] -> %s", task.primary,
              m["base"][task.primary], m["tuned"][task.primary], c["mean"], c["ci_low"], c["ci_high"], rp.eval)

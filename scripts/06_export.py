@@ -93,8 +93,8 @@ def body(ctx: run.Context) -> None:
                                    ollama_template=template, stops=stops, tokenizer_model=meta["model"],
                                    pre_tokenizer=meta["pre"], check_prompts=len(rows),
                                    thresholds={k: v for k, v in cfg.export.items() if "min_" in k})
+        cards.write(cfg, rp, exported=report)  # before the export folder (the target) is committed
         io.atomic_write_json(tmp / "export_report.json", report)
-    cards.write(cfg, rp)
     log.info("exported %s -> %s", ", ".join(f["file"] for f in files.values()), rp.export)
 
 
