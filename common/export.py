@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from common import config
+from common import config, prompts
 from common.io import UserError
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama"}  # transformers model_type -> GGUF architecture
@@ -84,7 +84,7 @@ def tokenizer_metadata(tok: Any, folder: Path, vocab_size: int, pre_override: st
     model = tj.get("model", {})
     if not tok.chat_template:
         raise Unsupported(f"the tokenizer in {folder} has no chat template; set prompt.template")
-    meta: dict[str, Any] = {"chat_template": tok.chat_template, "add_bos": _adds_bos(tok), "add_eos": False,
+    meta: dict[str, Any] = {"chat_template": tok.chat_template, "add_bos": prompts.adds_bos(tok), "add_eos": False,
                             "ids": {k: getattr(tok, f"{k}_token_id", None) for k in ("bos", "eos", "unk", "pad")}}
     if model.get("type") == "BPE" and not model.get("byte_fallback") and (tj.get("decoder") or {}).get("type") == "ByteLevel":
         meta.update(model="gpt2", pre=pre_tokenizer_name(tj, pre_override), **_bpe_vocab(tok, vocab_size),
@@ -96,11 +96,6 @@ def tokenizer_metadata(tok: Any, folder: Path, vocab_size: int, pre_override: st
         return meta
     raise Unsupported(f"GGUF export supports byte-level BPE tokenizers (tokenizer.json) and SentencePiece ones "
                       f"(tokenizer.model); {folder} has {model.get('type')} without tokenizer.model")
-
-
-def _adds_bos(tok: Any) -> bool:
-    ids = tok("a").input_ids
-    return tok.bos_token_id is not None and bool(ids) and ids[0] == tok.bos_token_id
 
 
 def _bpe_vocab(tok: Any, vocab_size: int) -> dict:
@@ -261,7 +256,7 @@ def ollama_template(tok: Any) -> str:
     def render(msgs: list[dict]) -> str:
         text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         bos = tok.bos_token
-        if bos and _adds_bos(tok) and text.startswith(bos):
+        if bos and prompts.adds_bos(tok) and text.startswith(bos):
             text = text[len(bos):]
         return text
 

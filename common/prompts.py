@@ -23,7 +23,7 @@ def _render(tok: Any, messages: list[dict], gen: bool) -> str:
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
 
 
-def _adds_bos(tok: Any) -> bool:
+def adds_bos(tok: Any) -> bool:
     """Whether tokenizer(text) would put a BOS in front (Llama/Mistral do, GPT-style tokenizers do not)."""
     cached = getattr(tok, "_ft_adds_bos", None)
     if cached is None:
@@ -66,7 +66,7 @@ def encode_chat(tok: Any, prompt: list[dict], completion: list[dict], max_length
         ids += p_ids + a_ids
         labels += [IGNORE] * len(p_ids) + (a_ids if trained else [IGNORE] * len(a_ids))
         done = prefix + answer  # `tail` (e.g. a newline after EOS) is tokenized with the next prompt piece
-    if _adds_bos(tok) and (not ids or ids[0] != tok.bos_token_id):
+    if adds_bos(tok) and (not ids or ids[0] != tok.bos_token_id):
         ids, labels = [tok.bos_token_id, *ids], [IGNORE, *labels]
     if max_length and len(ids) > max_length:
         ids, labels = ids[:max_length], labels[:max_length]
@@ -78,7 +78,7 @@ def encode_chat(tok: Any, prompt: list[dict], completion: list[dict], max_length
 def encode_prompt(tok: Any, prompt: list[dict]) -> list[int]:
     """The ids generation starts from: the same tokens encode_chat gives the prompt."""
     ids = _ids(tok, _render(tok, prompt, gen=True))
-    if _adds_bos(tok) and (not ids or ids[0] != tok.bos_token_id):
+    if adds_bos(tok) and (not ids or ids[0] != tok.bos_token_id):
         ids = [tok.bos_token_id, *ids]
     return ids
 

@@ -49,6 +49,11 @@ def fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _num(v: Any) -> str:
+    """Seconds, tokens/s, MB: whole numbers with thousands separators."""
+    return "–" if v is None else f"{v:,.0f}"
+
+
 def _cell(run: str, key: str, v: Any) -> str:
     return f'<td data-run="{html.escape(run)}" data-key="{html.escape(key)}">{html.escape(fmt(v))}</td>'
 
@@ -94,8 +99,8 @@ def section(run: Path, root: Path) -> str:
             f"{fmt(c['ci_low'])}</span>, <span data-run=\"{e(name)}\" data-key=\"comparison.ci_high\">"
             f"{fmt(c['ci_high'])}</span>]" + (" — <b>the tuned model does not stop</b>" if m.get("tuned_does_not_stop")
                                                else "") + "</p>",
-            f"<p>training: {fmt(row['train_seconds'])} s, {fmt(row['train_tokens_per_s'])} tokens/s, peak "
-            f"{fmt(row['peak_rss_mb'])} MB RAM" + (f", {fmt(row['peak_gpu_mb'])} MB GPU" if row["peak_gpu_mb"] else "")
+            f"<p>training: {_num(row['train_seconds'])} s, {_num(row['train_tokens_per_s'])} tokens/s, peak "
+            f"{_num(row['peak_rss_mb'])} MB RAM" + (f", {_num(row['peak_gpu_mb'])} MB GPU" if row["peak_gpu_mb"] else "")
             + f" on {e(str(row['device']))}</p>",
             _image(run / "loss.png"), "<h3>Examples</h3>",
             "<table><tr><th>prompt</th><th>reference</th><th>base</th><th>tuned</th></tr>"]

@@ -21,6 +21,14 @@ def test_recipe_end_to_end_tiny_on_cuda(recipe, ft_home):
     assert info["plan"]["device"] == "cuda" and info["global_step"] == 4
     assert json.loads((out / "merge_report.json").read_text())["max_abs_logit_diff"] < 0.1
     assert json.loads((out / "eval/metrics.json").read_text())["n_examples"] == 8
+    merge = json.loads((out / "merge_report.json").read_text())  # the parity gate on CUDA (bf16 reload)
+    assert merge["token_agreement"] >= 0.98 and merge["answer_match"] >= 0.5, merge
+    from common import config
+
+    if config.load(recipe).model.arch == "causal":  # export reloads each GGUF on CUDA; f16 = merged/'s weights
+        make(ft_home, "export", f"RECIPE={recipe}", "TINY=1")
+        files = json.loads((out / "export/export_report.json").read_text())["files"]
+        assert files["f16"]["answer_match"] == 1.0 and files["f16"]["prompt_tokens_match"] == 1.0, files
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
