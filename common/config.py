@@ -145,7 +145,9 @@ SCHEMA: dict[str, Any] = {
         "check_prompts": F(int, 8),  # val prompts the parity gate answers with merged/ and each GGUF
         "f16_min_answer_match": F(float, 1.0),  # f16 holds merged/'s fp16 weights exactly: answers must be equal
         "f16_min_token_agreement": F(float, 0.999),
-        "q8_0_min_answer_match": F(float, 0.5),  # 8-bit rounding flips some near-ties in long greedy answers
+        # 8-bit rounding flips near-ties in long greedy answers: a SmolLM2 trained 8 steps kept 3 of 8 answers whole
+        # (the fully trained default 7 of 8) at next-token agreement >= 0.95; a corrupted weight keeps none.
+        "q8_0_min_answer_match": F(float, 0.25),
         "q8_0_min_token_agreement": F(float, 0.95),
         "pre_tokenizer": F(str),  # llama.cpp's pre-tokenizer name; null = read off tokenizer.json
     },
