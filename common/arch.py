@@ -118,7 +118,10 @@ class Causal(Arch):
 
         from common import training
 
-        sft = SFTConfig(**args, max_length=cfg.train.max_length, packing=cfg.train.packing, prediction_loss_only=True)
+        # examples are truncated when encoded (encode_split); padding-free batches need max_length=None in TRL
+        free = plan.padding_free and not cfg.train.packing
+        sft = SFTConfig(**args, max_length=None if free else cfg.train.max_length, packing=cfg.train.packing,
+                        padding_free=free, prediction_loss_only=True)
         cls = training.trainer_class(SFTTrainer, plan, answer_only=cfg.train.answer_only_logits)
         return cls(model=model, args=sft, train_dataset=train_ds, eval_dataset=val_ds if len(val_ds) else None,
                    processing_class=tok)

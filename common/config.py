@@ -97,6 +97,16 @@ SCHEMA: dict[str, Any] = {
         "warmup_steps": F(int, 0),
         "batch_size": F(int, 8),
         "grad_accum": F(int, 1),
+        # batch_size x grad_accum is the effective batch (what the optimisation depends on; the recipes keep the
+        # reference setups' values). micro_batch is how it is split into forward passes: auto = on a GPU the
+        # largest divisor of the effective batch that fits in memory (probed on the longest training batch), on
+        # a CPU the recipe's batch_size; or a number that divides the effective batch.
+        "micro_batch": F((str, int), "auto"),
+        "gpu_memory_gb": F((int, float)),  # cap on this process's GPU memory (e.g. 24: an H100 stands in for an L4)
+        "padding_free": F((str, bool), "auto"),  # one row per micro-batch, no padding (auto: on a GPU)
+        # Liger's fused output layer + cross-entropy (auto: on a GPU when liger-kernel is installed). Off by default:
+        # on an H100 it was slower than our answer-only output layer (TinyLlama: 3,462 vs 4,124 tok/s; make bench)
+        "liger": F((str, bool), False),
         "max_length": F(int, 512),  # prompt + answer tokens (causal) or source tokens (seq2seq)
         "max_target_length": F(int, 256),  # seq2seq only
         "precision": F(str, "auto", ("auto", "fp32", "bf16", "fp16")),
@@ -124,7 +134,7 @@ SCHEMA: dict[str, Any] = {
     "eval": {
         "split": F(str, "test", ("test", "val")),
         "num_examples": F(int),  # null = the whole split
-        "batch_size": F(int, 8),
+        "batch_size": F((int, str), "auto"),  # auto: 8 on a CPU; on a GPU what the KV cache allows, up to 64
         "max_new_tokens": F(int, 128),
         "use": F(str, "merged", ("merged", "adapter")),
         "bootstrap": F(int, 1000),
@@ -168,7 +178,8 @@ SCHEMA: dict[str, Any] = {
 }
 # With tiny.shape=full the stand-in has the real model's size, so the recipe's own batch and lengths are kept
 # (speed and memory are measured as the recipe would run); only the data and the step counts shrink.
-FULL_SHAPE_KEEPS = ("train.batch_size", "train.grad_accum", "train.max_length", "train.max_target_length")
+FULL_SHAPE_KEEPS = ("train.batch_size", "train.grad_accum", "train.max_length", "train.max_target_length",
+                    "eval.max_new_tokens")
 
 # What --tiny changes: only the model, data and step counts shrink.
 TINY_OVERRIDES = {
@@ -403,6 +414,21 @@ def check_conflicts(cfg: dict) -> None:
          and t["save_steps"] % t["eval_steps"] != 0,
          f"train.load_best_model_at_end=true needs train.save_steps ({t['save_steps']}) to be a multiple of "
          f"train.eval_steps ({t['eval_steps']})"),
+        (t["micro_batch"] != "auto" and not (isinstance(t["micro_batch"], int) and t["micro_batch"] > 0
+                                            and t["batch_size"] * t["grad_accum"] % t["micro_batch"] == 0),
+         f"train.micro_batch must be auto or a number dividing the effective batch train.batch_size x "
+         f"train.grad_accum = {t['batch_size'] * t['grad_accum']}, got {t['micro_batch']!r}"),
+        (t["batch_size"] < 1 or t["grad_accum"] < 1, "train.batch_size and train.grad_accum must be >= 1"),
+        (cfg["eval"]["batch_size"] != "auto" and not (isinstance(cfg["eval"]["batch_size"], int)
+                                                     and cfg["eval"]["batch_size"] > 0),
+         f"eval.batch_size must be auto or a number >= 1, got {cfg['eval']['batch_size']!r}"),
+        (t["gpu_memory_gb"] is not None and t["gpu_memory_gb"] <= 0, "train.gpu_memory_gb must be > 0 (or null)"),
+        *((t[k] not in ("auto", True, False), f"train.{k} must be auto, true or false, got {t[k]!r}")
+          for k in ("padding_free", "liger")),
+        (seq2seq and t["padding_free"] is True, "train.padding_free=true needs model.arch=causal"),
+        (seq2seq and t["liger"] is True, "train.liger=true needs model.arch=causal"),
+        (t["liger"] is True and not t["answer_only_logits"],
+         "train.liger=true needs train.answer_only_logits=true (Liger fuses our answer-only output layer)"),
         (t["max_steps"] <= 0 and t["epochs"] <= 0, "train.max_steps and train.epochs are both <= 0: nothing to train"),
         (t["warmup_steps"] > 0 and t["warmup_ratio"] > 0,
          f"train.warmup_steps ({t['warmup_steps']}) and train.warmup_ratio ({t['warmup_ratio']}) are both set; keep one"),

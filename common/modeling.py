@@ -116,6 +116,8 @@ class Plan:
     quant_bits: int
     optim: str
     notes: list[str] = field(default_factory=list)
+    padding_free: bool = False  # training micro-batches flattened to one row (position_ids, no padding)
+    liger: bool = False  # Liger's fused linear cross-entropy for the answer-only loss
 
     def note(self, msg: str) -> None:
         log.warning("replaced: %s", msg)
@@ -183,6 +185,16 @@ def plan(cfg: Any) -> Plan:
     if dev == "cpu" and ("8bit" in p.optim or "paged" in p.optim or "bnb" in p.optim):
         p.note(f"optim {p.optim} -> adamw_torch: 8-bit/paged optimizers need CUDA")
         p.optim = "adamw_torch"
+    t, causal = cfg.train, cfg.model.arch == "causal"
+    # padding-free: measured on a GPU (make bench, row ours-padded); on a CPU the block-diagonal attention mask it
+    # needs costs what the padding saves, so auto keeps padded batches there
+    p.padding_free = causal and (t.padding_free is True or (t.padding_free == "auto" and dev == "cuda"))
+    if t.liger is not False and causal and t.answer_only_logits:
+        why = ("liger-kernel is not installed (pip install liger-kernel)" if not importlib.util.find_spec("liger_kernel")
+               else "it needs CUDA (Triton kernels)" if dev != "cuda" else None)
+        p.liger = why is None
+        if why and t.liger is True:
+            p.note(f"train.liger -> off: {why}")
     return p
 
 
@@ -310,8 +322,36 @@ def build_tiny(family: str, template: str | None = None, seed: int = 0, full_con
 
 
 # --------------------------------------------------------------------------- generation
+EVAL_CPU_BATCH = 8  # eval.batch_size auto on a CPU (what every recipe used before auto; smollm2 measures 16)
+EVAL_GPU_MAX_BATCH = 64
+
+
+def eval_batch_size(model: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int | str) -> int:
+    """eval.batch_size: a number as given; auto = 8 on a CPU and, on a GPU, as many prompts (up to 64) as the KV
+    cache of the longest prompt + max_new_tokens fits in half the free GPU memory (decoding reads every weight once
+    per token whatever the batch, so a larger batch is nearly free there until memory runs out)."""
+    if batch_size != "auto":
+        return int(batch_size)
+    if not cuda() or not prompts:
+        return EVAL_CPU_BATCH
+    import torch
+
+    c = model.config
+    c = getattr(c, "get_text_config", lambda: c)()
+    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "num_decoder_layers", None) or c.num_layers
+    heads = getattr(c, "num_attention_heads", None) or c.num_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or getattr(c, "d_kv", None) or c.hidden_size // heads
+    per_seq = 2 * layers * kv_heads * head_dim * 2 * (max(map(len, prompts)) + max_new_tokens)  # K and V, bf16
+    free, _ = torch.cuda.mem_get_info()
+    n = int(max(1, min(EVAL_GPU_MAX_BATCH, len(prompts), free // 2 // per_seq)))
+    log.info("eval.batch_size auto -> %d (KV cache %.1f MB per prompt, %.1f GB free)", n, per_seq / 2 ** 20,
+             free / 2 ** 30)
+    return n
+
+
 def generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int, architecture: Any,
-             batch_size: int = 8, desc: str = "generating", precision: str = "fp32", stops: list | None = None
+             batch_size: int | str = 8, desc: str = "generating", precision: str = "fp32", stops: list | None = None
              ) -> list[str]:
     """Greedy decoding in length-sorted batches with the KV cache; returns answers in order. Prompts are padded on
     the architecture's side (left for decoder-only models, whose output continues the prompt; right for seq2seq).
@@ -323,6 +363,7 @@ def generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int
 
     a = architecture
     model.eval()
+    batch_size = eval_batch_size(model, prompts, max_new_tokens, batch_size)
     dev = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[str] = [""] * len(prompts)

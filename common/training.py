@@ -35,8 +35,9 @@ def _parts(model: Any) -> tuple[Any, Any, Any] | None:
     return lm, decoder, head
 
 
-def answer_loss(model: Any, inputs: dict) -> tuple[Any, Any]:
-    """(sum of token losses over labelled positions, number of such positions)."""
+def answer_loss(model: Any, inputs: dict, liger: bool = False) -> tuple[Any, Any]:
+    """(sum of token losses over labelled positions, number of such positions). With liger, the output layer and
+    cross-entropy run as Liger's fused kernel (chunked: the logits are never held whole)."""
     import torch.nn.functional as F
 
     labels = inputs["labels"]
@@ -50,8 +51,25 @@ def answer_loss(model: Any, inputs: dict) -> tuple[Any, Any]:
     _, decoder, head = parts
     hidden = decoder(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
                      position_ids=inputs.get("position_ids"), use_cache=False).last_hidden_state
-    logits = head(hidden[:, :-1][keep]).float()
+    h = hidden[:, :-1][keep]
+    if liger:
+        w, b = head.weight, getattr(head, "bias", None)  # PEFT's modules_to_save wrapper forwards .weight
+        # the kernel multiplies in the activations' dtype; a trainable fp32 head is cast (its gradient stays fp32)
+        return liger_loss()(w.to(h.dtype), h, target[keep], None if b is None else b.to(h.dtype)), keep.sum()
+    logits = head(h).float()
     return F.cross_entropy(logits, target[keep], reduction="sum"), keep.sum()
+
+
+_LIGER: list = []
+
+
+def liger_loss() -> Any:
+    if not _LIGER:
+        import torch
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        _LIGER.append(LigerFusedLinearCrossEntropyLoss(reduction="sum", accum_dtype=torch.float32))
+    return _LIGER[0]
 
 
 # --------------------------------------------------------------------------- dtypes: decided here, on purpose
@@ -88,14 +106,15 @@ def align_dtypes(model: Any, plan: modeling.Plan) -> dict[str, int]:
 
 
 def trainer_class(base: type, plan: modeling.Plan, answer_only: bool) -> type:
-    """A subclass of `base` whose loss runs under the plan's autocast; with answer_only, the loss is answer_loss."""
+    """A subclass of `base` whose loss runs under the plan's autocast; with answer_only, the loss is answer_loss
+    (with Liger's fused kernel when plan.liger)."""
 
     class Trainer(base):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             with autocast(plan):
                 if not answer_only:
                     return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-                total, n = answer_loss(model, inputs)
+                total, n = answer_loss(model, inputs, plan.liger)
             if num_items_in_batch is not None and model.training:
                 self.loss_is_scaled_for_ga = True  # normalised over the whole accumulated batch, as HF does
                 loss = total / num_items_in_batch
@@ -137,7 +156,8 @@ def load_for_training(cfg: Any, plan: modeling.Plan, source: str) -> Any:
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if cfg.model.unsloth:
-        if importlib.util.find_spec("unsloth") and plan.device == "cuda":
+        clash = unsloth_conflicts()
+        if importlib.util.find_spec("unsloth") and plan.device == "cuda" and not clash:
             from unsloth import FastLanguageModel
 
             lc = cfg.lora
@@ -147,7 +167,8 @@ def load_for_training(cfg: Any, plan: modeling.Plan, source: str) -> Any:
                 model, r=lc.r, target_modules=lc.target_modules, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
                 bias=lc.bias, use_gradient_checkpointing="unsloth" if cfg.train.gradient_checkpointing else False,
                 random_state=cfg.train.seed, use_rslora=lc.use_rslora, loftq_config=None)
-        why = "not installed" if not importlib.util.find_spec("unsloth") else "it needs CUDA"
+        why = ("is not installed" if not importlib.util.find_spec("unsloth") else
+               f"does not work with this project's pinned versions ({'; '.join(clash)})" if clash else "needs CUDA")
         plan.note(f"Unsloth -> Hugging Face + PEFT: Unsloth {why} (same LoRA settings and result files)")
     # frozen weights: fp32 on a CPU or in fp32 runs; the mixed precision's dtype on a GPU (half the memory);
     # quantized: the non-quantized rest in fp32, as prepare_model_for_kbit_training wants it
@@ -165,6 +186,34 @@ def load_for_training(cfg: Any, plan: modeling.Plan, source: str) -> Any:
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %.2fM trainable of %.1fM parameters (%.2f%%)", trainable / 1e6, total / 1e6, 100 * trainable / total)
     return model
+
+
+UNSLOTH_CHECKED = ("transformers", "trl", "datasets", "peft", "accelerate", "bitsandbytes", "torch")
+
+
+def unsloth_conflicts() -> list[str]:
+    """The installed Unsloth's requirements on the libraries this project pins that the installed versions break
+    (e.g. unsloth 2026.10.9: transformers<=5.17.0, trl<=1.15.0, datasets<5.0.0; we pin 5.23.0, 1.16.0, 5.2.0)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    out = []
+    for dist in ("unsloth", "unsloth_zoo"):
+        try:
+            reqs, own = metadata.requires(dist) or [], metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+        for r in map(Requirement, reqs):
+            if r.name.lower().replace("_", "-") not in UNSLOTH_CHECKED or (r.marker and not r.marker.evaluate({"extra": ""})):
+                continue
+            try:
+                have = metadata.version(r.name)
+            except metadata.PackageNotFoundError:
+                continue
+            if r.specifier and not r.specifier.contains(have.split("+")[0], prereleases=True):
+                out.append(f"{dist} {own} needs {r.name}{r.specifier}, installed {have}")
+    return out
 
 
 @dataclass
@@ -237,14 +286,17 @@ def trackers(cfg: Any, plan: modeling.Plan, logdir: Any) -> list[str]:
 
 
 def training_args(cfg: Any, plan: modeling.Plan, out: str, has_val: bool, sched: Schedule | None = None,
-                  report_to: list[str] | None = None) -> dict:
+                  report_to: list[str] | None = None, batching: Any = None) -> dict:
+    """The trainer's arguments; `batching` (common/batching.py) splits the effective batch into micro-batches,
+    the recipe's own split when None."""
     t = cfg.train
     sched = sched or Schedule(t.max_steps, t.epochs, bool(t.load_best_model_at_end) and has_val)
+    micro, accum = (batching.micro_batch, batching.grad_accum) if batching else (t.batch_size, t.grad_accum)
     return dict(
         output_dir=out, max_steps=sched.max_steps, num_train_epochs=sched.epochs, learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps or t.warmup_ratio,
-        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum, optim=plan.optim, weight_decay=t.weight_decay,
+        per_device_train_batch_size=micro, per_device_eval_batch_size=micro, gradient_accumulation_steps=accum,
+        optim=plan.optim, weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps,
         eval_strategy=t.eval_strategy if has_val else "no", eval_steps=t.eval_steps, save_strategy=t.save_strategy,
         save_steps=t.save_steps, save_total_limit=t.save_total_limit, load_best_model_at_end=sched.load_best,
@@ -257,9 +309,9 @@ def training_args(cfg: Any, plan: modeling.Plan, out: str, has_val: bool, sched:
 
 
 def make_trainer(cfg: Any, plan: modeling.Plan, model: Any, tok: Any, train_ds: Any, val_ds: Any, out: str,
-                 sched: Schedule | None = None, report_to: list[str] | None = None) -> Any:
+                 sched: Schedule | None = None, report_to: list[str] | None = None, batching: Any = None) -> Any:
     """The architecture's trainer with this project's loss, autocast and fp32 trainable weights."""
-    args = training_args(cfg, plan, out, len(val_ds) > 0, sched, report_to)
+    args = training_args(cfg, plan, out, len(val_ds) > 0, sched, report_to, batching)
     trainer = arch.get(cfg).trainer(cfg, plan, model, tok, train_ds, val_ds, args)
     align_dtypes(trainer.model, plan)  # after the trainer: TRL casts trainable weights in its __init__
     return trainer

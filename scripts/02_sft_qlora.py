@@ -7,8 +7,10 @@ on pre-tokenized examples whose labels are -100 on every prompt token (loss on t
 the tuned model stops; with train.loss_on=assistant_turns every assistant turn of a multi-turn chat is trained);
 for encoder-decoder models the HF trainer with labels = the target only. A step count meant for more data than
 there is is capped at train.max_epochs passes, and the best validation checkpoint is kept (common/training.py:
-schedule); the log says what was scaled. Settings the machine cannot honour (4-bit without bitsandbytes, fp16 on CPU, 8-bit optimizers
-without CUDA, Unsloth without CUDA) are replaced, logged, and recorded in run_info.json.
+schedule); the log says what was scaled. The effective batch (batch_size x grad_accum) is split into
+micro-batches sized to the machine (train.micro_batch: auto probes the GPU's memory; common/batching.py).
+Settings the machine cannot honour (4-bit without bitsandbytes, fp16 on CPU, 8-bit optimizers without CUDA,
+Unsloth without CUDA) are replaced, logged, and recorded in run_info.json.
 
 On SageMaker (SM_MODEL_DIR set) the adapter is also copied to SM_MODEL_DIR; data comes from the
 SM_CHANNEL_TRAINING channel (common/config.py). HF_TOKEN is read from the environment by the hub client only.
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import arch, config, io, metadata, modeling, prompts, run, training
+from common import arch, batching, config, io, metadata, modeling, prompts, run, training
 
 log = logging.getLogger("ft")
 
@@ -56,8 +58,9 @@ def body(ctx: run.Context) -> None:
         torch.set_num_threads(cfg.train.threads)
     set_seed(cfg.train.seed)
     plan = modeling.plan(cfg)
-    log.info("device=%s precision=%s quantization=%s optim=%s", plan.device, plan.precision,
-             f"{plan.quant_bits}-bit" if plan.quant_bits else "none", plan.optim)
+    log.info("device=%s precision=%s quantization=%s optim=%s padding_free=%s liger=%s", plan.device, plan.precision,
+             f"{plan.quant_bits}-bit" if plan.quant_bits else "none", plan.optim, plan.padding_free, plan.liger)
+    capacity = batching.cap_memory(cfg, plan)
     source = modeling.model_source(cfg)
     tok = modeling.load_tokenizer(cfg, source)
     train_rows, val_rows = io.read_jsonl(rp.split("train")), io.read_jsonl(rp.split("val"))
@@ -73,9 +76,11 @@ def body(ctx: run.Context) -> None:
     if cfg.eval.baseline_samples and not (rp.out / "baseline_samples.jsonl").exists():
         baseline_samples(cfg, plan, model, tok, val_rows, rp.out)
 
+    split = batching.choose(cfg, plan, model, train_ds, tok.pad_token_id, capacity)
+    log.info("%s", split.line())
     last = resumable_checkpoint(cfg, rp)  # before the trainer, which creates the folder
     trainer = training.make_trainer(cfg, plan, model, tok, train_ds, val_ds, str(rp.checkpoints), sched,
-                                    training.trackers(cfg, plan, rp.tensorboard))
+                                    training.trackers(cfg, plan, rp.tensorboard), split)
     trainer.add_callback(training.log_callback())
     if last:
         log.info("resuming from %s (an earlier run was interrupted)", last)
@@ -86,9 +91,11 @@ def body(ctx: run.Context) -> None:
     training.write_history(history, rp.out)
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     ran = trainer.state.global_step - (int(Path(last).name.rsplit("-", 1)[-1]) if last else 0)
-    batch = cfg.train.batch_size * cfg.train.grad_accum
+    batch = split.effective
     info = metadata.describe(cfg, "train", plan={"device": plan.device, "precision": plan.precision,
-                                                 "quantization_bits": plan.quant_bits, "optim": plan.optim},
+                                                 "quantization_bits": plan.quant_bits, "optim": plan.optim,
+                                                 "padding_free": plan.padding_free, "liger": plan.liger},
+                        batching=split.describe(),
                         replaced=plan.notes, schedule={"max_steps": sched.max_steps, "epochs": sched.epochs,
                                                        "load_best": sched.load_best, "notes": sched.notes},
                         resumed_from=last, train_seconds=round(seconds, 1), steps_this_process=ran,

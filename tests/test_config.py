@@ -131,6 +131,13 @@ def test_secrets_never_enter_the_config(ft_home, monkeypatch):
     ("smollm2", ["quantization.prequantized=true"], "quantization.prequantized=true needs quantization.bits"),
     ("smollm2", ["tiny.shape=full"], "tiny.shape=full needs tiny.full_config"),
     ("smollm2", ["train.max_steps=0", "train.epochs=0"], "nothing to train"),
+    ("tinyllama", ["train.micro_batch=3"], "train.micro_batch must be auto or a number dividing the effective batch "
+                                           "train.batch_size x train.grad_accum = 16, got 3"),
+    ("tinyllama", ["train.micro_batch=big"], "train.micro_batch must be auto or a number"),
+    ("smollm2", ["train.liger=true", "train.answer_only_logits=false"], "train.liger=true needs train.answer_only_logits"),
+    ("flan-t5", ["train.padding_free=true"], "train.padding_free=true needs model.arch=causal"),
+    ("smollm2", ["train.padding_free=sometimes"], "train.padding_free must be auto, true or false"),
+    ("smollm2", ["train.gpu_memory_gb=0"], "train.gpu_memory_gb must be > 0"),
 ])
 def test_conflicting_settings_fail_with_one_line_naming_the_keys(ft_home, recipe, sets, fragment):
     with pytest.raises(config.ConfigError) as e:

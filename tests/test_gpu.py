@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from common import paths
+from common import batching, paths
 from conftest import make
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -48,3 +48,53 @@ def test_bench_smoke_at_the_real_tinyllama_shape(ft_home):
     ours = res["training"]["ours"]
     assert ours["frozen_linear_params"] > 900e6 and ours["peak_vram_mb"] > 500 and ours["tokens_per_s"] > 0
     assert "peak VRAM GB" in (ft_home / "outputs/bench/tinyllama-full.md").read_text()
+
+
+def test_auto_micro_batch_probes_the_gpu_and_respects_a_memory_cap(ft_home):
+    """tinyllama's effective batch 16 (2 x 8): on CUDA auto probes the longest examples and takes the largest split
+    that fits; under a small cap it takes a smaller one, and the run's peak stays under the cap."""
+    sets = "--set train.batch_size=2 --set train.grad_accum=8 --set train.max_steps=2"
+    make(ft_home, "train", "RECIPE=tinyllama", "TINY=1", f"ARGS={sets}")
+    info = json.loads((ft_home / "outputs/tinyllama-tiny/adapter/run_info.json").read_text())
+    b = info["batching"]
+    assert b["effective"] == 16 and b["micro_batch"] == 16 and b["why"].startswith("auto"), b
+    assert b["probes"][0]["micro_batch"] == 16 and b["probes"][0]["fits"], b
+    assert info["plan"]["padding_free"] is True
+    # a cap whose budget (80% less the reserve) is just under what 16 needs: a smaller split is taken
+    cap = round((b["probes"][0]["with_optimizer_gb"] + batching.RESERVE_GB) / batching.HEADROOM - 0.01, 2)
+    make(ft_home, "train", "RECIPE=tinyllama", "TINY=1", f"ARGS={sets} --set train.gpu_memory_gb={cap}")
+    info = json.loads((ft_home / "outputs/tinyllama-tiny/adapter/run_info.json").read_text())
+    b = info["batching"]
+    assert b["memory_cap_gb"] == cap and b["micro_batch"] < 16 and b["grad_accum"] == 16 // b["micro_batch"], b
+    assert [p["fits"] for p in b["probes"]] == [False] * (len(b["probes"]) - 1) + [True], b
+    assert info["peak_gpu_mb"] <= cap * 1024, (info["peak_gpu_mb"], cap)
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("liger_kernel"), reason="needs liger-kernel")
+def test_liger_fused_loss_equals_ours_on_cuda(ft_home):
+    """Liger's fused output layer + cross-entropy gives our answer-only loss and gradients (bf16 rounding)."""
+    from common import config, modeling, training
+
+    cfg = config.load("tinyllama", ["lora.dropout=0"], tiny=True)
+    plan = modeling.plan(cfg)
+    assert plan.liger
+    model = training.load_for_training(cfg, plan, modeling.model_source(cfg))
+    training.align_dtypes(model, plan)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=g).cuda()
+    labels = ids.clone()
+    labels[:, :20] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    grads = []
+    for liger in (False, True):
+        model.zero_grad()
+        with training.autocast(plan):
+            total, n = training.answer_loss(model, batch, liger)
+        (total / n).backward()
+        grads.append((float(total / n), {k: p.grad.float().clone() for k, p in model.named_parameters()
+                                         if p.requires_grad and p.grad is not None}))
+    (a, ga), (b, gb) = grads
+    assert a == pytest.approx(b, rel=2e-2) and set(ga) == set(gb) and ga
+    for k in ga:
+        assert torch.allclose(ga[k], gb[k], atol=5e-2, rtol=5e-2) or \
+            torch.nn.functional.cosine_similarity(ga[k].flatten(), gb[k].flatten(), dim=0) > 0.99, k

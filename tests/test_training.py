@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from common import config, modeling, training
-from conftest import step
+from common import batching, config, io, modeling, paths, training
+from conftest import make, step
 
 
 def tiny_lora(ft_home, *sets: str):
@@ -139,3 +139,96 @@ def test_a_tracker_that_is_not_installed_is_replaced_with_a_note(ft_home):
     assert got == ["tensorboard"] and any("report_to mlflow -> none" in n for n in plan.notes)
     with pytest.raises(config.ConfigError, match="train.report_to must be none or a list of"):
         config.load("smollm2", ["train.report_to=neptune"])
+
+
+def loss_curve(home) -> list[tuple[int, float]]:
+    import csv
+
+    rows = csv.DictReader((home / "outputs/tinyllama-tiny/train_log.csv").open())
+    return [(int(r["step"]), float(r["loss"])) for r in rows if r["loss"]]
+
+
+def test_two_splits_of_the_same_effective_batch_give_the_same_loss_curve(ft_home):
+    """16 x 1 and 2 x 8 micro-batches: the loss is normalised over the whole effective batch's answer tokens and the
+    sampler groups by effective batch, so the optimisation (and the curve) is the same; only speed differs."""
+    base = "--set lora.dropout=0 --set train.learning_rate=0.005 --set train.batch_size=2 --set train.grad_accum=8 "
+    curves, infos = {}, {}
+    for micro in (16, 2):
+        make(ft_home, "train", "RECIPE=tinyllama", "TINY=1", f"ARGS={base} --set train.micro_batch={micro}")
+        curves[micro] = loss_curve(ft_home)
+        infos[micro] = json.loads((ft_home / "outputs/tinyllama-tiny/adapter/run_info.json").read_text())["batching"]
+    assert infos[16]["micro_batch"] == 16 and infos[16]["grad_accum"] == 1 and infos[16]["effective"] == 16
+    assert infos[2]["micro_batch"] == 2 and infos[2]["grad_accum"] == 8 and "train.micro_batch=2" in infos[2]["why"]
+    a, b = curves[16], curves[2]
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
+    assert a[-1][1] < a[0][1] - 0.1, a  # it trained: the curve moves, so equal curves mean equal updates
+    for (s, x), (_, y) in zip(a, b):
+        assert x == pytest.approx(y, rel=1e-4, abs=1e-4), (s, x, y)
+
+
+def test_auto_micro_batch_keeps_the_recipes_split_on_a_cpu(ft_home):
+    cfg = config.load("tinyllama", ["train.micro_batch=auto"])
+    plan = modeling.Plan("cpu", "fp32", 0, "adamw_torch")
+    b = batching.choose(cfg, plan, model=None, ds=None, pad_id=0, capacity_gb=None)
+    assert (b.effective, b.micro_batch, b.grad_accum) == (16, 2, 8) and "CPU" in b.why
+    b = batching.choose(config.load("tinyllama", ["train.micro_batch=4"]), plan, None, None, 0, None)
+    assert (b.micro_batch, b.grad_accum) == (4, 4) and b.line().startswith("micro-batch 4 x grad_accum 4 = effective")
+    assert batching.divisors_desc(12) == [12, 6, 4, 3, 2, 1]
+
+
+def test_padding_free_rows_give_the_padded_batches_loss_without_cross_contamination(ft_home):
+    """One row of concatenated examples with position_ids: transformers' SDPA path masks each example to itself,
+    so the answer-token loss equals the padded batch's; the same row read as one long sequence differs."""
+    step("01_prepare", "--recipe", "tinyllama", "--tiny")
+    cfg = config.load("tinyllama", ["lora.dropout=0"], tiny=True)
+    plan = modeling.plan(cfg)
+    source = modeling.model_source(cfg)
+    tok = modeling.load_tokenizer(cfg, source)
+    ds = training.encode_split(cfg, tok, io.read_jsonl(paths.RunPaths(cfg.run).split("train"))[:3], "train")
+    model = training.load_for_training(cfg, plan, source).eval()
+    idx = [0, 1, 2]
+    assert len({len(ds[i]["input_ids"]) for i in idx}) > 1  # different lengths: the padded batch has padding
+    padded = batching.collate(ds, idx, tok.pad_token_id, False, "cpu")
+    free = batching.collate(ds, idx, tok.pad_token_id, True, "cpu")
+    assert "attention_mask" not in free and free["input_ids"].shape[0] == 1
+    assert int(free["input_ids"].numel()) == int(padded["attention_mask"].sum())  # no padding token left
+    with torch.no_grad():
+        (tp, n_p), (tf, n_f) = training.answer_loss(model, padded), training.answer_loss(model, free)
+        joined = dict(free, position_ids=torch.arange(free["input_ids"].shape[1])[None])
+        tj, n_j = training.answer_loss(model, joined)
+    assert int(n_p) == int(n_f) == int(n_j)
+    assert float(tf / n_f) == pytest.approx(float(tp / n_p), abs=1e-5)
+    assert abs(float(tj / n_j) - float(tp / n_p)) > 1e-5  # attention across examples would change the loss
+
+
+def test_an_unsloth_that_does_not_fit_our_pins_is_named_and_replaced(ft_home, tmp_path, monkeypatch):
+    """Unsloth's own metadata (2026.10.9, the newest when written) caps transformers, trl and datasets below this
+    project's pins: model.unsloth=true then trains with HF + PEFT and says exactly why."""
+    import importlib.metadata
+    import sys
+
+    import transformers
+
+    info = tmp_path / "unsloth-2026.10.9.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: unsloth\nVersion: 2026.10.9\n"
+                                   "Requires-Dist: transformers!=5.0.0,<=5.17.0,>=4.52.4\n"
+                                   "Requires-Dist: trl!=0.19.0,<=1.15.0,>=0.18.2\n"
+                                   "Requires-Dist: triton-windows; sys_platform == \"win32\"\n"
+                                   "Requires-Dist: tyro\n")
+    (tmp_path / "unsloth").mkdir()
+    (tmp_path / "unsloth/__init__.py").write_text("raise ImportError('a stand-in: never imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    from packaging.version import Version
+
+    clash = training.unsloth_conflicts()
+    assert any("unsloth 2026.10.9 needs transformers" in c and f"installed {transformers.__version__}" in c
+               for c in clash) == (Version(transformers.__version__) > Version("5.17.0")), clash
+    assert not any("triton" in c or "tyro" in c for c in clash)
+    cfg = config.load("smollm2", ["model.unsloth=true"], tiny=True)
+    plan = modeling.plan(cfg)
+    training.load_for_training(cfg, plan, modeling.model_source(cfg))
+    note = next(n for n in plan.notes if n.startswith("Unsloth -> Hugging Face + PEFT"))
+    assert ("does not work with this project's pinned versions" in note) == bool(clash), note
+    assert sys.modules.get("unsloth") is None  # never imported: the check reads its metadata only
