@@ -5,6 +5,7 @@
 #   make all ARGS="--set train.max_steps=20"   # override recipe settings
 #   make bench RECIPE=mistral-xauusd SHAPE=full  # random-init stand-in at the real model's shape (GPU speed, VRAM)
 #   make export && make report                  # GGUF + Ollama Modelfile (checked); every run on one HTML page
+#   make train NPROC=2 [DIST=fsdp]              # several processes under accelerate launch (DDP by default)
 # Each step's target is the file it writes last; a second `make all` does nothing, and a changed setting
 # re-runs only the steps that depend on it (per-step stamps under outputs/<run>/.stamps/).
 SHELL := bash
@@ -24,6 +25,8 @@ ARGS   ?=
 BENCH  ?=
 SHAPE  ?=
 DRY_RUN ?=
+NPROC  ?=
+DIST   ?=
 RECIPES := $(sort $(basename $(notdir $(wildcard recipes/*.yaml))))
 FLAGS   := --recipe $(RECIPE) $(if $(or $(TINY),$(SHAPE)),--tiny) $(if $(SHAPE),--set tiny.shape=$(SHAPE)) $(ARGS)
 
@@ -48,7 +51,15 @@ ifneq ($(filter-out $(NO_RECIPE_GOALS),$(or $(MAKECMDGOALS),all)),)
   endif
   # All paths come from common/paths.py.
   $(foreach v,$(shell $(PY) -m common.paths $(FLAGS)),$(eval $(v)))
+  # NPROC/DIST: how training is launched (common/dist.py checks them first and prints the launcher, or one error).
+  ifneq ($(NPROC)$(DIST),)
+    TRAIN_LAUNCH := $(shell $(PY) -m common.dist $(FLAGS) --nproc '$(NPROC)' --dist '$(DIST)' --python '$(PY)')
+    ifneq ($(filter error:,$(firstword $(TRAIN_LAUNCH))),)
+      $(error $(wordlist 2,999,$(TRAIN_LAUNCH)))
+    endif
+  endif
 endif
+TRAIN_LAUNCH ?= $(PY)
 .PHONY: all help install prepare train merge eval export report push demo bench test test-fast test-gpu clean clean-all \
 	recipes
 all: $(EVALUATED) ## install -> prepare -> train -> merge -> eval
@@ -56,7 +67,7 @@ all: $(EVALUATED) ## install -> prepare -> train -> merge -> eval
 
 install: $(ENV_JSON) ## install requirements (keeps an existing torch) and record outputs/env.json
 prepare: $(PREPARED) ## clean, sample, split and format the data
-train: $(TRAINED) ## LoRA/QLoRA fine-tuning -> outputs/<run>/adapter
+train: $(TRAINED) ## LoRA/QLoRA fine-tuning -> outputs/<run>/adapter (NPROC=N processes, DIST=ddp|fsdp|zero2|zero3)
 merge: $(MERGED) ## merge the adapter into an fp16 model -> outputs/<run>/merged
 eval: $(EVALUATED) ## base vs tuned metrics and reports -> outputs/<run>/eval
 
@@ -67,7 +78,7 @@ $(PREPARED): scripts/01_prepare.py $(STAMPS)/prepare.json $(ENV_JSON)
 	$(PY) scripts/01_prepare.py $(FLAGS)
 
 $(TRAINED): scripts/02_sft_qlora.py $(STAMPS)/train.json $(PREPARED)
-	$(PY) scripts/02_sft_qlora.py $(FLAGS)
+	$(TRAIN_LAUNCH) scripts/02_sft_qlora.py $(FLAGS)
 
 $(MERGED): scripts/03_merge_fp16.py $(STAMPS)/merge.json $(TRAINED)
 	$(PY) scripts/03_merge_fp16.py $(FLAGS)
@@ -113,6 +124,6 @@ clean-all: ## remove every run, processed data and the model cache (under FT_HOM
 	[ ! -d $(HOME_DIR)/outputs ] || find $(HOME_DIR)/outputs -mindepth 1 ! -name .gitkeep -delete
 
 help: ## this list
-	@echo "usage: make [target] [RECIPE=name] [TINY=1 | SHAPE=full] [ARGS='--set key=value ...']"
+	@echo "usage: make [target] [RECIPE=name] [TINY=1 | SHAPE=full] [ARGS='--set key=value ...'] [NPROC=N DIST=ddp]"
 	@echo "recipes: $(RECIPES)"
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  \1\t/'

@@ -20,6 +20,8 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from common.io import UserError
+
 log = logging.getLogger("ft")
 
 # Share of the GPU's memory (or of the cap) a probed step may take, optimizer states included, less a fixed
@@ -38,13 +40,15 @@ class Batching:
     why: str
     memory_cap_gb: float | None = None
     probes: list[dict] = field(default_factory=list)
+    processes: int = 1  # micro_batch x grad_accum x processes = effective
 
     def describe(self) -> dict:
         return asdict(self)
 
     def line(self) -> str:
-        return (f"micro-batch {self.micro_batch} x grad_accum {self.grad_accum} = effective batch {self.effective} "
-                f"({self.why})")
+        procs = f" x {self.processes} processes" if self.processes > 1 else ""
+        return (f"micro-batch {self.micro_batch} x grad_accum {self.grad_accum}{procs} = effective batch "
+                f"{self.effective} ({self.why})")
 
 
 def divisors_desc(n: int) -> list[int]:
@@ -107,14 +111,26 @@ def optimizer_bytes(model: Any, optim: str) -> int:
     return n * (2 if "8bit" in optim else 8)
 
 
-def choose(cfg: Any, plan: Any, model: Any, ds: Any, pad_id: int, capacity_gb: float | None) -> Batching:
+def choose(cfg: Any, plan: Any, model: Any, ds: Any, pad_id: int, capacity_gb: float | None,
+           processes: int = 1) -> Batching:
+    """The split of the effective batch for this process; with several processes (make train NPROC=N) each takes
+    1/N of it, so the accumulation is divided and the effective batch stays the recipe's."""
     t = cfg.train
-    eff = t.batch_size * t.grad_accum
+    total = t.batch_size * t.grad_accum
+    if total % processes:
+        raise UserError(f"the effective batch train.batch_size x train.grad_accum = {total} does not split over "
+                        f"{processes} processes; use a process count that divides {total}")
+    eff = total // processes  # this process's share
+    share = f", {processes} processes" if processes > 1 else ""
     if t.micro_batch != "auto":
         m = int(t.micro_batch)
-        return Batching(eff, m, eff // m, f"train.micro_batch={m}", capacity_gb)
+        if eff % m:
+            raise UserError(f"train.micro_batch={m} does not divide this process's share {eff} of the effective batch "
+                            f"{total} ({processes} processes); choose a divisor of {eff} or auto")
+        return Batching(total, m, eff // m, f"train.micro_batch={m}{share}", capacity_gb, processes=processes)
     if plan.device != "cuda" or capacity_gb is None:
-        return Batching(eff, t.batch_size, t.grad_accum, "auto on a CPU: the recipe's batch_size x grad_accum")
+        m = max(d for d in divisors_desc(eff) if d <= t.batch_size)
+        return Batching(total, m, eff // m, f"auto on a CPU: the recipe's batch_size{share}", processes=processes)
     import torch
 
     from common import training
@@ -159,8 +175,21 @@ def choose(cfg: Any, plan: Any, model: Any, ds: Any, pad_id: int, capacity_gb: f
     model.train(was_training)
     where = f"{HEADROOM:.0%} of {capacity_gb:.1f} GB less {RESERVE_GB} GB" + (
         " (train.gpu_memory_gb)" if t.gpu_memory_gb else "")
-    if chosen is None:
+    chosen = agree(chosen or 1)  # every process takes the smallest any of them found
+    if not probes[-1]["fits"]:
         log.warning("even a micro-batch of 1 does not fit in %s; training will try it", where)
-        return Batching(eff, 1, eff, f"auto: nothing fits {where}; trying 1", capacity_gb, probes)
-    why = f"auto: the largest divisor of {eff} whose longest batch fits {where}"
-    return Batching(eff, chosen, eff // chosen, why, capacity_gb, probes)
+        return Batching(total, 1, eff, f"auto: nothing fits {where}; trying 1{share}", capacity_gb, probes, processes)
+    why = f"auto: the largest divisor of {eff} whose longest batch fits {where}{share}"
+    return Batching(total, chosen, eff // chosen, why, capacity_gb, probes, processes)
+
+
+def agree(m: int) -> int:
+    """The smallest of the processes' choices (one process: m itself)."""
+    import torch
+    import torch.distributed as td
+
+    if not (td.is_available() and td.is_initialized()):
+        return m
+    x = torch.tensor([m], device="cuda" if torch.cuda.is_available() else "cpu")
+    td.all_reduce(x, op=td.ReduceOp.MIN)
+    return int(x.item())

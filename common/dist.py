@@ -58,6 +58,36 @@ def engine() -> str:
     return "ddp"
 
 
+def die_with_launcher() -> None:
+    """Linux: end this process when its launcher dies (a kill -9 of `accelerate launch` must not leave ranks
+    training, holding the GPU and the run lock)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def barrier() -> None:
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        td.barrier()
+
+
+def start(device: str) -> None:
+    """In a multi-process run: bind to the launcher's lifetime and start the process group (gloo on a CPU, NCCL
+    on GPUs) before any model loads, so every rank sees the same files and the right device."""
+    if world() <= 1:
+        return
+    die_with_launcher()
+    from accelerate import PartialState
+
+    PartialState(cpu=device == "cpu")
+
+
 def config_file(dist: str) -> Path:
     if dist not in ENGINES:
         raise UserError(f"DIST={dist} is not an engine here; choose one of {', '.join(ENGINES)}")
@@ -73,6 +103,7 @@ def load_engine_config(dist: str) -> object:
 
 def check(cfg: config.Config, nproc: int, dist: str, gpus: int) -> None:
     """Refuse what cannot run, with one line, before any process starts."""
+    config_file(dist)  # a known engine
     if nproc < 1:
         raise UserError(f"NPROC must be a number >= 1, got {nproc}")
     if dist != "ddp" and nproc < 2:

@@ -19,7 +19,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from common import arch, paths
+from common import arch, dist, paths
 from common.io import UserError, atomic_dir
 from common.templates import TEMPLATES
 
@@ -216,19 +216,21 @@ def load_model(cfg: Any, source: str, quant_bits: int = 0, dtype: str = "fp32") 
     if quant_bits and q.prequantized and not cfg.tiny_mode:
         pass  # the checkpoint carries its own quantization config (e.g. unsloth/llama-3-8b-bnb-4bit)
     elif quant_bits == 4:
+        compute = torch_dtype(q.compute_dtype if cuda() else "float32")
+        sharded = dist.engine() in ("fsdp", "deepspeed zero3")  # sharding engines need 4-bit stored as a float
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
-            bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype if cuda() else "float32"))
+            bnb_4bit_compute_dtype=compute, **({"bnb_4bit_quant_storage": compute} if sharded else {}))
     elif quant_bits == 8:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     if quant_bits and cuda():
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": dist.local_rank()}  # this process's GPU (0 for a single process)
     try:
         model = a.model_class().from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
         raise _hub_error(source, e) from None
     if cuda() and not quant_bits:
-        model.to("cuda")
+        model.to(f"cuda:{dist.local_rank()}")
     return model
 
 

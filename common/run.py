@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from common import config, paths
+from common import config, dist, paths
 from common.io import UserError
 
 log = logging.getLogger("ft")
@@ -58,11 +58,13 @@ class _RedactFilter(logging.Filter):
         return True
 
 
-def setup_logging(logfile: Path | None, debug: bool = False) -> None:
+def setup_logging(logfile: Path | None, debug: bool = False, rank: int = 0) -> None:
+    """Console (and the step's log file); a process other than rank 0 of a multi-process run logs warnings only,
+    marked with its rank, and writes no log file."""
     log.handlers.clear()
-    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.setLevel(logging.DEBUG if debug else logging.INFO if rank == 0 else logging.WARNING)
     log.propagate = False
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    fmt = logging.Formatter(f"%(asctime)s {f'[rank {rank}] ' if rank else ''}%(message)s", "%H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if logfile:
         logfile.parent.mkdir(parents=True, exist_ok=True)
@@ -142,10 +144,11 @@ def main(step: str, body: Callable[[Context], None], argv: list[str] | None, doc
         check_own_code()
         cfg = config.load(args.recipe, args.sets, args.tiny)
         rp = paths.RunPaths(cfg.run)
-        setup_logging(rp.logs / f"{step}.log", args.debug)
+        main_process = dist.is_main()  # of a multi-process run (make train NPROC=N): only rank 0 logs to the file
+        setup_logging(rp.logs / f"{step}.log" if main_process else None, args.debug, dist.rank())
         log.info("[%s] recipe=%s run=%s model=%s", step, cfg.name, cfg.run, cfg.model.name_or_path)
-        with run_lock(rp) if lock else contextlib.nullcontext():
-            if lock:
+        with run_lock(rp) if lock and main_process else contextlib.nullcontext():
+            if lock and main_process:
                 sweep_leftovers(rp)
             body(Context(step, args, cfg, rp))
         return 0

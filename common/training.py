@@ -35,15 +35,28 @@ def _parts(model: Any) -> tuple[Any, Any, Any] | None:
     return lm, decoder, head
 
 
+def wrapped(model: Any) -> bool:
+    """Whether the model is inside a multi-process engine's wrapper (DDP, FSDP, DeepSpeed)."""
+    return type(model).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel", "DeepSpeedEngine")
+
+
 def answer_loss(model: Any, inputs: dict, liger: bool = False) -> tuple[Any, Any]:
     """(sum of token losses over labelled positions, number of such positions). With liger, the output layer and
-    cross-entropy run as Liger's fused kernel (chunked: the logits are never held whole)."""
+    cross-entropy run as Liger's fused kernel (chunked: the logits are never held whole). Under a multi-process
+    engine the model is called through its wrapper (DDP synchronises gradients only for a forward it ran), asking
+    for logits only at the positions that hold a label in some row (`logits_to_keep`)."""
     import torch.nn.functional as F
 
     labels = inputs["labels"]
-    parts = _parts(model)
     target = labels[:, 1:]
     keep = target != IGNORE
+    if wrapped(model) and _parts(getattr(model, "module", model)) is not None:
+        pos = keep.any(0).nonzero().squeeze(1)
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                    position_ids=inputs.get("position_ids"), logits_to_keep=pos, use_cache=False)
+        sel = keep[:, pos]
+        return F.cross_entropy(out.logits[sel].float(), target[:, pos][sel], reduction="sum"), keep.sum()
+    parts = _parts(model)
     if parts is None:  # architectures this shortcut does not cover: the model's own loss
         out = model(**inputs)
         n = keep.sum()
@@ -118,6 +131,8 @@ def trainer_class(base: type, plan: modeling.Plan, answer_only: bool) -> type:
             if num_items_in_batch is not None and model.training:
                 self.loss_is_scaled_for_ga = True  # normalised over the whole accumulated batch, as HF does
                 loss = total / num_items_in_batch
+                if self.args.average_tokens_across_devices:  # the count spans every process; DDP then averages
+                    loss = loss * self.accelerator.num_processes  # the gradients: undo that, as HF's loss does
             else:
                 self.loss_is_scaled_for_ga = None
                 loss = total / n.clamp(min=1)

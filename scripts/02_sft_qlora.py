@@ -1,6 +1,7 @@
 """Fine-tune the recipe's base model with LoRA (QLoRA when the recipe quantizes and the machine can).
 
     make train RECIPE=smollm2          # or: python scripts/02_sft_qlora.py --recipe smollm2 [--set train.max_steps=20]
+    make train NPROC=2 [DIST=fsdp]     # several processes under accelerate launch (common/dist.py); rank 0 writes
 
 The recipe's architecture (common/arch.py) picks the trainer: TRL's SFTTrainer for decoder-only chat models,
 on pre-tokenized examples whose labels are -100 on every prompt token (loss on the answer only, EOS included, so
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import arch, batching, config, io, metadata, modeling, prompts, run, training
+from common import arch, batching, config, dist, io, metadata, modeling, prompts, run, training
 
 log = logging.getLogger("ft")
 
@@ -60,6 +61,10 @@ def body(ctx: run.Context) -> None:
     plan = modeling.plan(cfg)
     log.info("device=%s precision=%s quantization=%s optim=%s padding_free=%s liger=%s", plan.device, plan.precision,
              f"{plan.quant_bits}-bit" if plan.quant_bits else "none", plan.optim, plan.padding_free, plan.liger)
+    dist.start(plan.device)  # several processes (make train NPROC=N): the process group, before any model loads
+    if dist.world() > 1:
+        log.info("engine %s, world size %d: each process trains on 1/%d of the effective batch", dist.engine(),
+                 dist.world(), dist.world())
     capacity = batching.cap_memory(cfg, plan)
     source = modeling.model_source(cfg)
     tok = modeling.load_tokenizer(cfg, source)
@@ -73,12 +78,15 @@ def body(ctx: run.Context) -> None:
     sched = training.schedule(cfg, len(train_ds), len(val_ds) > 0)
 
     model = training.load_for_training(cfg, plan, source)
-    if cfg.eval.baseline_samples and not (rp.out / "baseline_samples.jsonl").exists():
+    if cfg.eval.baseline_samples and dist.is_main() and not (rp.out / "baseline_samples.jsonl").exists():
         baseline_samples(cfg, plan, model, tok, val_rows, rp.out)
 
-    split = batching.choose(cfg, plan, model, train_ds, tok.pad_token_id, capacity)
+    split = batching.choose(cfg, plan, model, train_ds, tok.pad_token_id, capacity, dist.world())
     log.info("%s", split.line())
-    last = resumable_checkpoint(cfg, rp)  # before the trainer, which creates the folder
+    last = resumable_checkpoint(cfg, rp) if dist.is_main() else None  # before the trainer creates the folder
+    dist.barrier()  # rank 0 has removed stale or incomplete checkpoints: the others read the same last one
+    if not dist.is_main():
+        last = resumable_checkpoint(cfg, rp, clean=False)
     trainer = training.make_trainer(cfg, plan, model, tok, train_ds, val_ds, str(rp.checkpoints), sched,
                                     training.trackers(cfg, plan, rp.tensorboard), split)
     trainer.add_callback(training.log_callback())
@@ -87,6 +95,9 @@ def body(ctx: run.Context) -> None:
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=last)
     seconds = time.time() - t0
+    dist.barrier()
+    if not dist.is_main():  # rank 0 writes every artifact
+        return
     history = trainer.state.log_history
     training.write_history(history, rp.out)
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
@@ -96,6 +107,7 @@ def body(ctx: run.Context) -> None:
                                                  "quantization_bits": plan.quant_bits, "optim": plan.optim,
                                                  "padding_free": plan.padding_free, "liger": plan.liger},
                         batching=split.describe(),
+                        distributed={"engine": dist.engine(), "world_size": dist.world()},
                         replaced=plan.notes, schedule={"max_steps": sched.max_steps, "epochs": sched.epochs,
                                                        "load_best": sched.load_best, "notes": sched.notes},
                         resumed_from=last, train_seconds=round(seconds, 1), steps_this_process=ran,
@@ -119,10 +131,14 @@ def body(ctx: run.Context) -> None:
              result.training_loss, evals[-1] if evals else "n/a", rp.adapter)
 
 
-def resumable_checkpoint(cfg: Any, rp: Any) -> str | None:
-    """The last checkpoint of an interrupted run with the same settings and data; stale ones are removed."""
+def resumable_checkpoint(cfg: Any, rp: Any, clean: bool = True) -> str | None:
+    """The last checkpoint of an interrupted run with the same settings and data; stale ones are removed (clean;
+    in a multi-process run rank 0 cleans, the others only read). A checkpoint holds the whole training state, so
+    it resumes with any process count."""
     from transformers.trainer_utils import get_last_checkpoint
 
+    if not clean:
+        return get_last_checkpoint(str(rp.checkpoints)) if rp.checkpoints.is_dir() else None
     key = hashlib.sha256(json.dumps(config.step_settings(cfg, "train"), sort_keys=True, default=str).encode()
                          + rp.split("train").read_bytes() + rp.split("val").read_bytes()).hexdigest()
     marker = rp.checkpoints / "settings.sha256"
