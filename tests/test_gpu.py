@@ -25,6 +25,8 @@ def test_recipe_end_to_end_tiny_on_cuda(recipe, ft_home):
     assert merge["token_agreement"] >= 0.98 and merge["answer_match"] >= 0.5, merge
     from common import config
 
+    demo = make(ft_home, "demo", f"RECIPE={recipe}", "TINY=1", "TITLE=Acme Chef Knife, Black, Large")
+    assert "TUNED (merged)" in demo.stdout, demo.stdout[-2000:]
     if config.load(recipe).model.arch == "causal":  # export reloads each GGUF on CUDA; f16 = merged/'s weights
         make(ft_home, "export", f"RECIPE={recipe}", "TINY=1")
         files = json.loads((out / "export/export_report.json").read_text())["files"]
@@ -39,6 +41,17 @@ def test_tinyllama_4bit_modules_to_save_on_cuda(precision, ft_home):
              f"--set train.answer_only_logits={answer_only} --set train.max_steps=2")
         info = json.loads((ft_home / "outputs/tinyllama-tiny/adapter/run_info.json").read_text())
         assert info["plan"]["precision"] == precision and info["plan"]["quantization_bits"] == 4
+
+
+@pytest.mark.parametrize("recipe", ["tinyllama", "mistral-xauusd"])
+def test_packing_trains_and_benches_on_cuda(recipe, ft_home):
+    """TRL's packing (best-fit, padding-free rows) with 4-bit and the answer-only loss; the bench's ours row too."""
+    make(ft_home, "train", f"RECIPE={recipe}", "TINY=1", "ARGS=--set train.packing=true --set train.max_steps=2")
+    info = json.loads((ft_home / f"outputs/{recipe}-tiny/adapter/run_info.json").read_text())
+    assert info["global_step"] == 2 and info["train_loss"] > 0
+    make(ft_home, "bench", f"RECIPE={recipe}", "TINY=1", "ARGS=--set train.packing=true",
+         "BENCH=--steps 1 --warmup 1 --only ours")
+    assert json.loads((ft_home / f"outputs/bench/{recipe}-tiny.json").read_text())["training"]["ours"]["tokens_per_s"] > 0
 
 
 def test_bench_smoke_at_the_real_tinyllama_shape(ft_home):

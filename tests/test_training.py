@@ -232,3 +232,15 @@ def test_an_unsloth_that_does_not_fit_our_pins_is_named_and_replaced(ft_home, tm
     note = next(n for n in plan.notes if n.startswith("Unsloth -> Hugging Face + PEFT"))
     assert ("does not work with this project's pinned versions" in note) == bool(clash), note
     assert sys.modules.get("unsloth") is None  # never imported: the check reads its metadata only
+
+
+def test_packing_trains_and_benches(ft_home):
+    """train.packing: TRL packs examples into rows of train.max_length (padding-free, position_ids); it trains
+    with the answer-only loss and the bench's ours row runs with it (it failed in bench before)."""
+    make(ft_home, "train", "RECIPE=smollm2", "TINY=1", "ARGS=--set train.packing=true --set train.max_steps=2")
+    info = json.loads((ft_home / "outputs/smollm2-tiny/adapter/run_info.json").read_text())
+    assert info["global_step"] == 2 and 0 < info["train_loss"] < 20
+    step("bench", "--recipe", "smollm2", "--tiny", "--set", "train.packing=true", "--steps", "1", "--warmup", "1",
+         "--only", "ours")
+    ours = json.loads((ft_home / "outputs/bench/smollm2-tiny.json").read_text())["training"]["ours"]
+    assert ours["tokens_per_s"] > 0 and ours["padding_share"] == 0.0  # packed rows carry no padding
