@@ -77,11 +77,14 @@ def test_recipe_end_to_end_tiny(recipe, ft_home):
         files = json.loads((out / "export/export_report.json").read_text())["files"]
         assert files["f16"]["answer_match"] == 1.0 and files["f16"]["prompt_tokens_match"] == 1.0, files
         assert (out / "export/Modelfile").read_text().startswith("# ollama create")
-    before = sorted(p for p in out.rglob("*") if p.is_file())
+    def artifacts() -> list:
+        return sorted(p for p in out.rglob("*") if p.is_file() and p.parent.name != "logs")
+
+    before = artifacts()
     demo = make(ft_home, "demo", f"RECIPE={recipe}", "TINY=1", "TITLE=Acme Chef Knife, Black, Large")
     head = next(line for line in demo.stdout.splitlines() if line.startswith("BASE"))
     assert "TUNED (merged)" in head and demo.stdout.count("|") >= 2, demo.stdout[-2000:]
-    assert sorted(p for p in out.rglob("*") if p.is_file()) == before  # the demo writes nothing
+    assert artifacts() == before and (out / "logs/demo.log").exists()  # the demo writes its log, nothing else
 
     # a second `make all` does nothing; a changed eval setting re-runs eval only
     again = make(ft_home, "all", f"RECIPE={recipe}", "TINY=1")
