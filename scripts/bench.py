@@ -7,7 +7,9 @@
 On the recipe's prepared train split and base model:
 
   training    ours               the recipe's own training step (common/training.py, as 02_sft_qlora runs it)
-              ours-<change>      ours with one speed choice undone, to show what each one pays
+              ours-<change>      ours with one speed choice undone, to show what each one pays; on a GPU
+                                 also the recipe's own micro-batch split, padded batches, Liger on/off,
+                                 gradient checkpointing, eager attention, and a memory cap (ours-cap<N>gb)
               trl-defaults       plain TRL SFTTrainer with every default kept (bf16 autocast, gradient
                                  checkpointing, the model's own chat template) and the same LoRA settings
               trl-defaults-fp32  the same with bf16=False, so the precision matches ours
@@ -86,7 +88,7 @@ def variants(cfg: config.Config, plan: modeling.Plan) -> dict[str, dict]:
         if plan.liger:
             out["ours-no-liger"] = {"kind": "ours", "sets": ["train.liger=false"],
                                     "what": "ours without Liger's fused output layer + cross-entropy"}
-        elif importlib.util.find_spec("liger_kernel") and cfg.train.answer_only_logits and arch.get(cfg).chat_baselines:
+        elif importlib.util.find_spec("liger_kernel") and t.answer_only_logits and arch.get(cfg).chat_baselines:
             out["ours-liger"] = {"kind": "ours", "sets": ["train.liger=true"],
                                  "what": "ours with Liger's fused output layer + cross-entropy"}
         if t.gradient_checkpointing:
