@@ -190,6 +190,11 @@ def test_padding_free_rows_give_the_padded_batches_loss_without_cross_contaminat
     assert len({len(ds[i]["input_ids"]) for i in idx}) > 1  # different lengths: the padded batch has padding
     padded = batching.collate(ds, idx, tok.pad_token_id, False, "cpu")
     free = batching.collate(ds, idx, tok.pad_token_id, True, "cpu")
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling  # what training uses: the probe matches it
+
+    trl_free = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)([ds[i] for i in idx])
+    for k in ("input_ids", "labels", "position_ids"):
+        assert torch.equal(trl_free[k], free[k]), k
     assert "attention_mask" not in free and free["input_ids"].shape[0] == 1
     assert int(free["input_ids"].numel()) == int(padded["attention_mask"].sum())  # no padding token left
     with torch.no_grad():
@@ -244,3 +249,46 @@ def test_packing_trains_and_benches(ft_home):
          "--only", "ours")
     ours = json.loads((ft_home / "outputs/bench/smollm2-tiny.json").read_text())["training"]["ours"]
     assert ours["tokens_per_s"] > 0 and ours["padding_share"] == 0.0  # packed rows carry no padding
+
+
+def test_gpu_targets_and_cap_rows_are_checked_from_the_recipes_bench_section():
+    """The GPU checks of make bench, by value: tokens/s against bench.gpu_tokens_per_s, ours vs TRL >= 2.5x, and
+    the reserved peak of the ours-cap row against bench.capped_peak_gb (only for SHAPE=full runs on a GPU)."""
+    import importlib
+
+    bench = importlib.import_module("scripts.bench")
+    cfg = config.load("mistral-xauusd", ["tiny.shape=full"], tiny=True)
+    row = {"tokens_per_s": 3000.0, "examples_per_s": 15.0, "mfu": 0.12, "micro_batch": 4, "grad_accum": 4}
+    res = {"machine": {"gpu": "NVIDIA H100 80GB HBM3"}, "shape": "full", "gpu_targets": dict(cfg.bench),
+           "training": {"ours": row, "trl-defaults": {"tokens_per_s": 1000.0, "examples_per_s": 5.0},
+                        "ours-cap24gb": {**row, "peak_vram_reserved_mb": 15 * 1024}}}
+    every = bench.ratio_checks(res)
+    checks = {c["name"].split(" (")[0]: c for c in every}
+    assert checks["training tokens/s, ours vs trl-defaults"]["met"] and "2.5x" in checks[
+        "training tokens/s, ours vs trl-defaults"]["target"]
+    tps = checks["training non-padding tokens/s"]
+    assert tps["target"] == ">= 6,000" and not tps["met"] and tps["value"] == "3,000"
+    cap = next(c for c in every if c["name"].startswith("peak GPU memory (reserved) at a 24 GB cap, auto micro"))
+    assert cap["name"].endswith("micro-batch 4 x 4")
+    assert cap["met"] and cap["value"] == "15.00 GB" and cap["target"] == "<= 22 GB"
+    res["shape"] = "tiny"  # tiny stand-ins: no absolute GPU targets
+    assert not any("non-padding" in c["name"] for c in bench.ratio_checks(res))
+
+
+def test_eval_batch_size_auto_fits_the_kv_cache_in_half_the_free_gpu_memory(monkeypatch):
+    """eval.batch_size auto on a GPU, by value on the CPU (CUDA's free-memory query stood in)."""
+    from transformers import LlamaConfig
+
+    class M:
+        config = LlamaConfig(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, hidden_size=4096)
+
+    prompts = [[1] * 100, [1] * 156]
+    per_seq = 2 * 32 * 8 * 128 * 2 * (156 + 100)  # K and V, bf16, longest prompt + new tokens: 32 MiB
+    assert modeling.eval_batch_size(M(), prompts, 100, 5) == 5  # a number is used as given
+    assert modeling.eval_batch_size(M(), prompts, 100, "auto") == 8  # no CUDA here: the CPU's 8
+    monkeypatch.setattr(modeling, "cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (10 * per_seq, 80 * 2 ** 30))
+    assert modeling.eval_batch_size(M(), prompts * 10, 100, "auto") == 5  # half of 10 prompts' worth of memory
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (70 * 2 ** 30, 80 * 2 ** 30))
+    assert modeling.eval_batch_size(M(), prompts, 100, "auto") == 2  # never more than the prompts
+    assert modeling.eval_batch_size(M(), prompts * 100, 100, "auto") == modeling.EVAL_GPU_MAX_BATCH
