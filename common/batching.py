@@ -38,7 +38,7 @@ class Batching:
     micro_batch: int
     grad_accum: int
     why: str
-    memory_cap_gb: float | None = None
+    gpu_memory_gb: float | None = None  # what the split was sized against: train.gpu_memory_gb, else the GPU's total
     probes: list[dict] = field(default_factory=list)
     processes: int = 1  # micro_batch x grad_accum x processes = effective
 

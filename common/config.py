@@ -107,6 +107,10 @@ SCHEMA: dict[str, Any] = {
         # Liger's fused output layer + cross-entropy (auto: on a GPU when liger-kernel is installed). Off by default:
         # on an H100 it was slower than our answer-only output layer (TinyLlama: 3,462 vs 4,124 tok/s; make bench)
         "liger": F((str, bool), False),
+        # torch.compile each repeated block (decoder layer) in place, dynamic shapes: the block's many small ops
+        # become a few fused kernels, against a one-time compile (about a minute) at the first step. Off by default
+        # until a GPU bench shows it pays (on a 2-core CPU it did not); make bench on a GPU has an ours-compile row
+        "compile": F(bool, False),
         "max_length": F(int, 512),  # prompt + answer tokens (causal) or source tokens (seq2seq)
         "max_target_length": F(int, 256),  # seq2seq only
         "precision": F(str, "auto", ("auto", "fp32", "bf16", "fp16")),
@@ -443,6 +447,7 @@ def check_conflicts(cfg: dict) -> None:
         (seq2seq and p["conversation_extension"] != 1, "prompt.conversation_extension > 1 needs model.arch=causal"),
         (seq2seq and bool(p["system"]), "prompt.system needs model.arch=causal (a seq2seq prompt has no system turn)"),
         (seq2seq and m["unsloth"], "model.unsloth=true needs model.arch=causal"),
+        (m["unsloth"] and t["compile"], "model.unsloth=true brings its own compiled kernels; set train.compile=false"),
         (p["conversation_extension"] < 1, "prompt.conversation_extension must be >= 1"),
         ((m["family"] == "t5") != seq2seq,
          f"model.family={m['family']} does not go with model.arch={m['arch']} (t5 is seq2seq; llama, mistral causal)"),

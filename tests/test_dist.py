@@ -134,3 +134,29 @@ def test_zero_without_deepspeed_and_a_bad_nproc_stop_make_before_any_step(ft_hom
             dist.check(config.load("tinyllama"), 2, "zero2", 2)
     p = make(ft_home, "train", "RECIPE=tinyllama", "TINY=1", "NPROC=two", check=False)
     assert p.returncode == 2 and "NPROC must be a number >= 1, got 'two'" in p.stderr
+
+
+@pytest.mark.parametrize("engine_env, stored_as_float", [
+    ({"ACCELERATE_USE_FSDP": "true"}, True),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, True),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, False),
+    ({}, False),
+])
+def test_sharding_engines_load_4bit_weights_stored_as_floats(engine_env, stored_as_float, ft_home, monkeypatch):
+    """FSDP and ZeRO-3 shard flat float tensors: under them the 4-bit weights are stored in the compute dtype
+    (bnb_4bit_quant_storage), elsewhere as packed uint8, as bitsandbytes' default."""
+    import torch
+
+    from common import modeling
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for k, v in engine_env.items():
+        monkeypatch.setenv(k, v)
+    cfg = config.load("tinyllama", tiny=True)
+    model = modeling.load_model(cfg, modeling.model_source(cfg), 4, "fp32")
+    q = model.config.quantization_config
+    stored = {p.dtype for n, p in model.named_parameters() if "q_proj" in n}
+    if stored_as_float:
+        assert q.bnb_4bit_quant_storage == torch.float32 and stored == {torch.float32}, (q, stored)
+    else:
+        assert stored == {torch.uint8}, (q, stored)

@@ -166,6 +166,36 @@ def test_two_splits_of_the_same_effective_batch_give_the_same_loss_curve(ft_home
         assert x == pytest.approx(y, rel=1e-4, abs=1e-4), (s, x, y)
 
 
+def test_compiled_blocks_train_the_same_curve_and_save_the_same_adapter(ft_home):
+    """train.compile: each decoder block torch.compile'd in place (4-bit on the CPU backend where bitsandbytes
+    has one, LoRA, dropout 0): the same loss curve as eager and an adapter with the same tensor names."""
+    base = "--set lora.dropout=0 --set train.learning_rate=0.005"
+    curves, keys = {}, {}
+    for flag in ("true", "false"):
+        p = make(ft_home, "train", "RECIPE=tinyllama", "TINY=1", f"ARGS={base} --set train.compile={flag}")
+        curves[flag] = loss_curve(ft_home)
+        adapter = ft_home / "outputs/tinyllama-tiny/adapter"
+        info = json.loads((adapter / "run_info.json").read_text())
+        assert info["plan"]["compile"] is (flag == "true")
+        assert ("blocks compiled in place" in p.stdout + p.stderr) is (flag == "true")
+        from safetensors import safe_open
+
+        with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+            keys[flag] = sorted(f.keys())
+    assert keys["true"] == keys["false"] and not any("_orig_mod" in k for k in keys["true"])
+    a, b = curves["true"], curves["false"]
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4] and a[-1][1] < a[0][1] - 0.1, a
+    for (s, x), (_, y) in zip(a, b):
+        assert x == pytest.approx(y, rel=1e-4, abs=1e-4), (s, x, y)
+
+
+def test_compile_refuses_what_it_cannot_do(ft_home):
+    with pytest.raises(config.ConfigError, match="model.unsloth=true brings its own compiled kernels"):
+        config.load("llama3-alpaca", ["model.unsloth=true", "train.compile=true"])
+    with pytest.raises(io.UserError, match="names no repeated blocks"):
+        training.compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
 def test_auto_micro_batch_keeps_the_recipes_split_on_a_cpu(ft_home):
     cfg = config.load("tinyllama", ["train.micro_batch=auto"])
     plan = modeling.Plan("cpu", "fp32", 0, "adamw_torch")
