@@ -24,7 +24,9 @@ a GPU) and model FLOPs utilisation (MFU) against the matmul peak probed at the s
 faster of fp32 and bf16, so a precision with a slow matmul does not look efficient). Model FLOPs per
 non-padding token = 4 x frozen linear parameters (forward + activation-gradient backward) + 6 x LoRA
 parameters; attention scores (about 1% at these lengths) and gradient-checkpointing recomputation are not
-counted. Run it on an otherwise idle machine: the load average at the start is recorded.
+counted. A timed step in which torch.compile built a graph (train.compile: a new mask or shape variant) is left
+out of its row and listed under the table. Run it on an otherwise idle machine: the load average at the start is
+recorded.
 
 Writes outputs/bench/<run>.json (every figure, the machine, versions) and outputs/bench/<run>.md (the tables).
 """
@@ -96,7 +98,7 @@ def variants(cfg: config.Config, plan: modeling.Plan) -> dict[str, dict]:
                                       "what": "ours with eager attention instead of SDPA"}
         if not t.compile:
             out["ours-compile"] = {"kind": "ours", "sets": ["train.compile=true"],
-                                   "what": "ours with each decoder block torch.compile'd (compiled in the warm-up)"}
+                                   "what": "ours with each decoder block torch.compile'd"}
         else:
             out["ours-no-compile"] = {"kind": "ours", "sets": ["train.compile=false"],
                                       "what": "ours without torch.compile of the decoder blocks"}
@@ -156,14 +158,34 @@ def step_timer() -> Any:
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
+        """The end time of every step, and how many graphs torch.compile had built by then (a step in which the
+        count rose spent its time compiling)."""
+
         def __init__(self) -> None:
             self.ends: list[float] = []
+            self.graphs: list[int] = []
 
         def on_step_end(self, args, state, control, **kw):
             self.ends.append(time.perf_counter())
+            self.graphs.append(compiled_graphs())
             log.info("  step %d/%d", state.global_step, state.max_steps)
 
     return StepTimer()
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (0 when nothing was compiled)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def timed_steps(ends: list[float], graphs: list[int], warmup: int, steps: int) -> tuple[list[int], list[int]]:
+    """(steps to time, timed steps left out because torch.compile built a graph in them), as 0-based step indices.
+    Step k lasts ends[k] - ends[k-1]; the first step has no start mark, so it is timed only after a warm-up."""
+    window = range(max(warmup, 1), warmup + steps)
+    compiled = [k for k in window if graphs[k] > graphs[k - 1]]
+    return [k for k in window if k not in compiled], compiled
 
 
 def model_flops_per_token(model: Any) -> tuple[float, int, int]:
@@ -311,16 +333,20 @@ def train_worker(cfg: config.Config, spec: dict, warmup: int, steps: int) -> dic
         raise UserError(f"only {len(ends)} steps ran, {warmup + steps} needed; lower --steps/--warmup")
     per_step = trainer.args.gradient_accumulation_steps  # micro-batches per optimizer step
     effective = trainer.args.per_device_train_batch_size * per_step
-    timed = counts[warmup * per_step:(warmup + steps) * per_step]
-    seconds = ends[warmup + steps - 1] - (ends[warmup - 1] if warmup else ends[0])
-    n = steps if warmup else steps - 1
-    real, total, labelled = (sum(c[i] for c in timed) for i in range(3))
-    if not warmup:  # without warm-up the first step has no start mark: drop it
-        real, total, labelled = (sum(c[i] for c in timed[per_step:]) for i in range(3))
+    keep, compiled = timed_steps(ends, timer.graphs, warmup, steps)
+    if not keep and not compiled:
+        raise UserError("nothing to time: without a warm-up step give --steps 2 or more")
+    if not keep:
+        raise UserError("every timed step was compiling (torch.compile); raise --steps or --warmup")
+    took = {k: ends[k] - ends[k - 1] for k in range(1, warmup + steps)}
+    seconds, n = sum(took[k] for k in keep), len(keep)
+    real, total, labelled = (sum(c[i] for k in keep for c in counts[k * per_step:(k + 1) * per_step])
+                             for i in range(3))
     out = {
         "precision": precision, "quantization_bits": plan.quant_bits, "device": plan.device,
         "steps_timed": n, "seconds": round(seconds, 3), "s_per_step": round(seconds / n, 4),
-        "step_seconds": [round(b - a, 3) for a, b in zip(ends[max(warmup - 1, 0):], ends[max(warmup, 1):warmup + steps])],
+        "step_seconds": [round(took[k], 3) for k in range(max(warmup, 1), warmup + steps)],
+        "compile_steps_left_out": [{"step": k + 1, "seconds": round(took[k], 3)} for k in compiled],
         "tokens_per_s": round(real / seconds, 2), "padded_tokens_per_s": round(total / seconds, 2),
         "examples_per_s": round(n * effective / seconds, 3),
         "micro_batch": trainer.args.per_device_train_batch_size, "grad_accum": per_step,
@@ -467,6 +493,11 @@ def report(res: dict) -> tuple[str, list[str]]:
                      f"| {fmt(r['tokens_per_s'], 1)} "
                      f"| {fmt(r['examples_per_s'])} | {r['padding_share']:.0%} | {r[mem_key] / 1024:.2f} "
                      f"| {r['mfu']:.1%} | {fmt(rel)}x |")
+    left_out = [name + " " + ", ".join(f"step {c['step']} ({c['seconds']:.1f} s)" for c in r["compile_steps_left_out"])
+                for name, r in tr.items() if r.get("compile_steps_left_out")]
+    if left_out:
+        lines += ["", "Timed steps in which torch.compile built a graph, left out of that row's figures: "
+                  + "; ".join(left_out) + "."]
     if res["rounds"] > 1:
         lines += ["", "Seconds/step in each round (the table keeps the best): " + "; ".join(
             f"{name} {', '.join(fmt(x) for x in r.get('s_per_step_by_round', []))}" for name, r in tr.items()) + "."]
