@@ -200,6 +200,13 @@ def test_compiled_blocks_train_the_same_curve_and_save_the_same_adapter(ft_home)
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4] and a[-1][1] < a[0][1] - 0.1, a
     for (s, x), (_, y) in zip(a, b):
         assert x == pytest.approx(y, rel=1e-4, abs=1e-4), (s, x, y)
+    # the GPU's way: compiled blocks under bf16 autocast over 4-bit weights (the curve within bf16 rounding)
+    make(ft_home, "train", "RECIPE=tinyllama", "TINY=1", f"ARGS={base} --set train.compile=true "
+         "--set train.precision=bf16")
+    info = json.loads((ft_home / "outputs/tinyllama-tiny/adapter/run_info.json").read_text())
+    assert info["plan"]["precision"] == "bf16" and info["plan"]["compile"] is True, info["plan"]
+    for (s, x), (_, y) in zip(loss_curve(ft_home), b):
+        assert x == pytest.approx(y, rel=2e-2), (s, x, y)
 
 
 def test_compile_refuses_what_it_cannot_do(ft_home):
