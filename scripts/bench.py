@@ -3,6 +3,7 @@
     make bench                                     # the default recipe; prepares its data first if needed
     make bench RECIPE=smollm2-xauusd BENCH="--steps 8 --gen-samples 32"
     python scripts/bench.py --recipe smollm2 [--only ours,trl-defaults] [--steps 5] [--warmup 2] [--rounds 2]
+    make bench RECIPE=tinyllama SHAPE=full BENCH="--profile --only ours,ours-compile"   # where a step's time goes
 
 On the recipe's prepared train split and base model:
 
@@ -28,7 +29,11 @@ counted. A timed step in which torch.compile built a graph (train.compile: a new
 out of its row and listed under the table. Run it on an otherwise idle machine: the load average at the start is
 recorded.
 
-Writes outputs/bench/<run>.json (every figure, the machine, versions) and outputs/bench/<run>.md (the tables).
+--profile runs one more step per variant under torch.profiler (common/profiling.py): top-level ATen operators
+issued, GPU kernels, the share of the step the GPU was busy, the top operators/kernels, and a trace per variant.
+
+Writes outputs/bench/<run>.json (every figure, the machine, versions) and outputs/bench/<run>.md (the tables);
+with --profile also outputs/bench/<run>-traces/<variant>.json.gz.
 """
 from __future__ import annotations
 
@@ -48,7 +53,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import arch, batching, config, io, metadata, modeling, paths, prompts, run, training
+from common import arch, batching, config, io, metadata, modeling, paths, profiling, prompts, run, training
 from common.io import UserError
 
 log = logging.getLogger("ft")
@@ -297,7 +302,7 @@ def build_trl(cfg: config.Config, plan: modeling.Plan, rows: list[dict], out: st
                       peft_config=training.lora_config(cfg))
 
 
-def train_worker(cfg: config.Config, spec: dict, warmup: int, steps: int) -> dict:
+def train_worker(cfg: config.Config, spec: dict, warmup: int, steps: int, profile: bool = False) -> dict:
     import torch
     from transformers import set_seed
 
@@ -305,7 +310,7 @@ def train_worker(cfg: config.Config, spec: dict, warmup: int, steps: int) -> dic
     plan = modeling.plan(cfg)
     capacity = batching.cap_memory(cfg, plan)  # every row under the same cap (a smaller GPU refuses them all alike)
     rows = io.read_jsonl(paths.RunPaths(cfg.run).split("train"))
-    need = (warmup + steps) * cfg.train.batch_size * cfg.train.grad_accum
+    need = (warmup + steps + profile) * cfg.train.batch_size * cfg.train.grad_accum
     if len(rows) < need:
         rows = (rows * (need // max(1, len(rows)) + 1))[:need] if rows else rows
     if not rows:
@@ -322,6 +327,11 @@ def train_worker(cfg: config.Config, spec: dict, warmup: int, steps: int) -> dic
         trainer.data_collator = counting(trainer.data_collator, counts)
         timer = step_timer()
         trainer.add_callback(timer)
+        prof = None
+        if profile:  # one more step after the timed ones, under torch.profiler (not timed)
+            trace = paths.bench_dir() / f"{cfg.run}-traces" / f"{spec['name']}.json.gz"
+            prof = profiling.one_step_profiler(warmup + steps + 1, trace)
+            trainer.add_callback(prof)
         flops_per_token, frozen, trainable = model_flops_per_token(trainer.model)
         precision = ("bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32")
         if plan.device == "cuda":
@@ -358,6 +368,10 @@ def train_worker(cfg: config.Config, spec: dict, warmup: int, steps: int) -> dic
     if plan.device == "cuda":
         out["peak_vram_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
         out["peak_vram_reserved_mb"] = round(torch.cuda.max_memory_reserved() / 2 ** 20, 1)  # what the GPU holds
+    if prof is not None:
+        if prof.result is None:
+            raise UserError(f"the profiled step {warmup + steps + 1} did not run")
+        out["profile"] = prof.result
     return out
 
 
@@ -404,7 +418,7 @@ def worker_body(ctx: run.Context) -> None:
         if spec["kind"] == "generation":
             result = generation_worker(ctx.cfg, a.gen_samples)
         else:
-            result = train_worker(ctx.cfg, spec, a.warmup, a.steps)
+            result = train_worker(ctx.cfg, spec, a.warmup, a.steps, spec.get("profile", False))
     except Exception as e:  # the parent's table shows the exception's own last line, not a progress bar
         last = (str(e).strip().splitlines() or [""])[-1][:300]
         Path(a.result).write_text(json.dumps({"error": run.redact(f"{type(e).__name__}: {last}")}))
@@ -501,6 +515,7 @@ def report(res: dict) -> tuple[str, list[str]]:
     if res["rounds"] > 1:
         lines += ["", "Seconds/step in each round (the table keeps the best): " + "; ".join(
             f"{name} {', '.join(fmt(x) for x in r.get('s_per_step_by_round', []))}" for name, r in tr.items()) + "."]
+    lines += profile_table(tr)
     g = res.get("generation", {})
     if "error" in g:
         lines += ["", f"Generation benchmark failed: {g['error']}"]
@@ -521,6 +536,28 @@ def report(res: dict) -> tuple[str, list[str]]:
               for c in checks]
     return "\n".join(lines) + "\n", [f"{c['name']}: {c['value']} (target {c['target']}) "
                                       f"{'met' if c['met'] else 'NOT met'}" for c in checks]
+
+
+def profile_table(tr: dict) -> list[str]:
+    """One profiled step per variant (--profile): how much the host issued and how busy the GPU was."""
+    rows = {name: r["profile"] for name, r in tr.items() if "profile" in r}
+    if not rows:
+        return []
+    gpu = any("device_kernels" in p for p in rows.values())
+    out = ["", "One step per variant under torch.profiler (not timed; `top` by "
+           + ("GPU kernel" if gpu else "operator") + " self time). Top-level ATen operators are what Python and "
+           "autograd issue one by one" + ("; a GPU busy share well below 100% means the GPU waited for the host."
+                                           if gpu else "."), "",
+           "| profiled step | span ms | ATen ops | GPU kernels | GPU busy | top |", "|---|---:|---:|---:|---:|---|"]
+    for name, p in rows.items():
+        top = ", ".join(f"{t['name'][:48]} {t['self_ms']:.1f} ms x{t['count']}" for t in p["top"][:3])
+        busy = f"{p['device_busy_ms']:,.1f} ms ({p['device_busy_share']:.0%})" if "device_busy_ms" in p else "-"
+        out.append(f"| {name} | {p['span_ms']:,.1f} | {p['aten_ops']:,} | {fmt(p.get('device_kernels'))} | {busy} "
+                   f"| {top} |")
+    traces = [p["trace"] for p in rows.values() if p.get("trace")]
+    if traces:
+        out += ["", f"Traces (open in ui.perfetto.dev): {Path(traces[0]).parent}/"]
+    return out
 
 
 def ratio_checks(res: dict) -> list[dict]:
@@ -590,14 +627,16 @@ def body(ctx: run.Context) -> None:
                                        shape=cfg.tiny.shape if cfg.tiny_mode else "real", gpu_targets=dict(cfg.bench))
     res["matmul_peak_gflops"] = matmul_peak(plan.device)
     log.info("matmul peak: %s GFLOP/s", res["matmul_peak_gflops"])
-    total_steps = [f"train.max_steps={a.warmup + a.steps}", "train.save_strategy=no", "train.eval_strategy=no",
-                   "train.load_best_model_at_end=false",
-                   "train.logging_steps=100000", "train.warmup_steps=0", "train.warmup_ratio=0.0"]
+    settings = ["train.save_strategy=no", "train.eval_strategy=no", "train.load_best_model_at_end=false",
+                "train.logging_steps=100000", "train.warmup_steps=0", "train.warmup_ratio=0.0"]
     res["training"] = {}
     names = [x for x in specs if x in only]
     for rnd in range(1, a.rounds + 1):  # every variant once per round, in the same order
         for name in names:
-            r = spawn(ctx, f"{name} round {rnd}/{a.rounds}" if a.rounds > 1 else name, specs[name], total_steps)
+            profile = a.profile and rnd == 1  # one extra, untimed step under the profiler (first round only)
+            total = f"train.max_steps={a.warmup + a.steps + profile}"
+            r = spawn(ctx, f"{name} round {rnd}/{a.rounds}" if a.rounds > 1 else name,
+                      {**specs[name], "name": name, "profile": profile}, [total, *settings])
             if "error" not in r:
                 peak = max(res["matmul_peak_gflops"].values())  # the machine's best, whatever precision ran
                 r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e9)
@@ -608,6 +647,8 @@ def body(ctx: run.Context) -> None:
             best = res["training"].get(name)
             rounds = (best or {}).get("s_per_step_by_round", []) + [r.get("s_per_step")]
             if best is None or "error" in best or ("error" not in r and r["s_per_step"] < best["s_per_step"]):
+                if best and "profile" in best:  # the profile is of round 1's run, whichever round was best
+                    r["profile"] = best["profile"]
                 best = r  # best of the rounds, as timeit reports: the run least disturbed by the machine
             best["s_per_step_by_round"] = rounds
             res["training"][name] = best
@@ -634,6 +675,9 @@ def add_args(ap: argparse.ArgumentParser) -> None:
                     help="measure every training variant this many times, interleaved, and keep each one's best")
     ap.add_argument("--gen-samples", type=int, default=16, help="test prompts for the generation benchmark")
     ap.add_argument("--only", help="comma-separated variants to run (default: all)")
+    ap.add_argument("--profile", action="store_true",
+                    help="one more (untimed) step per variant under torch.profiler: operators, GPU kernels and "
+                         "GPU busy time in the table; traces -> outputs/bench/<run>-traces/<variant>.json.gz")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
 

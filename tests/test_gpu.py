@@ -3,6 +3,7 @@ smoke at a real model's shape. Skipped where there is no CUDA (CI and the CPU ma
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,11 +68,15 @@ def test_compiled_blocks_on_cuda_train_and_bench(ft_home):
 
 def test_bench_smoke_at_the_real_tinyllama_shape(ft_home):
     make(ft_home, "bench", "RECIPE=tinyllama", "SHAPE=full", "BENCH=--steps 2 --warmup 1 --only ours,generation "
-         "--gen-samples 4")
+         "--gen-samples 4 --profile")
     res = json.loads((ft_home / "outputs/bench/tinyllama-full.json").read_text())
     ours = res["training"]["ours"]
     assert ours["frozen_linear_params"] > 900e6 and ours["peak_vram_mb"] > 500 and ours["tokens_per_s"] > 0
-    assert "peak VRAM GB" in (ft_home / "outputs/bench/tinyllama-full.md").read_text()
+    md = (ft_home / "outputs/bench/tinyllama-full.md").read_text()
+    assert "peak VRAM GB" in md and "| ours | " in md
+    prof = ours["profile"]  # the profiled step's GPU side: kernels, and how busy the GPU was over the step
+    assert prof["device_kernels"] > 1000 and prof["aten_ops"] > 1000 and 0 < prof["device_busy_share"] <= 1, prof
+    assert prof["top_by"] == "kernel self time" and Path(prof["trace"]).is_file()
 
 
 def test_auto_micro_batch_probes_the_gpu_and_respects_a_memory_cap(ft_home):

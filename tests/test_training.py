@@ -2,7 +2,9 @@
 at rate p with the usual scaling; `make bench` measures and writes what it says."""
 from __future__ import annotations
 
+import gzip
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,7 +79,7 @@ def test_lora_layers_get_cheap_dropout_on_cpu_and_not_when_switched_off(ft_home)
 def test_bench_measures_every_variant_and_writes_its_tables(ft_home):
     step("01_prepare", "--recipe", "smollm2", "--tiny")
     p = step("bench", "--recipe", "smollm2", "--tiny", "--steps", "2", "--warmup", "1", "--gen-samples", "4",
-             "--rounds", "2", "--only", "ours,ours-full-logits,trl-defaults-fp32,reference,generation")
+             "--rounds", "2", "--profile", "--only", "ours,ours-full-logits,trl-defaults-fp32,reference,generation")
     res = json.loads((ft_home / "outputs/bench/smollm2-tiny.json").read_text())
     md = (ft_home / "outputs/bench/smollm2-tiny.md").read_text()
     tr = res["training"]
@@ -99,19 +101,38 @@ def test_bench_measures_every_variant_and_writes_its_tables(ft_home):
     assert g["samples"] == 4 and g["identical_outputs"] == 4 and g["speedup"] > 0
     assert res["matmul_peak_gflops"]["fp32"] > 1 and res["machine"]["cores"] >= 1
     assert "ours vs reference" in p.stdout and "generation samples/s" in p.stdout
+    # --profile: one more, untimed step per variant (round 1) under torch.profiler, and its trace
+    for name, r in tr.items():
+        prof = r["profile"]
+        assert prof["aten_ops"] > 100 and prof["span_ms"] > 0 and "device_kernels" not in prof, (name, prof)
+        assert any(t["name"] in ("aten::mm", "aten::addmm") for t in prof["top"]), prof["top"]
+        trace = json.loads(gzip.decompress(Path(prof["trace"]).read_bytes()))
+        assert Path(prof["trace"]).name == f"{name}.json.gz" and len(trace["traceEvents"]) > prof["aten_ops"]
+        assert f"| {name} | " in md
+    # full-vocabulary logits + TRL's per-step metrics (entropy, token accuracy) issue more operators than ours
+    assert tr["ours-full-logits"]["profile"]["aten_ops"] > tr["ours"]["profile"]["aten_ops"]
 
 
-def test_bench_leaves_out_timed_steps_in_which_torch_compile_built_a_graph():
-    """Step k lasts ends[k] - ends[k-1]; a timed step in which the compiled-graph count rose is left out (it
-    measured the compiler, not the training step); without a warm-up the first step has no start and is not timed."""
-    import importlib
+def test_profile_summary_counts_issued_operators_and_merges_overlapping_kernels():
+    """By value: top-level ATen operators only (addmm inside linear is not issued again); GPU busy time is the union
+    of kernel intervals over the step's span; without device events the top list is by operator self time."""
+    from common import profiling
+    from common.profiling import Event
 
-    bench = importlib.import_module("scripts.bench")
-    ends, graphs = [10.0, 12.0, 40.0, 42.0, 44.5], [3, 3, 5, 5, 5]
-    assert bench.timed_steps(ends, graphs, warmup=1, steps=4) == ([1, 3, 4], [2])
-    assert bench.timed_steps(ends, [0] * 5, warmup=0, steps=5) == ([1, 2, 3, 4], [])
-    assert bench.timed_steps(ends, graphs, warmup=2, steps=1) == ([], [2])
-    assert bench.compiled_graphs() >= 0
+    assert profiling.busy_us([(20, 25), (0, 10), (5, 15), (12, 14)]) == 20 and profiling.busy_us([]) == 0
+    host = [Event("ProfilerStep", False, -5, 35, 1), Event("aten::linear", False, 0, 9, 2, "ProfilerStep"),
+            Event("aten::addmm", False, 1, 8, 6, "aten::linear"), Event("aten::mul", False, 10, 12, 2, "MulBackward0"),
+            Event("aten::mul", False, 13, 14, 1, None), Event("cudaLaunchKernel", False, 2, 3, 1, "aten::addmm")]
+    dev = [Event("gemm", True, 0, 10, 10), Event("gemm", True, 5, 15, 10), Event("mul_kernel", True, 20, 25, 5)]
+    s = profiling.summarize(host + dev)
+    assert (s["aten_ops"], s["device_kernels"], s["device_busy_ms"], s["device_busy_share"], s["span_ms"]) == \
+        (3, 3, 0.02, 0.5, 0.04)
+    assert s["top"][0] == {"name": "gemm", "count": 2, "self_ms": 0.02} and s["top_by"] == "kernel self time"
+    cpu = profiling.summarize(host)
+    assert "device_kernels" not in cpu and cpu["top"][0] == {"name": "aten::addmm", "count": 1, "self_ms": 0.006}
+    assert cpu["top"][1] == {"name": "aten::mul", "count": 2, "self_ms": 0.003}
+    with pytest.raises(ValueError):
+        profiling.summarize([])
 
 
 def test_a_failed_bench_variant_shows_its_exception_not_a_progress_bar(ft_home):
