@@ -45,6 +45,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -631,6 +632,8 @@ def body(ctx: run.Context) -> None:
                 "train.logging_steps=100000", "train.warmup_steps=0", "train.warmup_ratio=0.0"]
     res["training"] = {}
     names = [x for x in specs if x in only]
+    if a.profile:  # this run's traces only, not a stale one of a variant run before
+        shutil.rmtree(paths.bench_dir() / f"{cfg.run}-traces", ignore_errors=True)
     for rnd in range(1, a.rounds + 1):  # every variant once per round, in the same order
         for name in names:
             profile = a.profile and rnd == 1  # one extra, untimed step under the profiler (first round only)

@@ -78,6 +78,9 @@ def test_lora_layers_get_cheap_dropout_on_cpu_and_not_when_switched_off(ft_home)
 
 def test_bench_measures_every_variant_and_writes_its_tables(ft_home):
     step("01_prepare", "--recipe", "smollm2", "--tiny")
+    stale = ft_home / "outputs/bench/smollm2-tiny-traces/a-variant-of-an-earlier-run.json.gz"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(gzip.compress(b"{}"))
     p = step("bench", "--recipe", "smollm2", "--tiny", "--steps", "2", "--warmup", "1", "--gen-samples", "4",
              "--rounds", "2", "--profile", "--only", "ours,ours-full-logits,trl-defaults-fp32,reference,generation")
     res = json.loads((ft_home / "outputs/bench/smollm2-tiny.json").read_text())
@@ -109,6 +112,7 @@ def test_bench_measures_every_variant_and_writes_its_tables(ft_home):
         trace = json.loads(gzip.decompress(Path(prof["trace"]).read_bytes()))
         assert Path(prof["trace"]).name == f"{name}.json.gz" and len(trace["traceEvents"]) > prof["aten_ops"]
         assert f"| {name} | " in md
+    assert sorted(p.name for p in stale.parent.iterdir()) == sorted(f"{name}.json.gz" for name in tr)
     # full-vocabulary logits + TRL's per-step metrics (entropy, token accuracy) issue more operators than ours
     assert tr["ours-full-logits"]["profile"]["aten_ops"] > tr["ours"]["profile"]["aten_ops"]
 
