@@ -117,6 +117,19 @@ def test_bench_measures_every_variant_and_writes_its_tables(ft_home):
     assert tr["ours-full-logits"]["profile"]["aten_ops"] > tr["ours"]["profile"]["aten_ops"]
 
 
+def test_bench_leaves_out_timed_steps_in_which_torch_compile_built_a_graph():
+    """Step k lasts ends[k] - ends[k-1]; a timed step in which the compiled-graph count rose is left out (it
+    measured the compiler, not the training step); without a warm-up the first step has no start and is not timed."""
+    import importlib
+
+    bench = importlib.import_module("scripts.bench")
+    ends, graphs = [10.0, 12.0, 40.0, 42.0, 44.5], [3, 3, 5, 5, 5]
+    assert bench.timed_steps(ends, graphs, warmup=1, steps=4) == ([1, 3, 4], [2])
+    assert bench.timed_steps(ends, [0] * 5, warmup=0, steps=5) == ([1, 2, 3, 4], [])
+    assert bench.timed_steps(ends, graphs, warmup=2, steps=1) == ([], [2])
+    assert bench.compiled_graphs() >= 0
+
+
 def test_profile_summary_counts_issued_operators_and_merges_overlapping_kernels():
     """By value: top-level ATen operators only (addmm inside linear is not issued again); GPU busy time is the union
     of kernel intervals over the step's span; without device events the top list is by operator self time."""
