@@ -16,6 +16,7 @@ given (it must divide the effective batch). The choice and the probes go to the 
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -74,16 +75,19 @@ def cap_memory(cfg: Any, plan: Any) -> float | None:
 
 def collate(ds: Any, idx: list[int], pad_id: int, padding_free: bool, device: str) -> dict:
     """The batch the trainer's collator would build from these examples: right-padded rows with an attention mask,
-    or (padding_free) one row of the concatenated examples with position_ids."""
+    or (padding_free) one row of the concatenated examples with position_ids and the examples' boundaries."""
     import torch
 
     ids = [ds[i]["input_ids"] for i in idx]
     labels = [ds[i]["labels"] for i in idx]
     if padding_free:
         pos = [list(range(len(x))) for x in ids]
+        cu = torch.tensor([0, *itertools.accumulate(len(x) for x in ids)], dtype=torch.int32, device=device)
+        longest = max(len(x) for x in ids)
         return {"input_ids": torch.tensor([sum(ids, [])], device=device),
                 "labels": torch.tensor([sum(labels, [])], device=device),
-                "position_ids": torch.tensor([sum(pos, [])], device=device)}
+                "position_ids": torch.tensor([sum(pos, [])], device=device),
+                "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
     width = max(len(x) for x in ids)
     label_width = max(len(x) for x in labels)
     return {"input_ids": torch.tensor([x + [pad_id] * (width - len(x)) for x in ids], device=device),

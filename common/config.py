@@ -104,6 +104,10 @@ SCHEMA: dict[str, Any] = {
         "micro_batch": F((str, int), "auto"),
         "gpu_memory_gb": F((int, float)),  # cap on this process's GPU memory (e.g. 24: an H100 stands in for an L4)
         "padding_free": F((str, bool), "auto"),  # one row per micro-batch, no padding (auto: on a GPU)
+        # attention over a padding-free row with PyTorch's variable-length flash kernel, each example attending only
+        # to itself, instead of SDPA over the row's block-diagonal mask (all T^2 pairs, no flash kernel); auto: on
+        # a GPU when the rows are padding-free, attention is sdpa and the kernel passes a self-check (common/attention.py)
+        "varlen_attention": F((str, bool), "auto"),
         # Liger's fused output layer + cross-entropy (auto: on a GPU when liger-kernel is installed). Off by default:
         # on an H100 it was slower than our answer-only output layer (TinyLlama: 3,462 vs 4,124 tok/s; make bench)
         "liger": F((str, bool), False),
@@ -433,8 +437,17 @@ def check_conflicts(cfg: dict) -> None:
          f"eval.batch_size must be auto or a number >= 1, got {cfg['eval']['batch_size']!r}"),
         (t["gpu_memory_gb"] is not None and t["gpu_memory_gb"] <= 0, "train.gpu_memory_gb must be > 0 (or null)"),
         *((t[k] not in ("auto", True, False), f"train.{k} must be auto, true or false, got {t[k]!r}")
-          for k in ("padding_free", "liger")),
+          for k in ("padding_free", "liger", "varlen_attention")),
         (seq2seq and t["padding_free"] is True, "train.padding_free=true needs model.arch=causal"),
+        (seq2seq and t["varlen_attention"] is True, "train.varlen_attention=true needs model.arch=causal"),
+        (t["varlen_attention"] is True and t["padding_free"] is False and not t["packing"],
+         "train.varlen_attention=true needs padding-free rows: set train.padding_free to auto or true, or "
+         "train.packing=true"),
+        (t["varlen_attention"] is True and m["attn_implementation"] != "sdpa",
+         f"train.varlen_attention=true replaces sdpa attention, but model.attn_implementation="
+         f"{m['attn_implementation']}; set one of them differently"),
+        (t["varlen_attention"] is True and m["unsloth"], "model.unsloth=true brings its own attention; set "
+         "train.varlen_attention=false"),
         (seq2seq and t["liger"] is True, "train.liger=true needs model.arch=causal"),
         (t["liger"] is True and not t["answer_only_logits"],
          "train.liger=true needs train.answer_only_logits=true (Liger fuses our answer-only output layer)"),

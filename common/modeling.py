@@ -118,6 +118,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     padding_free: bool = False  # training micro-batches flattened to one row (position_ids, no padding)
     liger: bool = False  # Liger's fused linear cross-entropy for the answer-only loss
+    varlen: bool = False  # padding-free rows attend through the varlen kernel (common/attention.py)
+    varlen_why: str = ""  # which kernel, or why not
 
     def note(self, msg: str) -> None:
         log.warning("replaced: %s", msg)
@@ -190,6 +192,20 @@ def plan(cfg: Any) -> Plan:
     # ours-padded); on a CPU the recipes' length-grouped micro-batches carry ~0% padding (make bench), so auto
     # keeps them there and the CPU's measured speed does not move
     p.padding_free = causal and (t.padding_free is True or (t.padding_free == "auto" and dev == "cuda"))
+    # varlen attention: only where rows are padding-free (or packed) and attention would otherwise be SDPA's
+    free_rows = p.padding_free or (causal and t.packing)
+    if t.varlen_attention is True or (t.varlen_attention == "auto" and free_rows and dev == "cuda"
+                                      and cfg.model.attn_implementation == "sdpa" and not cfg.model.unsloth):
+        from common import attention
+
+        if not free_rows:
+            p.varlen_why = "off: the micro-batches are padded here (train.padding_free resolves to false)"
+            p.note(f"train.varlen_attention -> {p.varlen_why}")
+        else:
+            p.varlen, why = attention.usable(dev)
+            p.varlen_why = why if p.varlen else f"off: {why}"
+            if not p.varlen:
+                p.note(f"train.varlen_attention -> SDPA over the block-diagonal mask: {why}")
     if t.liger is not False and causal and t.answer_only_logits:
         why = ("liger-kernel is not installed (pip install liger-kernel)" if not importlib.util.find_spec("liger_kernel")
                else "it needs CUDA (Triton kernels)" if dev != "cuda" else None)

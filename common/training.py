@@ -17,7 +17,7 @@ from io import StringIO
 from dataclasses import dataclass, field
 from typing import Any
 
-from common import arch, modeling
+from common import arch, attention, modeling
 from common.io import UserError, atomic_write_text
 
 log = logging.getLogger("ft")
@@ -40,6 +40,12 @@ def wrapped(model: Any) -> bool:
     return type(model).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel", "DeepSpeedEngine")
 
 
+def bounds(inputs: dict) -> dict:
+    """The example boundaries of a padding-free row (TRL's collator: cu_seq_lens_q/k, max_length_q/k), passed on to
+    the attention (varlen kernels read them instead of deriving them from position_ids with a sync per layer)."""
+    return {k: inputs[k] for k in attention.BOUNDARY_KEYS if k in inputs}
+
+
 def answer_loss(model: Any, inputs: dict, liger: bool = False) -> tuple[Any, Any]:
     """(sum of token losses over labelled positions, number of such positions). With liger, the output layer and
     cross-entropy run as Liger's fused kernel (chunked: the logits are never held whole). Under a multi-process
@@ -53,7 +59,7 @@ def answer_loss(model: Any, inputs: dict, liger: bool = False) -> tuple[Any, Any
     if wrapped(model) and _parts(getattr(model, "module", model)) is not None:
         pos = keep.any(0).nonzero().squeeze(1)
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                    position_ids=inputs.get("position_ids"), logits_to_keep=pos, use_cache=False)
+                    position_ids=inputs.get("position_ids"), logits_to_keep=pos, use_cache=False, **bounds(inputs))
         sel = keep[:, pos]
         return F.cross_entropy(out.logits[sel].float(), target[:, pos][sel], reduction="sum"), keep.sum()
     parts = _parts(model)
@@ -63,7 +69,7 @@ def answer_loss(model: Any, inputs: dict, liger: bool = False) -> tuple[Any, Any
         return out.loss * n, n
     _, decoder, head = parts
     hidden = decoder(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                     position_ids=inputs.get("position_ids"), use_cache=False).last_hidden_state
+                     position_ids=inputs.get("position_ids"), use_cache=False, **bounds(inputs)).last_hidden_state
     h = hidden[:, :-1][keep]
     if liger:
         w, b = head.weight, getattr(head, "bias", None)  # PEFT's modules_to_save wrapper forwards .weight
@@ -189,6 +195,9 @@ def load_for_training(cfg: Any, plan: modeling.Plan, source: str) -> Any:
     # quantized: the non-quantized rest in fp32, as prepare_model_for_kbit_training wants it
     frozen = "fp32" if plan.device == "cpu" or plan.precision == "fp32" or plan.quant_bits else plan.precision
     model = modeling.load_model(cfg, source, plan.quant_bits, dtype=frozen)
+    if plan.varlen:
+        attention.enable(model, plan.device)
+        log.info("attention: padding-free rows through %s; other batches through SDPA", plan.varlen_why)
     if plan.quant_bits:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     elif cfg.train.gradient_checkpointing:

@@ -90,6 +90,10 @@ def variants(cfg: config.Config, plan: modeling.Plan) -> dict[str, dict]:
         if plan.padding_free:
             out["ours-padded"] = {"kind": "ours", "sets": ["train.padding_free=false"],
                                   "what": "ours with padded micro-batches instead of padding-free rows"}
+        if plan.varlen:
+            out["ours-sdpa-mask"] = {"kind": "ours", "sets": ["train.varlen_attention=false"],
+                                     "what": "ours with SDPA over the padding-free row's block-diagonal mask instead "
+                                             "of the varlen kernel"}
         if plan.liger:
             out["ours-no-liger"] = {"kind": "ours", "sets": ["train.liger=false"],
                                     "what": "ours without Liger's fused output layer + cross-entropy"}

@@ -138,6 +138,12 @@ def test_secrets_never_enter_the_config(ft_home, monkeypatch):
     ("flan-t5", ["train.padding_free=true"], "train.padding_free=true needs model.arch=causal"),
     ("smollm2", ["train.padding_free=sometimes"], "train.padding_free must be auto, true or false"),
     ("smollm2", ["train.gpu_memory_gb=0"], "train.gpu_memory_gb must be > 0"),
+    ("smollm2", ["train.varlen_attention=maybe"], "train.varlen_attention must be auto, true or false"),
+    ("flan-t5", ["train.varlen_attention=true"], "train.varlen_attention=true needs model.arch=causal"),
+    ("smollm2", ["train.varlen_attention=true", "train.padding_free=false"],
+     "train.varlen_attention=true needs padding-free rows"),
+    ("smollm2", ["train.varlen_attention=true", "model.attn_implementation=eager"],
+     "train.varlen_attention=true replaces sdpa attention, but model.attn_implementation=eager"),
 ])
 def test_conflicting_settings_fail_with_one_line_naming_the_keys(ft_home, recipe, sets, fragment):
     with pytest.raises(config.ConfigError) as e:

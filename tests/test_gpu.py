@@ -88,7 +88,7 @@ def test_auto_micro_batch_probes_the_gpu_and_respects_a_memory_cap(ft_home):
     b = info["batching"]
     assert b["effective"] == 16 and b["micro_batch"] == 16 and b["why"].startswith("auto"), b
     assert b["probes"][0]["micro_batch"] == 16 and b["probes"][0]["fits"], b
-    assert info["plan"]["padding_free"] is True
+    assert info["plan"]["padding_free"] is True and info["plan"]["varlen_attention"] is True, info["plan"]
     # a cap whose budget (80% less the reserve) is just under what 16 needs: a smaller split is taken
     cap = round((b["probes"][0]["with_optimizer_gb"] + batching.RESERVE_GB) / batching.HEADROOM - 0.01, 2)
     make(ft_home, "train", "RECIPE=tinyllama", "TINY=1", f"ARGS={sets} --set train.gpu_memory_gb={cap}")
@@ -104,7 +104,7 @@ def test_liger_fused_loss_equals_ours_on_cuda(ft_home):
     """Liger's fused output layer + cross-entropy gives our answer-only loss and gradients (bf16 rounding)."""
     from common import config, modeling, training
 
-    cfg = config.load("tinyllama", ["lora.dropout=0"], tiny=True)
+    cfg = config.load("tinyllama", ["lora.dropout=0", "train.liger=true"], tiny=True)  # off by default
     plan = modeling.plan(cfg)
     assert plan.liger
     model = training.load_for_training(cfg, plan, modeling.model_source(cfg))
@@ -127,3 +127,42 @@ def test_liger_fused_loss_equals_ours_on_cuda(ft_home):
     for k in ga:
         assert torch.allclose(ga[k], gb[k], atol=5e-2, rtol=5e-2) or \
             torch.nn.functional.cosine_similarity(ga[k].flatten(), gb[k].flatten(), dim=0) > 0.99, k
+
+
+@pytest.mark.parametrize("recipe", ["tinyllama", "mistral-xauusd"])
+def test_varlen_kernel_on_cuda_gives_the_sdpa_masks_loss_and_gradients(recipe, ft_home):
+    """torch's varlen flash kernel passes its self-check here, runs once per layer on a padding-free row (4-bit,
+    the recipe's autocast) and gives the loss and LoRA gradients of SDPA over the block-diagonal mask."""
+    from common import attention, batching, config, io, modeling, training
+    from conftest import step
+
+    ok, why = attention.usable("cuda")
+    assert ok and "self-check" in why, why
+    step("01_prepare", "--recipe", recipe, "--tiny")
+    cfg = config.load(recipe, ["lora.dropout=0"], tiny=True)
+    plan = modeling.plan(cfg)
+    assert plan.padding_free and plan.varlen, plan
+    source = modeling.model_source(cfg)
+    tok = modeling.load_tokenizer(cfg, source)
+    ds = training.encode_split(cfg, tok, io.read_jsonl(paths.RunPaths(cfg.run).split("train"))[:6], "train")
+    model = training.load_for_training(cfg, plan, source).eval()
+    training.align_dtypes(model, plan)
+    free = batching.collate(ds, list(range(6)), tok.pad_token_id, True, "cuda")
+    real, calls = attention._KERNEL[0], []
+    attention._KERNEL[:] = [lambda *a, **kw: calls.append(1) or real(*a, **kw)]
+    out = []
+    try:
+        for batch in (free, {k: v for k, v in free.items() if k not in attention.BOUNDARY_KEYS}):
+            model.zero_grad()
+            with training.autocast(plan):
+                total, n = training.answer_loss(model, batch)
+            (total / n).backward()
+            out.append(((total / n).item(), {k: p.grad.float().clone() for k, p in model.named_parameters()
+                                             if p.requires_grad and p.grad is not None}))
+    finally:
+        attention._KERNEL[:] = [real]
+    assert len(calls) == model.config.num_hidden_layers  # the row with boundaries only
+    (a, ga), (b, gb) = out
+    assert a == pytest.approx(b, rel=2e-2) and set(ga) == set(gb) and ga
+    for k in ga:
+        assert torch.nn.functional.cosine_similarity(ga[k].flatten(), gb[k].flatten(), dim=0) > 0.99, k

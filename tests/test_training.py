@@ -294,6 +294,133 @@ def test_padding_free_rows_give_the_padded_batches_loss_without_cross_contaminat
     assert abs(float(tj / n_j) - float(tp / n_p)) > 1e-5  # attention across examples would change the loss
 
 
+def test_varlen_kernel_adapter_computes_block_diagonal_causal_attention_by_value():
+    """common/attention.py: the reference kernel (the CPU's stand-in for torch's varlen flash kernel, with its
+    signature) equals SDPA over the block-diagonal causal mask, grouped KV heads and a sliding window included;
+    call_kernel speaks both torch signatures; the installed torch's kernel has the parameters it relies on."""
+    import inspect
+
+    import torch.nn.functional as F
+
+    from common import attention
+
+    g = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0, 3, 7, 12], dtype=torch.int32)
+    q, k, v = (torch.randn(12, h, 8, generator=g) for h in (4, 2, 2))
+    seg = torch.repeat_interleave(torch.arange(3), torch.tensor([3, 4, 5]))
+    i = torch.arange(12)
+
+    def dense(window=None):  # what transformers' SDPA path computes over the padding-free row
+        allowed = (seg[:, None] == seg[None, :]) & (i[None, :] <= i[:, None])
+        if window:
+            allowed &= i[None, :] > i[:, None] - window  # transformers' sliding window: the last `window` keys
+        kk, vv = (x.repeat_interleave(2, 1).transpose(0, 1) for x in (k, v))
+        return F.scaled_dot_product_attention(q.transpose(0, 1), kk, vv, attn_mask=allowed).transpose(0, 1)
+
+    assert torch.allclose(attention.call_kernel(attention.reference_kernel, q, k, v, cu, 5, None, None), dense(),
+                          atol=1e-6)
+    assert torch.allclose(attention.call_kernel(attention.reference_kernel, q, k, v, cu, 5, None, 2), dense(2),
+                          atol=1e-6)
+    assert not torch.allclose(dense(2), dense(), atol=1e-3)  # the window changes the answer here
+    assert torch.allclose(attention.call_kernel(attention.reference_kernel, q, k, v, cu, 5, None, 5), dense(),
+                          atol=1e-6)  # a window no example exceeds is plain causal
+    seen = {}
+
+    def torch_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False, scale=None):
+        seen.update(heads=key.shape[1], is_causal=is_causal, max_q=max_q)
+        return attention.reference_kernel(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
+                                          window_size=(-1, 0) if is_causal else (-1, -1))
+
+    assert torch.allclose(attention.call_kernel(torch_2_10, q, k, v, cu, 5, None, None), dense(), atol=1e-6)
+    assert seen == {"heads": 4, "is_causal": True, "max_q": 5}  # KV heads repeated: no enable_gqa there
+    with pytest.raises(NotImplementedError):
+        attention.call_kernel(torch_2_10, q, k, v, cu, 5, None, 2)
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        return attention.reference_kernel(*a, **kw)
+
+    spy.__signature__ = inspect.signature(attention.reference_kernel)
+    attention.call_kernel(spy, q, k, v, cu, 5, 0.5, 2)
+    assert seen["window_size"] == (1, 0) and type(seen["window_size"]) is tuple  # varlen_attn tests `== (-1, 0)`
+    assert seen["enable_gqa"] is True and seen["scale"] == 0.5
+    kernel = attention.torch_kernel()
+    if kernel is not None:  # the pinned torch: the parameters call_kernel passes exist
+        assert {"scale", "window_size", "enable_gqa"} <= set(inspect.signature(kernel).parameters)
+
+
+def test_bench_on_a_gpu_has_an_ablation_row_for_each_gpu_choice_in_use(ft_home):
+    """The GPU rows undo one choice each, and only a choice the plan made: varlen attention -> ours-sdpa-mask."""
+    import importlib
+
+    bench = importlib.import_module("scripts.bench")
+    cfg = config.load("tinyllama")
+    plan = modeling.Plan("cuda", "fp16", 4, "adamw_torch", padding_free=True, varlen=True)
+    rows = bench.variants(cfg, plan)
+    assert rows["ours-sdpa-mask"]["sets"] == ["train.varlen_attention=false"]
+    assert rows["ours-padded"]["sets"] == ["train.padding_free=false"] and "ours-recipe-split" in rows
+    assert "ours-sdpa-mask" not in bench.variants(cfg, modeling.Plan("cuda", "fp16", 4, "adamw_torch",
+                                                                    padding_free=True))
+    assert not any(k in bench.variants(cfg, modeling.Plan("cpu", "fp32", 4, "adamw_torch"))
+                   for k in ("ours-sdpa-mask", "ours-padded", "ours-recipe-split"))
+
+
+@pytest.mark.parametrize("recipe", ["tinyllama", "mistral-xauusd"])
+def test_varlen_attention_gives_the_padded_batches_loss_and_gradients(recipe, ft_home):
+    """train.varlen_attention: a padding-free row goes through the varlen kernel (once per decoder layer, the
+    reference kernel standing in on the CPU) and gives the padded batch's loss and LoRA gradients; Mistral's
+    sliding window, shrunk below the examples' lengths, is applied as transformers' own mask applies it."""
+    from common import attention
+
+    step("01_prepare", "--recipe", recipe, "--tiny")
+    cfg = config.load(recipe, ["lora.dropout=0", "train.padding_free=true", "train.varlen_attention=true"],
+                      tiny=True)
+    plan = modeling.plan(cfg)
+    assert plan.varlen and plan.padding_free and "reference" in plan.varlen_why
+    source = modeling.model_source(cfg)
+    tok = modeling.load_tokenizer(cfg, source)
+    ds = training.encode_split(cfg, tok, io.read_jsonl(paths.RunPaths(cfg.run).split("train"))[:3], "train")
+    model = training.load_for_training(cfg, plan, source).eval()
+    assert model.config._attn_implementation == attention.NAME
+    idx = [0, 1, 2]
+    padded = batching.collate(ds, idx, tok.pad_token_id, False, "cpu")
+    free = batching.collate(ds, idx, tok.pad_token_id, True, "cpu")
+    lengths = [len(ds[i]["input_ids"]) for i in idx]
+    assert free["cu_seq_lens_q"].tolist() == [0, lengths[0], lengths[0] + lengths[1], sum(lengths)]
+    assert free["max_length_q"] == max(lengths) and len(set(lengths)) > 1
+    calls = []
+    real = attention._KERNEL[0]
+    attention._KERNEL[:] = [lambda *a, **kw: calls.append(1) or real(*a, **kw)]
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        total, n = training.answer_loss(model, batch)
+        loss = total / n
+        loss.backward()
+        return loss.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    try:
+        lp, gp = loss_and_grads(padded)
+        assert not calls  # padded rows: SDPA with transformers' mask
+        lf, gf = loss_and_grads(free)
+        assert len(calls) == model.config.num_hidden_layers
+        assert lf == pytest.approx(lp, abs=1e-5)
+        assert all(torch.allclose(gf[k], gp[k], atol=1e-5, rtol=1e-3) for k in gp)
+        if recipe == "mistral-xauusd":  # a window shorter than the examples: the kernel and transformers agree
+            model.config.sliding_window = 6
+            ref = dict(free)
+            for k in attention.BOUNDARY_KEYS:
+                ref.pop(k)  # no boundaries: transformers' sliding block-diagonal mask over SDPA
+            n = len(calls)
+            lw, _ = loss_and_grads(free)
+            assert len(calls) > n
+            lr, _ = loss_and_grads(ref)
+            assert len(calls) == n + model.config.num_hidden_layers
+            assert lw == pytest.approx(lr, abs=1e-5) and abs(lw - lf) > 1e-4
+    finally:
+        attention._KERNEL[:] = [real]
+
+
 def test_an_unsloth_that_does_not_fit_our_pins_is_named_and_replaced(ft_home, tmp_path, monkeypatch):
     """Unsloth's own metadata (2026.10.9, the newest when written) caps transformers, trl and datasets below this
     project's pins: model.unsloth=true then trains with HF + PEFT and says exactly why."""
