@@ -86,7 +86,7 @@ def call_kernel(kernel: Callable, q: Any, k: Any, v: Any, cu: Any, max_len: int,
         raise NotImplementedError("this torch's varlen_attn has no window_size (sliding window)")
     else:
         kw["is_causal"] = True
-    if scale is not None:
+    if scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-9 * scale:  # the default needs no parameter
         if "scale" not in params:
             raise NotImplementedError("this torch's varlen_attn has no scale")
         kw["scale"] = scale
@@ -123,7 +123,8 @@ def attention_forward(module: Any, query: Any, key: Any, value: Any, attention_m
         else:
             usable_dtype = True
         if usable_dtype:
-            q, k, v = (x[0].transpose(0, 1).to(dtype) for x in (query, key, value))  # (T, H, D)
+            # (T, H, D); already contiguous from the projections' layout, so .contiguous() is a no-op safeguard
+            q, k, v = (x[0].transpose(0, 1).to(dtype).contiguous() for x in (query, key, value))
             try:
                 out = call_kernel(kernel, q, k, v, cu.to(device=q.device, dtype=torch.int32),
                                   int(kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max())),

@@ -344,6 +344,9 @@ def test_varlen_kernel_adapter_computes_block_diagonal_causal_attention_by_value
     attention.call_kernel(spy, q, k, v, cu, 5, 0.5, 2)
     assert seen["window_size"] == (1, 0) and type(seen["window_size"]) is tuple  # varlen_attn tests `== (-1, 0)`
     assert seen["enable_gqa"] is True and seen["scale"] == 0.5
+    seen.clear()
+    attention.call_kernel(spy, q, k, v, cu, 5, 8 ** -0.5, None)  # the default scale: not passed (2.10 has none)
+    assert "scale" not in seen and seen["window_size"] == (-1, 0)
     kernel = attention.torch_kernel()
     if kernel is not None:  # the pinned torch: the parameters call_kernel passes exist
         assert {"scale", "window_size", "enable_gqa"} <= set(inspect.signature(kernel).parameters)
