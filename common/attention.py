@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from dataclasses import dataclass
 from functools import cache
 from typing import Any, Callable
 
@@ -75,7 +76,7 @@ def parameters(kernel: Callable) -> frozenset[str]:
 def call_kernel(kernel: Callable, q: Any, k: Any, v: Any, cu: Any, max_len: int, scale: float | None,
                 sliding_window: int | None, params: frozenset[str] | None = None) -> Any:
     """Causal attention of (T, H, D) tensors over the examples cu delimits, through `kernel`'s own signature
-    (`params`: its parameter names, read once by enable(); inside a compiled block inspect would break the graph).
+    (`params`: its parameter names, Kernel.params).
     Raises NotImplementedError where that kernel cannot do it (a sliding window on torch 2.10's signature)."""
     params = parameters(kernel) if params is None else params
     window = sliding_window if sliding_window and max_len > sliding_window else None  # shorter: plain causal
@@ -99,36 +100,39 @@ def call_kernel(kernel: Callable, q: Any, k: Any, v: Any, cu: Any, max_len: int,
     return kernel(q, k, v, cu, cu, max_len, max_len, **kw)
 
 
-# The kernel this process uses and its parameter names: torch's on CUDA, the reference on a CPU (set by enable()).
-_KERNEL: list[Callable] = []
-_PARAMS: list[frozenset[str]] = []
+@dataclass
+class Kernel:
+    """The varlen kernel this process uses (set by enable()): torch's on CUDA, the reference on a CPU."""
+
+    fn: Callable
+    params: frozenset[str]  # its parameter names, read once (inside a compiled block inspect would break the graph)
+    half_only: bool  # torch's flash kernel takes fp16/bf16 only
+
+
+_ACTIVE: list[Kernel] = []
 
 
 def attention_forward(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
                       scaling: float | None = None, sliding_window: int | None = None, **kwargs: Any) -> tuple:
     """transformers' attention-function signature ((B, H, T, D) in, (B, T, H, D) out). A one-row batch with
     boundaries (the collator's cu_seq_lens_q) runs the varlen kernel, its mask (the same block-diagonal causal
-    mask) unused; anything else runs transformers' SDPA function with its mask."""
+    mask) unused; anything else runs transformers' SDPA function with its mask, as does a row the kernel cannot
+    take (fp32 outside autocast for a half-only kernel; a sliding window torch 2.10's signature lacks)."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu = kwargs.get("cu_seq_lens_q")
-    if cu is not None and query.shape[0] == 1 and not dropout and _KERNEL:
-        kernel = _KERNEL[0]
-        dtype = query.dtype
-        if query.is_cuda:  # the flash kernel takes fp16/bf16 only: the autocast dtype, as SDPA would be cast to
-            if torch.is_autocast_enabled("cuda"):
-                dtype = torch.get_autocast_dtype("cuda")
-            usable_dtype = dtype in (torch.float16, torch.bfloat16)
-        else:
-            usable_dtype = True
-        if usable_dtype:
+    if cu is not None and query.shape[0] == 1 and not dropout and _ACTIVE:
+        kernel = _ACTIVE[0]
+        where = query.device.type  # the autocast dtype, as SDPA's inputs would be cast to
+        dtype = torch.get_autocast_dtype(where) if torch.is_autocast_enabled(where) else query.dtype
+        if not kernel.half_only or dtype in (torch.float16, torch.bfloat16):
             # (T, H, D); already contiguous from the projections' layout, so .contiguous() is a no-op safeguard
             q, k, v = (x[0].transpose(0, 1).to(dtype).contiguous() for x in (query, key, value))
             try:
-                out = call_kernel(kernel, q, k, v, cu.to(device=q.device, dtype=torch.int32),
+                out = call_kernel(kernel.fn, q, k, v, cu.to(device=q.device, dtype=torch.int32),
                                   int(kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max())),
-                                  scaling, sliding_window, _PARAMS[0] if _PARAMS else None)
+                                  scaling, sliding_window, kernel.params)
                 return out.unsqueeze(0), None
             except NotImplementedError:
                 pass
@@ -147,37 +151,44 @@ def register() -> None:
 def enable(model: Any, device: str) -> None:
     """Switch a (not yet PEFT-wrapped) transformers model to NAME, with torch's kernel on CUDA, the reference on a CPU."""
     register()
-    _KERNEL[:] = [torch_kernel() if device == "cuda" else reference_kernel]
-    _PARAMS[:] = [parameters(_KERNEL[0])]
+    fn = torch_kernel() if device == "cuda" else reference_kernel
+    _ACTIVE[:] = [Kernel(fn, parameters(fn), half_only=device == "cuda")]
     model.set_attn_implementation(NAME)
 
 
 @cache
 def usable(device: str) -> tuple[bool, str]:
-    """Whether the varlen path can run here: on CUDA, torch's kernel exists and, on a small grouped-KV bf16 case
-    with three examples, its forward and backward match the reference; on a CPU the reference is used."""
+    """Whether the varlen path can run here: on CUDA, torch's kernel exists and passes self_check; on a CPU the
+    reference is used."""
+    import torch
+
     if device != "cuda":
         return True, "the per-example SDPA reference (a CPU has no flash kernel)"
     kernel = torch_kernel()
     if kernel is None:
-        import torch
-
         return False, f"torch {torch.__version__} has no torch.nn.attention.varlen (needs >= 2.10)"
-    try:
-        import torch
+    ok, why = self_check(kernel, "cuda", torch.bfloat16)
+    return ok, f"torch {torch.__version__} varlen_attn ({why})" if ok else why
 
-        g = torch.Generator(device="cuda").manual_seed(0)
-        cu = torch.tensor([0, 5, 37, 64], dtype=torch.int32, device="cuda")
-        q, k, v = (torch.randn(64, h, 64, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+
+def self_check(kernel: Callable, device: str, dtype: Any) -> tuple[bool, str]:
+    """On a small grouped-KV case with three examples, the kernel's output and gradients must match the reference's
+    (relative error <= 0.05); any exception fails it."""
+    import torch
+
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        cu = torch.tensor([0, 5, 37, 64], dtype=torch.int32, device=device)
+        q, k, v = (torch.randn(64, h, 64, device=device, generator=g, dtype=dtype).requires_grad_()
                    for h in (8, 2, 2))
         grads = []
         for fn in (kernel, reference_kernel):
             out = call_kernel(fn, q, k, v, cu, 32, 0.125, None)
             dq, dk, dv = torch.autograd.grad(out.float().square().sum(), (q, k, v))
-            grads.append([out.float(), dq.float(), dk.float(), dv.float()])
+            grads.append([out.detach().float(), dq.float(), dk.float(), dv.float()])
         worst = max(float((a - b).abs().max() / b.abs().max().clamp(min=1e-6)) for a, b in zip(*grads))
         if worst > 0.05:
-            return False, f"torch's varlen_attn disagrees with SDPA on a self-check (relative error {worst:.3f})"
-        return True, f"torch {torch.__version__} varlen_attn (self-check: relative error {worst:.4f})"
+            return False, f"the varlen kernel disagrees with SDPA on a self-check (relative error {worst:.3f})"
+        return True, f"self-check: relative error {worst:.4f}"
     except Exception as e:  # any failure of the kernel here means: keep SDPA
-        return False, f"torch's varlen_attn failed its self-check ({type(e).__name__}: {str(e)[:160]})"
+        return False, f"the varlen kernel failed its self-check ({type(e).__name__}: {str(e)[:160]})"

@@ -281,8 +281,9 @@ def test_padding_free_rows_give_the_padded_batches_loss_without_cross_contaminat
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling  # what training uses: the probe matches it
 
     trl_free = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)([ds[i] for i in idx])
-    for k in ("input_ids", "labels", "position_ids"):
+    for k in ("input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k"):
         assert torch.equal(trl_free[k], free[k]), k
+    assert trl_free["max_length_q"] == free["max_length_q"] == free["max_length_k"]
     assert "attention_mask" not in free and free["input_ids"].shape[0] == 1
     assert int(free["input_ids"].numel()) == int(padded["attention_mask"].sum())  # no padding token left
     with torch.no_grad():
@@ -347,6 +348,19 @@ def test_varlen_kernel_adapter_computes_block_diagonal_causal_attention_by_value
     seen.clear()
     attention.call_kernel(spy, q, k, v, cu, 5, 8 ** -0.5, None)  # the default scale: not passed (2.10 has none)
     assert "scale" not in seen and seen["window_size"] == (-1, 0)
+    # the self-check a GPU runs before training: a kernel that attends across examples, or raises, is refused
+    assert attention.self_check(torch_2_10, "cpu", torch.float32)[0]
+
+    def across_examples(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1),
+                        enable_gqa=False):
+        whole = torch.tensor([0, query.shape[0]], dtype=torch.int32)
+        return attention.reference_kernel(query, key, value, whole, None, query.shape[0], query.shape[0],
+                                          window_size=window_size, enable_gqa=enable_gqa)
+
+    ok, why = attention.self_check(across_examples, "cpu", torch.float32)
+    assert not ok and "disagrees with SDPA" in why, why
+    ok, why = attention.self_check(lambda *a, **kw: 1 / 0, "cpu", torch.float32)
+    assert not ok and "failed its self-check (ZeroDivisionError" in why, why
     kernel = attention.torch_kernel()
     if kernel is not None:  # the pinned torch: the parameters call_kernel passes exist
         assert {"scale", "window_size", "enable_gqa"} <= set(inspect.signature(kernel).parameters)
@@ -391,9 +405,9 @@ def test_varlen_attention_gives_the_padded_batches_loss_and_gradients(recipe, ft
     lengths = [len(ds[i]["input_ids"]) for i in idx]
     assert free["cu_seq_lens_q"].tolist() == [0, lengths[0], lengths[0] + lengths[1], sum(lengths)]
     assert free["max_length_q"] == max(lengths) and len(set(lengths)) > 1
-    calls = []
-    real = attention._KERNEL[0]
-    attention._KERNEL[:] = [lambda *a, **kw: calls.append(1) or real(*a, **kw)]
+    active, calls = attention._ACTIVE[0], []
+    real = active.fn
+    active.fn = lambda *a, **kw: calls.append(1) or real(*a, **kw)
 
     def loss_and_grads(batch):
         model.zero_grad()
@@ -409,19 +423,24 @@ def test_varlen_attention_gives_the_padded_batches_loss_and_gradients(recipe, ft
         assert len(calls) == model.config.num_hidden_layers
         assert lf == pytest.approx(lp, abs=1e-5)
         assert all(torch.allclose(gf[k], gp[k], atol=1e-5, rtol=1e-3) for k in gp)
-        if recipe == "mistral-xauusd":  # a window shorter than the examples: the kernel and transformers agree
+        expected = lf
+        if getattr(model.config, "sliding_window", None):  # Mistral: a window shorter than the examples
             model.config.sliding_window = 6
-            ref = dict(free)
-            for k in attention.BOUNDARY_KEYS:
-                ref.pop(k)  # no boundaries: transformers' sliding block-diagonal mask over SDPA
             n = len(calls)
-            lw, _ = loss_and_grads(free)
-            assert len(calls) > n
+            expected, _ = loss_and_grads(free)
+            ref = {k: v for k, v in free.items() if k not in attention.BOUNDARY_KEYS}  # transformers' mask, SDPA
             lr, _ = loss_and_grads(ref)
-            assert len(calls) == n + model.config.num_hidden_layers
-            assert lw == pytest.approx(lr, abs=1e-5) and abs(lw - lf) > 1e-4
+            assert len(calls) == n + model.config.num_hidden_layers  # the row with boundaries only
+            assert expected == pytest.approx(lr, abs=1e-5) and abs(expected - lf) > 1e-4
+        # what a GPU does: a half-only kernel runs in the autocast dtype and leaves an fp32 row to SDPA's mask
+        active.half_only, n = True, len(calls)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lb, _ = loss_and_grads(free)
+        assert len(calls) == n + model.config.num_hidden_layers and lb == pytest.approx(expected, abs=0.05)
+        l32, _ = loss_and_grads(free)
+        assert len(calls) == n + model.config.num_hidden_layers and l32 == pytest.approx(expected, abs=1e-5)
     finally:
-        attention._KERNEL[:] = [real]
+        active.fn, active.half_only = real, False
 
 
 def test_an_unsloth_that_does_not_fit_our_pins_is_named_and_replaced(ft_home, tmp_path, monkeypatch):
