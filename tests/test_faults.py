@@ -42,7 +42,9 @@ def test_kill9_during_training_resumes_and_matches_uninterrupted(ft_home, monkey
     proc.wait()
     assert not (out / "adapter/run_info.json").exists()  # nothing Make could take as finished
     # a checkpoint cut short while saving (no trainer_state.json yet) must be skipped, not resumed from
-    last = max((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    # the newest complete checkpoint (the kill may land while the next one is being written: that one is incomplete)
+    last = max((p for p in (out / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").exists()),
+               key=lambda p: int(p.name.split("-")[1]))
     broken = out / "checkpoints/checkpoint-100"
     shutil.copytree(last, broken)
     (broken / "trainer_state.json").unlink()
