@@ -61,6 +61,12 @@ SCHEMA: dict[str, Any] = {
         "double_quant": F(bool, True),
         "compute_dtype": F(str, "float16", ("float16", "bfloat16", "float32")),
         "prequantized": F(bool, False),  # the checkpoint carries its own quantization config: none is passed
+        # the non-quantized frozen weights (norms, embeddings, lm_head) of a quantized model in fp32, as peft's
+        # prepare_model_for_kbit_training casts them (the reference setups): the residual stream and the MLP's
+        # activations then run in fp32 between the 4-bit matmuls. false: kept in the mixed precision's dtype, as
+        # LLaMA-Factory (upcast_layernorm: false), Unsloth and torchtune keep them: 16-18% less activation memory per
+        # token (one real-width Mistral-7B layer); make bench on a GPU has a row for the other choice
+        "upcast_frozen": F(bool, True),
     },
     "prompt": {
         "template": F(str, "native"),  # native = the tokenizer's own chat template; see common/templates.py

@@ -120,6 +120,7 @@ class Plan:
     liger: bool = False  # Liger's fused linear cross-entropy for the answer-only loss
     varlen: bool = False  # padding-free rows attend through the varlen kernel (common/attention.py)
     varlen_why: str = ""  # which kernel, or why not
+    frozen: str = "fp32"  # dtype of the frozen, non-quantized weights while training (see frozen_dtype)
 
     def note(self, msg: str) -> None:
         log.warning("replaced: %s", msg)
@@ -206,6 +207,7 @@ def plan(cfg: Any) -> Plan:
             p.varlen_why = why if p.varlen else f"off: {why}"
             if not p.varlen:
                 p.note(f"train.varlen_attention -> SDPA over the block-diagonal mask: {why}")
+    p.frozen = frozen_dtype(p, cfg.quantization.upcast_frozen)
     if t.liger is not False and causal and t.answer_only_logits:
         why = ("liger-kernel is not installed (pip install liger-kernel)" if not importlib.util.find_spec("liger_kernel")
                else "it needs CUDA (Triton kernels)" if dev != "cuda" else None)
@@ -213,6 +215,18 @@ def plan(cfg: Any) -> Plan:
         if why and t.liger is True:
             p.note(f"train.liger -> off: {why}")
     return p
+
+
+def frozen_dtype(p: Plan, upcast_frozen: bool) -> str:
+    """The dtype the frozen, non-quantized weights train in: fp32 in fp32 runs; a quantized model's norms,
+    embeddings and lm_head in fp32 unless quantization.upcast_frozen is false (then, on any device, the mixed
+    precision's dtype); an unquantized model's in fp32 on a CPU and in the mixed precision's dtype on a GPU
+    (half the memory)."""
+    if p.precision == "fp32":
+        return "fp32"
+    if p.quant_bits:
+        return "fp32" if upcast_frozen else p.precision
+    return "fp32" if p.device == "cpu" else p.precision
 
 
 def torch_dtype(name: str) -> Any:

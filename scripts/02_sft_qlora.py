@@ -59,9 +59,9 @@ def body(ctx: run.Context) -> None:
         torch.set_num_threads(cfg.train.threads)
     set_seed(cfg.train.seed)
     plan = modeling.plan(cfg)
-    log.info("device=%s precision=%s quantization=%s optim=%s padding_free=%s varlen_attention=%s liger=%s compile=%s",
-             plan.device, plan.precision, f"{plan.quant_bits}-bit" if plan.quant_bits else "none", plan.optim,
-             plan.padding_free, plan.varlen, plan.liger, cfg.train.compile)
+    log.info("device=%s precision=%s quantization=%s frozen=%s optim=%s padding_free=%s varlen_attention=%s liger=%s "
+             "compile=%s", plan.device, plan.precision, f"{plan.quant_bits}-bit" if plan.quant_bits else "none",
+             plan.frozen, plan.optim, plan.padding_free, plan.varlen, plan.liger, cfg.train.compile)
     dist.start(plan.device)  # several processes (make train NPROC=N): the process group, before any model loads
     if dist.world() > 1:
         log.info("engine %s, world size %d: each process trains on 1/%d of the effective batch", dist.engine(),
@@ -106,6 +106,7 @@ def body(ctx: run.Context) -> None:
     batch = split.effective
     info = metadata.describe(cfg, "train", plan={"device": plan.device, "precision": plan.precision,
                                                  "quantization_bits": plan.quant_bits, "optim": plan.optim,
+                                                 "frozen_dtype": plan.frozen,
                                                  "padding_free": plan.padding_free,
                                                  "varlen_attention": plan.varlen,
                                                  "varlen_attention_why": plan.varlen_why or None,

@@ -367,7 +367,8 @@ def test_varlen_kernel_adapter_computes_block_diagonal_causal_attention_by_value
 
 
 def test_bench_on_a_gpu_has_an_ablation_row_for_each_gpu_choice_in_use(ft_home):
-    """The GPU rows undo one choice each, and only a choice the plan made: varlen attention -> ours-sdpa-mask."""
+    """The GPU rows undo one choice each, and only a choice the plan made: varlen attention -> ours-sdpa-mask;
+    a quantized model's frozen weights in fp32 -> a row with them in the mixed precision's dtype, and back."""
     import importlib
 
     bench = importlib.import_module("scripts.bench")
@@ -378,8 +379,12 @@ def test_bench_on_a_gpu_has_an_ablation_row_for_each_gpu_choice_in_use(ft_home):
     assert rows["ours-padded"]["sets"] == ["train.padding_free=false"] and "ours-recipe-split" in rows
     assert "ours-sdpa-mask" not in bench.variants(cfg, modeling.Plan("cuda", "fp16", 4, "adamw_torch",
                                                                     padding_free=True))
+    assert rows["ours-fp16-frozen"]["sets"] == ["quantization.upcast_frozen=false"]  # the plan upcasts (fp32)
+    other = bench.variants(cfg, modeling.Plan("cuda", "fp16", 4, "adamw_torch", frozen="fp16"))
+    assert other["ours-fp32-frozen"]["sets"] == ["quantization.upcast_frozen=true"] and "ours-fp16-frozen" not in other
+    assert not any(k.endswith("-frozen") for k in bench.variants(cfg, modeling.Plan("cuda", "fp16", 0, "adamw_torch")))
     assert not any(k in bench.variants(cfg, modeling.Plan("cpu", "fp32", 4, "adamw_torch"))
-                   for k in ("ours-sdpa-mask", "ours-padded", "ours-recipe-split"))
+                   for k in ("ours-sdpa-mask", "ours-padded", "ours-recipe-split", "ours-fp16-frozen"))
 
 
 @pytest.mark.parametrize("recipe", ["tinyllama", "mistral-xauusd"])
