@@ -29,6 +29,15 @@ def tinyllama_data(tmp_path_factory, model_cache):
         yield home
 
 
+def _trainer(cfg, plan, rows: int, out):
+    """Our trainer (model loaded for training) on the first `rows` prepared training examples."""
+    source = modeling.model_source(cfg)
+    tok = modeling.load_tokenizer(cfg, source)
+    ds = training.encode_split(cfg, tok, io.read_jsonl(paths.RunPaths(cfg.run).split("train"))[:rows], "train")
+    return training.make_trainer(cfg, plan, training.load_for_training(cfg, plan, source), tok, ds, ds.select([]),
+                                 str(out))
+
+
 @pytest.mark.parametrize("precision, bits, answer_only", CASES)
 def test_mixed_precision_trains_with_fp32_trainable_weights(tinyllama_data, monkeypatch, tmp_path, precision, bits,
                                                             answer_only):
@@ -37,11 +46,7 @@ def test_mixed_precision_trains_with_fp32_trainable_weights(tinyllama_data, monk
                                     "train.eval_strategy=no", "train.save_strategy=no"], tiny=True)
     assert cfg.lora.modules_to_save == ["lm_head", "embed_tokens"]  # the recipe's own, the case that crashed
     plan = modeling.Plan("cpu", precision, bits, "adamw_torch")  # what a T4 (fp16) or an L4/A100 (bf16) would plan
-    source = modeling.model_source(cfg)
-    tok = modeling.load_tokenizer(cfg, source)
-    ds = training.encode_split(cfg, tok, io.read_jsonl(paths.RunPaths(cfg.run).split("train"))[:8], "train")
-    trainer = training.make_trainer(cfg, plan, training.load_for_training(cfg, plan, source), tok, ds, ds.select([]),
-                                    str(tmp_path))
+    trainer = _trainer(cfg, plan, 8, tmp_path)
     trainable = {n: p.dtype for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert any("modules_to_save" in n and "lm_head" in n for n in trainable)
     assert set(trainable.values()) == {torch.float32}, {n: d for n, d in trainable.items() if d != torch.float32}
@@ -122,17 +127,13 @@ def test_quantized_model_without_the_fp32_upcast_keeps_its_frozen_weights_and_ac
         cfg = config.load("tinyllama", [*base, "lora.modules_to_save=[]", f"quantization.upcast_frozen={str(upcast).lower()}"],
                           tiny=True)
         plan = modeling.plan(cfg)
-        source = modeling.model_source(cfg)
-        tok = modeling.load_tokenizer(cfg, source)
         torch.manual_seed(0)
-        model = training.load_for_training(cfg, plan, source)
-        training.align_dtypes(model, plan)
+        trainer = _trainer(cfg, plan, 4, tmp_path / str(upcast))
+        model = trainer.model
         frozen = {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad and p.dtype != torch.uint8}
         assert frozen and set(frozen.values()) == {torch.float32 if upcast else torch.bfloat16}, frozen
         assert any(p.dtype == torch.uint8 for p in model.parameters())  # the 4-bit weights, untouched
-        rows = io.read_jsonl(paths.RunPaths(cfg.run).split("train"))[:4]
-        ds = training.encode_split(cfg, tok, rows, "train")
-        batch = training.make_trainer(cfg, plan, model, tok, ds, ds.select([]), str(tmp_path)).data_collator(list(ds))
+        batch = trainer.data_collator(list(trainer.train_dataset))
         with training.autocast(plan):
             total, n = training.answer_loss(model, batch)
             out, kept = _saved_bytes(lambda: model.get_base_model().model(input_ids=batch["input_ids"],
@@ -148,12 +149,7 @@ def test_quantized_model_without_the_fp32_upcast_keeps_its_frozen_weights_and_ac
     assert cos > 0.99 and runs[False]["grads"].abs().sum() > 0, cos
     # the recipe's own modules_to_save (trainable fp32 copies of lm_head/embed_tokens) next to bf16 frozen weights
     cfg = config.load("tinyllama", [*base, "quantization.upcast_frozen=false"], tiny=True)
-    plan = modeling.plan(cfg)
-    source = modeling.model_source(cfg)
-    tok = modeling.load_tokenizer(cfg, source)
-    ds = training.encode_split(cfg, tok, io.read_jsonl(paths.RunPaths(cfg.run).split("train"))[:8], "train")
-    trainer = training.make_trainer(cfg, plan, training.load_for_training(cfg, plan, source), tok, ds, ds.select([]),
-                                    str(tmp_path / "mts"))
+    trainer = _trainer(cfg, modeling.plan(cfg), 8, tmp_path / "mts")
     result = trainer.train()
     assert math.isfinite(result.training_loss) and trainer.state.global_step == 2
 
@@ -164,12 +160,7 @@ def test_trainer_counts_flops_as_hf_does_with_the_parameters_counted_once(tinyll
 
     monkeypatch.setenv("FT_HOME", str(tinyllama_data))
     cfg = config.load("tinyllama", ["train.max_steps=1", "train.eval_strategy=no", "train.save_strategy=no"], tiny=True)
-    plan = modeling.plan(cfg)
-    source = modeling.model_source(cfg)
-    tok = modeling.load_tokenizer(cfg, source)
-    ds = training.encode_split(cfg, tok, io.read_jsonl(paths.RunPaths(cfg.run).split("train"))[:4], "train")
-    trainer = training.make_trainer(cfg, plan, training.load_for_training(cfg, plan, source), tok, ds, ds.select([]),
-                                    str(tmp_path))
+    trainer = _trainer(cfg, modeling.plan(cfg), 4, tmp_path)
     batches = [{"input_ids": torch.ones(b, n, dtype=torch.long)} for b, n in ((2, 7), (3, 11), (1, 5))]
     want = [Trainer.floating_point_ops(trainer, b) for b in batches]
     calls = []
