@@ -129,7 +129,7 @@ def trainer_class(base: type, plan: modeling.Plan, answer_only: bool) -> type:
     (with Liger's fused kernel when plan.liger)."""
 
     class Trainer(base):
-        _counted: tuple[Any, int] | None = None  # (model, its non-embedding parameter count)
+        _params: int | None = None  # the model's non-embedding parameter count (fixed while it trains)
 
         def floating_point_ops(self, inputs):
             """HF's count (6 x tokens x non-embedding parameters), with the parameters counted once: HF walks every
@@ -137,9 +137,9 @@ def trainer_class(base: type, plan: modeling.Plan, answer_only: bool) -> type:
             main = getattr(self.model, "main_input_name", "input_ids")
             if main not in inputs or not hasattr(self.model, "num_parameters"):
                 return super().floating_point_ops(inputs)
-            if self._counted is None or self._counted[0] is not self.model:
-                self._counted = (self.model, self.model.num_parameters(exclude_embeddings=True))
-            return 6 * inputs[main].numel() * self._counted[1]
+            if self._params is None:
+                self._params = self.model.num_parameters(exclude_embeddings=True)
+            return 6 * inputs[main].numel() * self._params
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             with autocast(plan):

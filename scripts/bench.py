@@ -112,12 +112,12 @@ def variants(cfg: config.Config, plan: modeling.Plan) -> dict[str, dict]:
         else:
             out["ours-no-compile"] = {"kind": "ours", "sets": ["train.compile=false"],
                                       "what": "ours without torch.compile of the decoder blocks"}
-        if plan.quant_bits and plan.precision != "fp32":
-            keep = plan.frozen == "fp32"  # the row shows the other choice of quantization.upcast_frozen
-            out["ours-" + (f"{plan.precision}-frozen" if keep else "fp32-frozen")] = {
-                "kind": "ours", "sets": [f"quantization.upcast_frozen={str(not keep).lower()}"],
-                "what": f"ours with the norms, embeddings and lm_head in {plan.precision if keep else 'fp32'} "
-                        f"(quantization.upcast_frozen={str(not keep).lower()})"}
+        if plan.quant_bits and plan.precision != "fp32":  # the other choice of quantization.upcast_frozen
+            upcast = plan.frozen == "fp32"
+            other, flip = (plan.precision, "false") if upcast else ("fp32", "true")
+            out[f"ours-{other}-frozen"] = {"kind": "ours", "sets": [f"quantization.upcast_frozen={flip}"],
+                                           "what": f"ours with the norms, embeddings and lm_head in {other} "
+                                                   f"(quantization.upcast_frozen={flip})"}
         cap = cfg.bench.memory_cap_gb
         if cap and not t.gpu_memory_gb:
             out[f"ours-cap{cap}gb"] = {"kind": "ours", "sets": [f"train.gpu_memory_gb={cap}"],

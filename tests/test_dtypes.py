@@ -101,7 +101,7 @@ def test_frozen_dtype_follows_the_precision_and_quantization_upcast_frozen():
 
 
 def _saved_bytes(fn) -> int:
-    """Bytes autograd keeps for the backward pass while fn() runs (each storage counted once)."""
+    """(fn()'s result, the bytes autograd keeps for the backward pass while it runs, each storage counted once)."""
     seen: dict[int, int] = {}
 
     def pack(t):

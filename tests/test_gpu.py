@@ -36,12 +36,16 @@ def test_recipe_end_to_end_tiny_on_cuda(recipe, ft_home):
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_tinyllama_4bit_modules_to_save_on_cuda(precision, ft_home):
-    """The T4 setup (fp16) and bf16, 4-bit with lm_head/embed_tokens trained, both loss paths."""
-    for answer_only in ("true", "false"):
-        make(ft_home, "train", "RECIPE=tinyllama", "TINY=1", f"ARGS=--set train.precision={precision} "
-             f"--set train.answer_only_logits={answer_only} --set train.max_steps=2")
+    """The T4 setup (fp16) and bf16, 4-bit with lm_head/embed_tokens trained, both loss paths; and the frozen
+    weights left in the mixed precision's dtype (quantization.upcast_frozen=false) next to CUDA's 4-bit kernels."""
+    for sets, frozen in (("--set train.answer_only_logits=true", "fp32"),
+                         ("--set train.answer_only_logits=false", "fp32"),
+                         ("--set quantization.upcast_frozen=false", precision)):
+        make(ft_home, "train", "RECIPE=tinyllama", "TINY=1",
+             f"ARGS=--set train.precision={precision} {sets} --set train.max_steps=2")
         info = json.loads((ft_home / "outputs/tinyllama-tiny/adapter/run_info.json").read_text())
         assert info["plan"]["precision"] == precision and info["plan"]["quantization_bits"] == 4
+        assert info["plan"]["frozen_dtype"] == frozen and info["train_loss"] > 0, info["plan"]
 
 
 @pytest.mark.parametrize("recipe", ["tinyllama", "mistral-xauusd"])
