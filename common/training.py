@@ -341,7 +341,7 @@ def training_args(cfg: Any, plan: modeling.Plan, out: str, has_val: bool, sched:
         bf16=plan.precision == "bf16", fp16=plan.precision == "fp16", use_cpu=plan.device == "cpu",
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         report_to=report_to or "none", remove_unused_columns=False, dataloader_num_workers=0, save_only_model=False,
-        gradient_checkpointing=False,  # already applied to the model above, once
+        activation_checkpointing=False,  # already applied to the model above, once (transformers 5.23 name)
     )
 
 
