@@ -5,7 +5,7 @@
 #   make all ARGS="--set train.max_steps=20"   # override recipe settings
 #   make bench RECIPE=mistral-xauusd SHAPE=full  # random-init stand-in at the real model's shape (GPU speed, VRAM)
 #   make export && make report                  # GGUF + Ollama Modelfile (checked); every run on one HTML page
-#   make train NPROC=2 [DIST=fsdp]              # several processes under accelerate launch (DDP by default)
+#   make train NPROC=2                          # several processes (DDP) under accelerate launch
 # Each step's target is the file it writes last; a second `make all` does nothing, and a changed setting
 # re-runs only the steps that depend on it (per-step stamps under outputs/<run>/.stamps/).
 SHELL := bash
@@ -26,7 +26,6 @@ BENCH  ?=
 SHAPE  ?=
 DRY_RUN ?=
 NPROC  ?=
-DIST   ?=
 RECIPES := $(sort $(basename $(notdir $(wildcard recipes/*.yaml))))
 FLAGS   := --recipe $(RECIPE) $(if $(or $(TINY),$(SHAPE)),--tiny) $(if $(SHAPE),--set tiny.shape=$(SHAPE)) $(ARGS)
 
@@ -51,9 +50,12 @@ ifneq ($(filter-out $(NO_RECIPE_GOALS),$(or $(MAKECMDGOALS),all)),)
   endif
   # All paths come from common/paths.py.
   $(foreach v,$(shell $(PY) -m common.paths $(FLAGS)),$(eval $(v)))
-  # NPROC/DIST: how training is launched (common/dist.py checks them first and prints the launcher, or one error).
-  ifneq ($(NPROC)$(DIST),)
-    TRAIN_LAUNCH := $(shell $(PY) -m common.dist $(FLAGS) --nproc '$(NPROC)' --dist '$(DIST)' --python '$(PY)')
+  ifneq ($(DIST),)
+    $(error DIST is gone: several processes train as DDP (make train NPROC=N); FSDP and DeepSpeed were removed)
+  endif
+  # NPROC: how training is launched (common/dist.py checks it first and prints the launcher, or one error).
+  ifneq ($(NPROC),)
+    TRAIN_LAUNCH := $(shell $(PY) -m common.dist $(FLAGS) --nproc '$(NPROC)' --python '$(PY)')
     ifneq ($(filter error:,$(firstword $(TRAIN_LAUNCH))),)
       $(error $(wordlist 2,999,$(TRAIN_LAUNCH)))
     endif
@@ -67,7 +69,7 @@ all: $(EVALUATED) ## install -> prepare -> train -> merge -> eval
 
 install: $(ENV_JSON) ## install requirements (keeps an existing torch) and record outputs/env.json
 prepare: $(PREPARED) ## clean, sample, split and format the data
-train: $(TRAINED) ## LoRA/QLoRA fine-tuning -> outputs/<run>/adapter (NPROC=N processes, DIST=ddp|fsdp|zero2|zero3)
+train: $(TRAINED) ## LoRA/QLoRA fine-tuning -> outputs/<run>/adapter (NPROC=N processes: DDP)
 merge: $(MERGED) ## merge the adapter into an fp16 model -> outputs/<run>/merged
 eval: $(EVALUATED) ## base vs tuned metrics and reports -> outputs/<run>/eval
 
@@ -124,6 +126,6 @@ clean-all: ## remove every run, processed data and the model cache (under FT_HOM
 	[ ! -d $(HOME_DIR)/outputs ] || find $(HOME_DIR)/outputs -mindepth 1 ! -name .gitkeep -delete
 
 help: ## this list
-	@echo "usage: make [target] [RECIPE=name] [TINY=1 | SHAPE=full] [ARGS='--set key=value ...'] [NPROC=N DIST=ddp]"
+	@echo "usage: make [target] [RECIPE=name] [TINY=1 | SHAPE=full] [ARGS='--set key=value ...'] [NPROC=N]"
 	@echo "recipes: $(RECIPES)"
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  \1\t/'

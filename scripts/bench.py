@@ -25,7 +25,7 @@ a GPU) and model FLOPs utilisation (MFU) against the matmul peak probed at the s
 faster of fp32 and bf16, so a precision with a slow matmul does not look efficient). Model FLOPs per
 non-padding token = 4 x frozen linear parameters (forward + activation-gradient backward) + 6 x LoRA
 parameters; attention scores (about 1% at these lengths) and gradient-checkpointing recomputation are not
-counted. A timed step in which torch.compile built a graph (train.compile: a new mask or shape variant) is left
+counted. A timed step in which torch.compile built a graph (runtime.compile: a new mask or shape variant) is left
 out of its row and listed under the table. Run it on an otherwise idle machine: the load average at the start is
 recorded.
 
@@ -73,8 +73,8 @@ def variants(cfg: config.Config, plan: modeling.Plan) -> dict[str, dict]:
     out = {"ours": {"kind": "ours", "sets": [], "what": "this project, as the recipe configures it"},
            f"ours-{other}": {"kind": "ours", "sets": [f"train.precision={other}"],
                              "what": f"ours in {other}" + (" autocast" if other == "bf16" else "")}}
-    if cfg.train.answer_only_logits and arch.get(cfg).chat_baselines:
-        out["ours-full-logits"] = {"kind": "ours", "sets": ["train.answer_only_logits=false"],
+    if cfg.runtime.answer_only_logits and arch.get(cfg).chat_baselines:
+        out["ours-full-logits"] = {"kind": "ours", "sets": ["runtime.answer_only_logits=false"],
                                    "what": "ours with full-vocabulary logits and TRL's per-step metrics"}
     if cfg.train.fast_dropout and plan.device == "cpu" and cfg.lora.dropout > 0:
         out["ours-torch-dropout"] = {"kind": "ours", "sets": ["train.fast_dropout=false"],
@@ -83,22 +83,25 @@ def variants(cfg: config.Config, plan: modeling.Plan) -> dict[str, dict]:
         out["ours-grad-ckpt"] = {"kind": "ours", "sets": ["train.gradient_checkpointing=true"],
                                  "what": "ours with gradient checkpointing (less memory, more compute)"}
     if plan.device == "cuda":  # what each GPU choice pays (on a CPU auto keeps the recipe's split and padding)
-        t = cfg.train
-        if t.micro_batch == "auto":
-            out["ours-recipe-split"] = {"kind": "ours", "sets": [f"train.micro_batch={t.batch_size}"],
+        t, r = cfg.train, cfg.runtime
+        if r.micro_batch == "auto":
+            out["ours-recipe-split"] = {"kind": "ours", "sets": [f"runtime.micro_batch={t.batch_size}"],
                                         "what": f"ours at the recipe's micro-batch {t.batch_size} x {t.grad_accum}"}
         if plan.padding_free:
-            out["ours-padded"] = {"kind": "ours", "sets": ["train.padding_free=false"],
+            out["ours-padded"] = {"kind": "ours", "sets": ["runtime.padding_free=false"],
                                   "what": "ours with padded micro-batches instead of padding-free rows"}
         if plan.varlen:
-            out["ours-sdpa-mask"] = {"kind": "ours", "sets": ["train.varlen_attention=false"],
+            out["ours-sdpa-mask"] = {"kind": "ours", "sets": ["runtime.varlen_attention=false"],
                                      "what": "ours with SDPA over the padding-free row's block-diagonal mask instead "
                                              "of the varlen kernel"}
+        elif plan.padding_free and cfg.model.attn_implementation == "sdpa":
+            out["ours-varlen"] = {"kind": "ours", "sets": ["runtime.varlen_attention=true"],
+                                  "what": "ours with padding-free rows through PyTorch's varlen flash kernel"}
         if plan.liger:
-            out["ours-no-liger"] = {"kind": "ours", "sets": ["train.liger=false"],
+            out["ours-no-liger"] = {"kind": "ours", "sets": ["runtime.liger=false"],
                                     "what": "ours without Liger's fused output layer + cross-entropy"}
-        elif importlib.util.find_spec("liger_kernel") and t.answer_only_logits and arch.get(cfg).chat_baselines:
-            out["ours-liger"] = {"kind": "ours", "sets": ["train.liger=true"],
+        elif importlib.util.find_spec("liger_kernel") and r.answer_only_logits and arch.get(cfg).chat_baselines:
+            out["ours-liger"] = {"kind": "ours", "sets": ["runtime.liger=true"],
                                  "what": "ours with Liger's fused output layer + cross-entropy"}
         if t.gradient_checkpointing:
             out["ours-no-grad-ckpt"] = {"kind": "ours", "sets": ["train.gradient_checkpointing=false"],
@@ -106,11 +109,11 @@ def variants(cfg: config.Config, plan: modeling.Plan) -> dict[str, dict]:
         if cfg.model.attn_implementation == "sdpa":
             out["ours-eager-attn"] = {"kind": "ours", "sets": ["model.attn_implementation=eager"],
                                       "what": "ours with eager attention instead of SDPA"}
-        if not t.compile:
-            out["ours-compile"] = {"kind": "ours", "sets": ["train.compile=true"],
+        if not r.compile:
+            out["ours-compile"] = {"kind": "ours", "sets": ["runtime.compile=true"],
                                    "what": "ours with each decoder block torch.compile'd"}
         else:
-            out["ours-no-compile"] = {"kind": "ours", "sets": ["train.compile=false"],
+            out["ours-no-compile"] = {"kind": "ours", "sets": ["runtime.compile=false"],
                                       "what": "ours without torch.compile of the decoder blocks"}
         if plan.quant_bits and plan.precision != "fp32":  # the other choice of quantization.upcast_frozen
             upcast = plan.frozen == "fp32"
@@ -119,8 +122,8 @@ def variants(cfg: config.Config, plan: modeling.Plan) -> dict[str, dict]:
                                            "what": f"ours with the norms, embeddings and lm_head in {other} "
                                                    f"(quantization.upcast_frozen={flip})"}
         cap = cfg.bench.memory_cap_gb
-        if cap and not t.gpu_memory_gb:
-            out[f"ours-cap{cap}gb"] = {"kind": "ours", "sets": [f"train.gpu_memory_gb={cap}"],
+        if cap and not r.gpu_memory_gb:
+            out[f"ours-cap{cap}gb"] = {"kind": "ours", "sets": [f"runtime.gpu_memory_gb={cap}"],
                                        "what": f"ours with GPU memory capped at {cap} GB (a smaller GPU)"}
     if not arch.get(cfg).chat_baselines:  # plain TRL SFT and the padded reference are decoder-only setups
         return out
@@ -267,8 +270,11 @@ def build_ours(cfg: config.Config, plan: modeling.Plan, rows: list[dict], out: s
 
 
 def build_reference(cfg: config.Config, plan: modeling.Plan, rows: list[dict], out: str) -> Any:
-    """The reference setups' training: fixed-length padding, labels = every real token, the model's own loss."""
+    """The reference setups' training, none of this project's speed choices: fixed-length padding, labels = every
+    real token, the model's own loss, HF + PEFT as their notebooks load it (prepare_model_for_kbit_training when
+    quantized, PEFT's own dropout), the recipe's precision through TrainingArguments only."""
     from datasets import Dataset
+    from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     source = modeling.model_source(cfg)
@@ -284,7 +290,12 @@ def build_reference(cfg: config.Config, plan: modeling.Plan, rows: list[dict], o
         cols["input_ids"].append(ids + [pad] * fill)
         cols["attention_mask"].append([1] * len(ids) + [0] * fill)
         cols["labels"].append(ids + [training.IGNORE] * fill)
-    model = training.load_for_training(cfg, plan, source)
+    model = modeling.load_model(cfg, source, plan.quant_bits, "fp32")
+    if plan.quant_bits:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    elif cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model = get_peft_model(model, training.lora_config(cfg))
     args = training.training_args(cfg, plan, out, has_val=False)
     args["train_sampling_strategy"] = "random"  # fixed-length batches: nothing to group
     return Trainer(model=model, args=TrainingArguments(**args), train_dataset=Dataset.from_dict(cols),
@@ -639,7 +650,7 @@ def body(ctx: run.Context) -> None:
     res["matmul_peak_gflops"] = matmul_peak(plan.device)
     log.info("matmul peak: %s GFLOP/s", res["matmul_peak_gflops"])
     settings = ["train.save_strategy=no", "train.eval_strategy=no", "train.load_best_model_at_end=false",
-                "train.logging_steps=100000", "train.warmup_steps=0", "train.warmup_ratio=0.0"]
+                "runtime.logging_steps=100000", "train.warmup_steps=0", "train.warmup_ratio=0.0"]
     res["training"] = {}
     names = [x for x in specs if x in only]
     if a.profile:  # this run's traces only, not a stale one of a variant run before

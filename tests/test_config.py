@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from common import config, paths, templates
+from common import config, paths, standins, templates
 
 RECIPES = paths.recipe_names()
 
@@ -73,6 +73,10 @@ def test_bare_no_in_yaml_means_the_text_no(ft_home, tmp_path):
     ("lora.dropout=true", "lora.dropout must be float"),
     ("train=3", "is a section"),
     ("max_steps", "expected key=value"),
+    ("runtime.varlen_attention=auto", "runtime.varlen_attention must be bool, got str 'auto'"),
+    ("train.packing=true", "unknown key 'train.packing'"),  # removed: the micro-batch probe never sized packed rows
+    ("model.unsloth=true", "unknown key 'model.unsloth'"),  # removed: Unsloth's releases need older pins than ours
+    ("train.micro_batch=2", "'train.micro_batch' is now runtime.micro_batch"),
 ])
 def test_bad_values_fail_clearly(ft_home, item, fragment):
     with pytest.raises(config.ConfigError, match=fragment):
@@ -121,7 +125,6 @@ def test_secrets_never_enter_the_config(ft_home, monkeypatch):
     ("mistral-xauusd", ["train.save_strategy=steps"], "train.save_strategy (steps) equal to train.eval_strategy (epoch)"),
     ("smollm2", ["train.load_best_model_at_end=true", "train.save_steps=30"],
      "train.save_steps (30) to be a multiple of train.eval_steps (20)"),
-    ("flan-t5", ["train.packing=true"], "train.packing=true needs model.arch=causal"),
     ("flan-t5", ["train.loss_on=assistant_turns"], "train.loss_on=assistant_turns needs model.arch=causal"),
     ("flan-t5", ["prompt.system=Be brief."], "prompt.system needs model.arch=causal"),
     ("smollm2", ["model.arch=seq2seq"], "model.family=llama does not go with model.arch=seq2seq"),
@@ -131,19 +134,18 @@ def test_secrets_never_enter_the_config(ft_home, monkeypatch):
     ("smollm2", ["quantization.prequantized=true"], "quantization.prequantized=true needs quantization.bits"),
     ("smollm2", ["tiny.shape=full"], "tiny.shape=full needs tiny.full_config"),
     ("smollm2", ["train.max_steps=0", "train.epochs=0"], "nothing to train"),
-    ("tinyllama", ["train.micro_batch=3"], "train.micro_batch must be auto or a number dividing the effective batch "
+    ("tinyllama", ["runtime.micro_batch=3"], "runtime.micro_batch must be auto or a number dividing the effective batch "
                                            "train.batch_size x train.grad_accum = 16, got 3"),
-    ("tinyllama", ["train.micro_batch=big"], "train.micro_batch must be auto or a number"),
-    ("smollm2", ["train.liger=true", "train.answer_only_logits=false"], "train.liger=true needs train.answer_only_logits"),
-    ("flan-t5", ["train.padding_free=true"], "train.padding_free=true needs model.arch=causal"),
-    ("smollm2", ["train.padding_free=sometimes"], "train.padding_free must be auto, true or false"),
-    ("smollm2", ["train.gpu_memory_gb=0"], "train.gpu_memory_gb must be > 0"),
-    ("smollm2", ["train.varlen_attention=maybe"], "train.varlen_attention must be auto, true or false"),
-    ("flan-t5", ["train.varlen_attention=true"], "train.varlen_attention=true needs model.arch=causal"),
-    ("smollm2", ["train.varlen_attention=true", "train.padding_free=false"],
-     "train.varlen_attention=true needs padding-free rows"),
-    ("smollm2", ["train.varlen_attention=true", "model.attn_implementation=eager"],
-     "train.varlen_attention=true replaces sdpa attention, but model.attn_implementation=eager"),
+    ("tinyllama", ["runtime.micro_batch=big"], "runtime.micro_batch must be auto or a number"),
+    ("smollm2", ["runtime.liger=true", "runtime.answer_only_logits=false"], "runtime.liger=true needs runtime.answer_only_logits"),
+    ("flan-t5", ["runtime.padding_free=true"], "runtime.padding_free=true needs model.arch=causal"),
+    ("smollm2", ["runtime.padding_free=sometimes"], "runtime.padding_free must be auto, true or false"),
+    ("smollm2", ["runtime.gpu_memory_gb=0"], "runtime.gpu_memory_gb must be > 0"),
+    ("flan-t5", ["runtime.varlen_attention=true"], "runtime.varlen_attention=true needs model.arch=causal"),
+    ("smollm2", ["runtime.varlen_attention=true", "runtime.padding_free=false"],
+     "runtime.varlen_attention=true needs padding-free rows"),
+    ("smollm2", ["runtime.varlen_attention=true", "model.attn_implementation=eager"],
+     "runtime.varlen_attention=true replaces sdpa attention, but model.attn_implementation=eager"),
 ])
 def test_conflicting_settings_fail_with_one_line_naming_the_keys(ft_home, recipe, sets, fragment):
     with pytest.raises(config.ConfigError) as e:
@@ -185,11 +187,11 @@ def sched(recipe: str, n_train: int, has_val: bool = True, *sets: str):
     return training.schedule(config.load(recipe, list(sets)), n_train, has_val)
 
 
-def test_epoch_cap_scales_steps_to_the_data_and_ends_on_an_evaluation(ft_home):
+def test_epoch_cap_scales_steps_to_the_data_without_rounding_down_to_an_evaluation(ft_home):
     s = sched("smollm2", 480)  # 60 steps x 8 = one pass: unchanged
     assert (s.max_steps, s.notes, s.load_best) == (60, [], True)
-    s = sched("smollm2", 129)  # 60 x 8 would be 3.7 passes over 129: 3 passes = 49 steps, down to an eval step (40)
-    assert s.max_steps == 40 and "train.max_steps 60 -> 40" in s.notes[0] and "3.7 passes" in s.notes[0]
+    s = sched("smollm2", 129)  # 60 x 8 would be 3.7 passes over 129: 3 passes = 49 steps (not 40, an eval step)
+    assert s.max_steps == 49 and "train.max_steps 60 -> 49" in s.notes[0] and "3.7 passes" in s.notes[0]
     s = sched("smollm2", 129, True, "train.max_epochs=null")
     assert s.max_steps == 60 and s.notes == []
     s = sched("mistral-xauusd", 100, True, "train.epochs=5")
@@ -215,12 +217,12 @@ def test_real_shape_configs_have_the_real_parameter_counts(name, params):
 
     from common import modeling
 
-    cfg = modeling.stand_in_config("llama", 100, {"pad": 0, "eos": 1, "bos": 2}, name)
+    cfg = standins.stand_in_config("llama", 100, {"pad": 0, "eos": 1, "bos": 2}, name)
     cls = AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM
     with torch.device("meta"):
         model = cls.from_config(cfg)
     assert sum(p.numel() for p in model.parameters()) == params
-    grown = modeling.stand_in_config("llama", 49_152, {"pad": 0, "eos": 1, "bos": 2}, name)
+    grown = standins.stand_in_config("llama", 49_152, {"pad": 0, "eos": 1, "bos": 2}, name)
     assert grown.vocab_size == max(49_152, cfg.vocab_size)  # SmolLM2's tokenizer must fit; Llama-3's 128k stays
 
 

@@ -1,7 +1,7 @@
 """More than one process (make train NPROC=N): on the CPU with gloo, 2 processes train the tiny recipe to the same
 loss curve as 1 and write the same files; a kill -9 of the launcher leaves no rank behind and a rerun resumes
 (with another process count); the engine configurations load with accelerate's own reader, and launches that
-cannot work stop with one line before any process starts."""
+cannot work stop with one line before any process starts. DDP is the one engine offered (common/dist.py)."""
 from __future__ import annotations
 
 import csv
@@ -69,7 +69,7 @@ def ranks_of(home: Path) -> list[int]:
 def test_kill_9_of_the_launcher_leaves_no_rank_and_a_rerun_resumes_with_another_process_count(ft_home):
     sets = f"{SETS} --set train.max_steps=8 --set train.save_steps=2 --set train.eval_steps=2"
     make(ft_home, "prepare", "RECIPE=tinyllama", "TINY=1", f"ARGS={sets}")
-    launch = dist.launch_command(2, "ddp")
+    launch = dist.launch_command(2)
     env = dict(os.environ, FT_HOME=str(ft_home), PYTHONPATH=str(REPO), MASTER_PORT="29513")
     proc = subprocess.Popen([*launch, "scripts/02_sft_qlora.py", "--recipe", "tinyllama", "--tiny", *sets.split()],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -95,68 +95,26 @@ def test_kill_9_of_the_launcher_leaves_no_rank_and_a_rerun_resumes_with_another_
     assert info["distributed"]["world_size"] == 1
 
 
-@pytest.mark.parametrize("name,kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("zero2", "DEEPSPEED"),
-                                       ("zero3", "DEEPSPEED")])
-def test_shipped_engine_configs_load_with_accelerates_reader(name, kind):
-    c = dist.load_engine_config(name)
-    assert str(c.distributed_type).endswith(kind) and c.mixed_precision == "no" and c.num_machines == 1
-    if name == "fsdp":
-        assert c.fsdp_config["fsdp_sharding_strategy"] == "FULL_SHARD" and not c.fsdp_config["fsdp_use_orig_params"]
-    if name.startswith("zero"):
-        assert c.deepspeed_config["zero_stage"] == int(name[-1])
+def test_the_shipped_ddp_config_loads_with_accelerates_reader():
+    c = dist.load_engine_config()
+    assert str(c.distributed_type).endswith("MULTI_GPU") and c.mixed_precision == "no" and c.num_machines == 1
 
 
-@pytest.mark.parametrize("recipe,nproc,engine,gpus,fragment", [
-    ("tinyllama", 3, "ddp", 0, "effective batch train.batch_size x train.grad_accum = 16 does not split over NPROC=3"),
-    ("tinyllama", 2, "fsdp", 0, "DIST=fsdp needs CUDA GPUs; on a CPU use DIST=ddp"),
-    ("tinyllama", 4, "ddp", 2, "NPROC=4 but this machine has 2 GPU(s)"),
-    ("tinyllama", 1, "zero2", 1, "DIST=zero2 shards across processes: give NPROC >= 2"),
-    ("flan-t5", 2, "fsdp", 2, "DIST=fsdp cannot shard 8-bit"),
-    ("tinyllama", 2, "megatron", 2, "DIST=megatron is not an engine here"),
+@pytest.mark.parametrize("recipe,nproc,gpus,fragment", [
+    ("tinyllama", 3, 0, "effective batch train.batch_size x train.grad_accum = 16 does not split over NPROC=3"),
+    ("tinyllama", 4, 2, "NPROC=4 but this machine has 2 GPU(s)"),
+    ("tinyllama", 0, 0, "NPROC must be a number >= 1"),
 ])
-def test_launches_that_cannot_work_fail_with_one_line(recipe, nproc, engine, gpus, fragment, monkeypatch):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "deepspeed" else real(n, *a))
+def test_launches_that_cannot_work_fail_with_one_line(recipe, nproc, gpus, fragment):
     with pytest.raises(UserError) as e:
-        dist.check(config.load(recipe), nproc, engine, gpus)
+        dist.check(config.load(recipe), nproc, gpus)
     assert fragment in str(e.value) and "\n" not in str(e.value)
 
 
-def test_zero_without_deepspeed_and_a_bad_nproc_stop_make_before_any_step(ft_home):
-    import importlib.util
-
+def test_a_bad_nproc_or_a_dist_setting_stops_make_before_any_step(ft_home):
     p = make(ft_home, "train", "RECIPE=tinyllama", "TINY=1", "NPROC=3", check=False)
     assert p.returncode == 2 and "does not split over NPROC=3 processes" in p.stderr and "01_prepare" not in p.stdout
-    if importlib.util.find_spec("deepspeed") is None:
-        with pytest.raises(UserError, match="DIST=zero2 needs DeepSpeed: pip install deepspeed"):
-            dist.check(config.load("tinyllama"), 2, "zero2", 2)
     p = make(ft_home, "train", "RECIPE=tinyllama", "TINY=1", "NPROC=two", check=False)
     assert p.returncode == 2 and "NPROC must be a number >= 1, got 'two'" in p.stderr
-
-
-@pytest.mark.parametrize("engine_env, stored_as_float", [
-    ({"ACCELERATE_USE_FSDP": "true"}, True),
-    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, True),
-    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, False),
-    ({}, False),
-])
-def test_sharding_engines_load_4bit_weights_stored_as_floats(engine_env, stored_as_float, ft_home, monkeypatch):
-    """FSDP and ZeRO-3 shard flat float tensors: under them the 4-bit weights are stored in the compute dtype
-    (bnb_4bit_quant_storage), elsewhere as packed uint8, as bitsandbytes' default."""
-    import torch
-
-    from common import modeling
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    for k, v in engine_env.items():
-        monkeypatch.setenv(k, v)
-    cfg = config.load("tinyllama", tiny=True)
-    model = modeling.load_model(cfg, modeling.model_source(cfg), 4, "fp32")
-    q = model.config.quantization_config
-    stored = {p.dtype for n, p in model.named_parameters() if "q_proj" in n}
-    if stored_as_float:
-        assert q.bnb_4bit_quant_storage == torch.float32 and stored == {torch.float32}, (q, stored)
-    else:
-        assert stored == {torch.uint8}, (q, stored)
+    p = make(ft_home, "train", "RECIPE=tinyllama", "TINY=1", "NPROC=2", "DIST=fsdp", check=False)
+    assert p.returncode == 2 and "DIST is gone" in p.stderr and "01_prepare" not in p.stdout

@@ -42,7 +42,7 @@ def _trainer(cfg, plan, rows: int, out):
 def test_mixed_precision_trains_with_fp32_trainable_weights(tinyllama_data, monkeypatch, tmp_path, precision, bits,
                                                             answer_only):
     monkeypatch.setenv("FT_HOME", str(tinyllama_data))
-    cfg = config.load("tinyllama", [f"train.answer_only_logits={str(answer_only).lower()}", "train.max_steps=2",
+    cfg = config.load("tinyllama", [f"runtime.answer_only_logits={str(answer_only).lower()}", "train.max_steps=2",
                                     "train.eval_strategy=no", "train.save_strategy=no"], tiny=True)
     assert cfg.lora.modules_to_save == ["lm_head", "embed_tokens"]  # the recipe's own, the case that crashed
     plan = modeling.Plan("cpu", precision, bits, "adamw_torch")  # what a T4 (fp16) or an L4/A100 (bf16) would plan

@@ -20,7 +20,7 @@ from conftest import REPO, make, step
 HOOKS = REPO / "tests" / "hooks"  # sitecustomize.py: kill at the N-th rename, hide a package
 
 TRAIN = ["--recipe", "smollm2", "--tiny", "--set", "train.max_steps=8", "--set", "train.save_steps=2",
-         "--set", "train.eval_steps=4", "--set", "train.logging_steps=1"]
+         "--set", "train.eval_steps=4", "--set", "runtime.logging_steps=1"]
 
 
 def losses(out):

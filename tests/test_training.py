@@ -168,7 +168,7 @@ def test_tensorboard_tracking_logs_the_losses_under_the_run(ft_home):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     step("01_prepare", "--recipe", "smollm2", "--tiny")
-    step("02_sft_qlora", "--recipe", "smollm2", "--tiny", "--set", "train.report_to=tensorboard")
+    step("02_sft_qlora", "--recipe", "smollm2", "--tiny", "--set", "runtime.report_to=tensorboard")
     out = ft_home / "outputs/smollm2-tiny"
     events = list((out / "tensorboard").rglob("events.out.tfevents.*"))
     assert events, "no event file under outputs/<run>/tensorboard"
@@ -184,12 +184,12 @@ def test_tensorboard_tracking_logs_the_losses_under_the_run(ft_home):
 def test_a_tracker_that_is_not_installed_is_replaced_with_a_note(ft_home):
     from common import config, modeling
 
-    cfg = config.load("smollm2", ["train.report_to=[tensorboard, mlflow]"], tiny=True)
+    cfg = config.load("smollm2", ["runtime.report_to=[tensorboard, mlflow]"], tiny=True)
     plan = modeling.plan(cfg)
     got = training.trackers(cfg, plan, ft_home / "tb")
     assert got == ["tensorboard"] and any("report_to mlflow -> none" in n for n in plan.notes)
-    with pytest.raises(config.ConfigError, match="train.report_to must be none or a list of"):
-        config.load("smollm2", ["train.report_to=neptune"])
+    with pytest.raises(config.ConfigError, match="runtime.report_to must be none or a list of"):
+        config.load("smollm2", ["runtime.report_to=neptune"])
 
 
 def loss_curve(home) -> list[tuple[int, float]]:
@@ -205,11 +205,11 @@ def test_two_splits_of_the_same_effective_batch_give_the_same_loss_curve(ft_home
     base = "--set lora.dropout=0 --set train.learning_rate=0.005 --set train.batch_size=2 --set train.grad_accum=8 "
     curves, infos = {}, {}
     for micro in (16, 2):
-        make(ft_home, "train", "RECIPE=tinyllama", "TINY=1", f"ARGS={base} --set train.micro_batch={micro}")
+        make(ft_home, "train", "RECIPE=tinyllama", "TINY=1", f"ARGS={base} --set runtime.micro_batch={micro}")
         curves[micro] = loss_curve(ft_home)
         infos[micro] = json.loads((ft_home / "outputs/tinyllama-tiny/adapter/run_info.json").read_text())["batching"]
     assert infos[16]["micro_batch"] == 16 and infos[16]["grad_accum"] == 1 and infos[16]["effective"] == 16
-    assert infos[2]["micro_batch"] == 2 and infos[2]["grad_accum"] == 8 and "train.micro_batch=2" in infos[2]["why"]
+    assert infos[2]["micro_batch"] == 2 and infos[2]["grad_accum"] == 8 and "runtime.micro_batch=2" in infos[2]["why"]
     a, b = curves[16], curves[2]
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
     assert a[-1][1] < a[0][1] - 0.1, a  # it trained: the curve moves, so equal curves mean equal updates
@@ -218,12 +218,12 @@ def test_two_splits_of_the_same_effective_batch_give_the_same_loss_curve(ft_home
 
 
 def test_compiled_blocks_train_the_same_curve_and_save_the_same_adapter(ft_home):
-    """train.compile: each decoder block torch.compile'd in place (4-bit on the CPU backend where bitsandbytes
+    """runtime.compile: each decoder block torch.compile'd in place (4-bit on the CPU backend where bitsandbytes
     has one, LoRA, dropout 0): the same loss curve as eager and an adapter with the same tensor names."""
     base = "--set lora.dropout=0 --set train.learning_rate=0.005"
     curves, keys = {}, {}
     for flag in ("true", "false"):
-        p = make(ft_home, "train", "RECIPE=tinyllama", "TINY=1", f"ARGS={base} --set train.compile={flag}")
+        p = make(ft_home, "train", "RECIPE=tinyllama", "TINY=1", f"ARGS={base} --set runtime.compile={flag}")
         curves[flag] = loss_curve(ft_home)
         adapter = ft_home / "outputs/tinyllama-tiny/adapter"
         info = json.loads((adapter / "run_info.json").read_text())
@@ -239,7 +239,7 @@ def test_compiled_blocks_train_the_same_curve_and_save_the_same_adapter(ft_home)
     for (s, x), (_, y) in zip(a, b):
         assert x == pytest.approx(y, rel=1e-4, abs=1e-4), (s, x, y)
     # the GPU's way: compiled blocks under bf16 autocast over 4-bit weights (the curve within bf16 rounding)
-    make(ft_home, "train", "RECIPE=tinyllama", "TINY=1", f"ARGS={base} --set train.compile=true "
+    make(ft_home, "train", "RECIPE=tinyllama", "TINY=1", f"ARGS={base} --set runtime.compile=true "
          "--set train.precision=bf16")
     info = json.loads((ft_home / "outputs/tinyllama-tiny/adapter/run_info.json").read_text())
     assert info["plan"]["precision"] == "bf16" and info["plan"]["compile"] is True, info["plan"]
@@ -248,18 +248,16 @@ def test_compiled_blocks_train_the_same_curve_and_save_the_same_adapter(ft_home)
 
 
 def test_compile_refuses_what_it_cannot_do(ft_home):
-    with pytest.raises(config.ConfigError, match="model.unsloth=true brings its own compiled kernels"):
-        config.load("llama3-alpaca", ["model.unsloth=true", "train.compile=true"])
     with pytest.raises(io.UserError, match="names no repeated blocks"):
         training.compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
 def test_auto_micro_batch_keeps_the_recipes_split_on_a_cpu(ft_home):
-    cfg = config.load("tinyllama", ["train.micro_batch=auto"])
+    cfg = config.load("tinyllama", ["runtime.micro_batch=auto"])
     plan = modeling.Plan("cpu", "fp32", 0, "adamw_torch")
     b = batching.choose(cfg, plan, model=None, ds=None, pad_id=0, capacity_gb=None)
     assert (b.effective, b.micro_batch, b.grad_accum) == (16, 2, 8) and "CPU" in b.why
-    b = batching.choose(config.load("tinyllama", ["train.micro_batch=4"]), plan, None, None, 0, None)
+    b = batching.choose(config.load("tinyllama", ["runtime.micro_batch=4"]), plan, None, None, 0, None)
     assert (b.micro_batch, b.grad_accum) == (4, 4) and b.line().startswith("micro-batch 4 x grad_accum 4 = effective")
     assert batching.divisors_desc(12) == [12, 6, 4, 3, 2, 1]
 
@@ -367,7 +365,7 @@ def test_varlen_kernel_adapter_computes_block_diagonal_causal_attention_by_value
 
 
 def test_bench_on_a_gpu_has_an_ablation_row_for_each_gpu_choice_in_use(ft_home):
-    """The GPU rows undo one choice each, and only a choice the plan made: varlen attention -> ours-sdpa-mask;
+    """The GPU rows flip one choice each: varlen attention on -> ours-sdpa-mask, off (the default) -> ours-varlen;
     a quantized model's frozen weights in fp32 -> a row with them in the mixed precision's dtype, and back."""
     import importlib
 
@@ -375,10 +373,10 @@ def test_bench_on_a_gpu_has_an_ablation_row_for_each_gpu_choice_in_use(ft_home):
     cfg = config.load("tinyllama")
     plan = modeling.Plan("cuda", "fp16", 4, "adamw_torch", padding_free=True, varlen=True)
     rows = bench.variants(cfg, plan)
-    assert rows["ours-sdpa-mask"]["sets"] == ["train.varlen_attention=false"]
-    assert rows["ours-padded"]["sets"] == ["train.padding_free=false"] and "ours-recipe-split" in rows
-    assert "ours-sdpa-mask" not in bench.variants(cfg, modeling.Plan("cuda", "fp16", 4, "adamw_torch",
-                                                                    padding_free=True))
+    assert rows["ours-sdpa-mask"]["sets"] == ["runtime.varlen_attention=false"]
+    assert rows["ours-padded"]["sets"] == ["runtime.padding_free=false"] and "ours-recipe-split" in rows
+    off = bench.variants(cfg, modeling.Plan("cuda", "fp16", 4, "adamw_torch", padding_free=True))
+    assert "ours-sdpa-mask" not in off and off["ours-varlen"]["sets"] == ["runtime.varlen_attention=true"]
     assert rows["ours-fp16-frozen"]["sets"] == ["quantization.upcast_frozen=false"]  # the plan upcasts (fp32)
     other = bench.variants(cfg, modeling.Plan("cuda", "fp16", 4, "adamw_torch", frozen="fp16"))
     assert other["ours-fp32-frozen"]["sets"] == ["quantization.upcast_frozen=true"] and "ours-fp16-frozen" not in other
@@ -389,13 +387,13 @@ def test_bench_on_a_gpu_has_an_ablation_row_for_each_gpu_choice_in_use(ft_home):
 
 @pytest.mark.parametrize("recipe", ["tinyllama", "mistral-xauusd"])
 def test_varlen_attention_gives_the_padded_batches_loss_and_gradients(recipe, ft_home):
-    """train.varlen_attention: a padding-free row goes through the varlen kernel (once per decoder layer, the
+    """runtime.varlen_attention: a padding-free row goes through the varlen kernel (once per decoder layer, the
     reference kernel standing in on the CPU) and gives the padded batch's loss and LoRA gradients; Mistral's
     sliding window, shrunk below the examples' lengths, is applied as transformers' own mask applies it."""
     from common import attention
 
     step("01_prepare", "--recipe", recipe, "--tiny")
-    cfg = config.load(recipe, ["lora.dropout=0", "train.padding_free=true", "train.varlen_attention=true"],
+    cfg = config.load(recipe, ["lora.dropout=0", "runtime.padding_free=true", "runtime.varlen_attention=true"],
                       tiny=True)
     plan = modeling.plan(cfg)
     assert plan.varlen and plan.padding_free and "reference" in plan.varlen_why
@@ -446,51 +444,6 @@ def test_varlen_attention_gives_the_padded_batches_loss_and_gradients(recipe, ft
         assert len(calls) == n + model.config.num_hidden_layers and l32 == pytest.approx(expected, abs=1e-5)
     finally:
         active.fn, active.half_only = real, False
-
-
-def test_an_unsloth_that_does_not_fit_our_pins_is_named_and_replaced(ft_home, tmp_path, monkeypatch):
-    """Unsloth's own metadata (2026.10.9, the newest when written) caps transformers, trl and datasets below this
-    project's pins: model.unsloth=true then trains with HF + PEFT and says exactly why."""
-    import importlib.metadata
-    import sys
-
-    import transformers
-
-    info = tmp_path / "unsloth-2026.10.9.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: unsloth\nVersion: 2026.10.9\n"
-                                   "Requires-Dist: transformers!=5.0.0,<=5.17.0,>=4.52.4\n"
-                                   "Requires-Dist: trl!=0.19.0,<=1.15.0,>=0.18.2\n"
-                                   "Requires-Dist: triton-windows; sys_platform == \"win32\"\n"
-                                   "Requires-Dist: tyro\n")
-    (tmp_path / "unsloth").mkdir()
-    (tmp_path / "unsloth/__init__.py").write_text("raise ImportError('a stand-in: never imported')\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    importlib.invalidate_caches()
-    from packaging.version import Version
-
-    clash = training.unsloth_conflicts()
-    assert any("unsloth 2026.10.9 needs transformers" in c and f"installed {transformers.__version__}" in c
-               for c in clash) == (Version(transformers.__version__) > Version("5.17.0")), clash
-    assert not any("triton" in c or "tyro" in c for c in clash)
-    cfg = config.load("smollm2", ["model.unsloth=true"], tiny=True)
-    plan = modeling.plan(cfg)
-    training.load_for_training(cfg, plan, modeling.model_source(cfg))
-    note = next(n for n in plan.notes if n.startswith("Unsloth -> Hugging Face + PEFT"))
-    assert ("does not work with this project's pinned versions" in note) == bool(clash), note
-    assert sys.modules.get("unsloth") is None  # never imported: the check reads its metadata only
-
-
-def test_packing_trains_and_benches(ft_home):
-    """train.packing: TRL packs examples into rows of train.max_length (padding-free, position_ids); it trains
-    with the answer-only loss and the bench's ours row runs with it (it failed in bench before)."""
-    make(ft_home, "train", "RECIPE=smollm2", "TINY=1", "ARGS=--set train.packing=true --set train.max_steps=2")
-    info = json.loads((ft_home / "outputs/smollm2-tiny/adapter/run_info.json").read_text())
-    assert info["global_step"] == 2 and 0 < info["train_loss"] < 20
-    step("bench", "--recipe", "smollm2", "--tiny", "--set", "train.packing=true", "--steps", "1", "--warmup", "1",
-         "--only", "ours")
-    ours = json.loads((ft_home / "outputs/bench/smollm2-tiny.json").read_text())["training"]["ours"]
-    assert ours["tokens_per_s"] > 0 and ours["padding_share"] == 0.0  # packed rows carry no padding
 
 
 def test_gpu_targets_and_cap_rows_are_checked_from_the_recipes_bench_section():
