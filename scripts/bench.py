@@ -54,7 +54,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import arch, batching, config, io, metadata, modeling, paths, profiling, prompts, run, training
+from common import arch, batching, config, io, loss, metadata, modeling, paths, profiling, prompts, run, training
+from common import plan as run_plan
 from common.io import UserError
 
 log = logging.getLogger("ft")
@@ -67,7 +68,7 @@ GPU_VS_TRL = 2.5
 
 
 # --------------------------------------------------------------------------- the variants
-def variants(cfg: config.Config, plan: modeling.Plan) -> dict[str, dict]:
+def variants(cfg: config.Config, plan: run_plan.Plan) -> dict[str, dict]:
     """name -> {kind, sets (recipe overrides), what}; the ablations undo one of the recipe's speed choices."""
     other = "bf16" if plan.precision == "fp32" else "fp32"
     out = {"ours": {"kind": "ours", "sets": [], "what": "this project, as the recipe configures it"},
@@ -167,7 +168,7 @@ def counting(collate: Any, counts: list) -> Any:
         mask = batch.get("attention_mask")
         real = int(mask.sum()) if mask is not None else int(ids.numel())  # padding-free batches have no mask
         labels = batch.get("labels")
-        counts.append((real, int(ids.numel()), int((labels != training.IGNORE).sum()) if labels is not None else real))
+        counts.append((real, int(ids.numel()), int((labels != loss.IGNORE).sum()) if labels is not None else real))
         return batch
 
     return wrapped
@@ -259,7 +260,7 @@ def matmul_peak(device: str, budget_s: float = 0.5) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- training workers
-def build_ours(cfg: config.Config, plan: modeling.Plan, rows: list[dict], out: str, capacity: float | None) -> Any:
+def build_ours(cfg: config.Config, plan: run_plan.Plan, rows: list[dict], out: str, capacity: float | None) -> Any:
     source = modeling.model_source(cfg)
     tok = modeling.load_tokenizer(cfg, source)
     ds = training.encode_split(cfg, tok, rows, "train")
@@ -269,7 +270,7 @@ def build_ours(cfg: config.Config, plan: modeling.Plan, rows: list[dict], out: s
     return training.make_trainer(cfg, plan, model, tok, ds, ds.select([]), out, batching=split)
 
 
-def build_reference(cfg: config.Config, plan: modeling.Plan, rows: list[dict], out: str) -> Any:
+def build_reference(cfg: config.Config, plan: run_plan.Plan, rows: list[dict], out: str) -> Any:
     """The reference setups' training, none of this project's speed choices: fixed-length padding, labels = every
     real token, the model's own loss, HF + PEFT as their notebooks load it (prepare_model_for_kbit_training when
     quantized, PEFT's own dropout), the recipe's precision through TrainingArguments only."""
@@ -289,7 +290,7 @@ def build_reference(cfg: config.Config, plan: modeling.Plan, rows: list[dict], o
         fill = REFERENCE_LENGTH - len(ids)
         cols["input_ids"].append(ids + [pad] * fill)
         cols["attention_mask"].append([1] * len(ids) + [0] * fill)
-        cols["labels"].append(ids + [training.IGNORE] * fill)
+        cols["labels"].append(ids + [loss.IGNORE] * fill)
     model = modeling.load_model(cfg, source, plan.quant_bits, "fp32")
     if plan.quant_bits:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
@@ -302,7 +303,7 @@ def build_reference(cfg: config.Config, plan: modeling.Plan, rows: list[dict], o
                    data_collator=default_data_collator)
 
 
-def build_trl(cfg: config.Config, plan: modeling.Plan, rows: list[dict], out: str, bf16: bool | None) -> Any:
+def build_trl(cfg: config.Config, plan: run_plan.Plan, rows: list[dict], out: str, bf16: bool | None) -> Any:
     """Plain TRL: the tokenizer's own chat template, a prompt/completion dataset, SFTConfig defaults."""
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -329,7 +330,7 @@ def train_worker(cfg: config.Config, spec: dict, warmup: int, steps: int, profil
     from transformers import set_seed
 
     set_seed(cfg.train.seed)
-    plan = modeling.plan(cfg)
+    plan = run_plan.resolve(cfg)
     capacity = batching.cap_memory(cfg, plan)  # every row under the same cap (a smaller GPU refuses them all alike)
     rows = io.read_jsonl(paths.RunPaths(cfg.run).split("train"))
     need = (warmup + steps + profile) * cfg.train.batch_size * cfg.train.grad_accum
@@ -636,7 +637,7 @@ def body(ctx: run.Context) -> None:
     rp = ctx.paths
     if not rp.split("train").exists():
         raise UserError(f"{rp.split('train')} does not exist; run make prepare RECIPE={cfg.name} first")
-    plan = modeling.plan(cfg)
+    plan = run_plan.resolve(cfg)
     specs = variants(cfg, plan)
     only = [x.strip() for x in a.only.split(",")] if a.only else list(specs) + ["generation"]
     unknown = [x for x in only if x not in specs and x != "generation"]

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from common import config, paths, standins, templates
+from common import config, paths, stamps, standins, templates
+from common import schedule
 
 RECIPES = paths.recipe_names()
 
@@ -102,10 +103,10 @@ def test_artifact_root_moves_with_ft_home(ft_home):
 
 
 def test_stamps_change_only_for_the_affected_step(ft_home):
-    d = config.write_stamps(config.load("smollm2"))
+    d = stamps.write(config.load("smollm2"))
     before = {f.name: f.stat().st_mtime_ns for f in d.iterdir()}
     text = {f.name: f.read_text() for f in d.iterdir()}
-    config.write_stamps(config.load("smollm2", ["eval.max_new_tokens=9"]))
+    stamps.write(config.load("smollm2", ["eval.max_new_tokens=9"]))
     changed = {f.name for f in d.iterdir() if f.read_text() != text[f.name]}
     assert changed == {"eval.json"}
     unchanged = {f.name for f in d.iterdir() if f.stat().st_mtime_ns == before[f.name]}
@@ -184,7 +185,7 @@ def test_prompt_fields_are_checked_against_the_task(ft_home):
 def sched(recipe: str, n_train: int, has_val: bool = True, *sets: str):
     from common import training
 
-    return training.schedule(config.load(recipe, list(sets)), n_train, has_val)
+    return schedule.schedule(config.load(recipe, list(sets)), n_train, has_val)
 
 
 def test_epoch_cap_scales_steps_to_the_data_without_rounding_down_to_an_evaluation(ft_home):

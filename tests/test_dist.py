@@ -45,7 +45,7 @@ def test_two_processes_train_the_same_curve_and_write_the_same_files(ft_home, tm
     assert files(ft_home) == files(one), files(ft_home) ^ files(one)
     info = json.loads((ft_home / RUN / "adapter/run_info.json").read_text())
     assert info["distributed"] == {"engine": "ddp", "world_size": 2}
-    b = info["batching"]
+    b = info["plan"]["batching"]
     assert (b["effective"], b["processes"], b["micro_batch"] * b["grad_accum"] * b["processes"]) == (8, 2, 8), b
     log = (ft_home / RUN / "logs/train.log").read_text()
     assert "engine ddp, world size 2" in log and "[rank 1]" not in log  # rank 0 alone writes the log file

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from common import config, io, modeling, paths, training
+from common import plan as run_plan
+from common import loss
 from conftest import step
 
 CASES = [  # (precision, quantization bits, answer-only output layer)
@@ -45,7 +47,7 @@ def test_mixed_precision_trains_with_fp32_trainable_weights(tinyllama_data, monk
     cfg = config.load("tinyllama", [f"runtime.answer_only_logits={str(answer_only).lower()}", "train.max_steps=2",
                                     "train.eval_strategy=no", "train.save_strategy=no"], tiny=True)
     assert cfg.lora.modules_to_save == ["lm_head", "embed_tokens"]  # the recipe's own, the case that crashed
-    plan = modeling.Plan("cpu", precision, bits, "adamw_torch")  # what a T4 (fp16) or an L4/A100 (bf16) would plan
+    plan = run_plan.Plan("cpu", precision, bits, "adamw_torch")  # what a T4 (fp16) or an L4/A100 (bf16) would plan
     trainer = _trainer(cfg, plan, 8, tmp_path)
     trainable = {n: p.dtype for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert any("modules_to_save" in n and "lm_head" in n for n in trainable)
@@ -58,7 +60,7 @@ def test_align_dtypes_casts_only_trainable_weights_and_reports_what_it_cast():
     lin = torch.nn.Linear(4, 4).to(torch.bfloat16)
     frozen = torch.nn.Linear(4, 4).to(torch.float16).requires_grad_(False)
     model = torch.nn.Sequential(lin, frozen)
-    cast = training.align_dtypes(model, modeling.Plan("cpu", "bf16", 4, "adamw_torch"))
+    cast = loss.align_dtypes(model, run_plan.Plan("cpu", "bf16", 4, "adamw_torch"))
     assert cast == {"bfloat16": 2} and lin.weight.dtype == torch.float32 and frozen.weight.dtype == torch.float16
 
 
@@ -68,9 +70,9 @@ def test_answer_loss_runs_under_the_plans_autocast():
     hidden = torch.randn(3, 8, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="dtype"):
         head(hidden)  # what answer_loss did outside accelerate's autocast
-    with training.autocast(modeling.Plan("cpu", "bf16", 0, "adamw_torch")):
+    with loss.autocast(run_plan.Plan("cpu", "bf16", 0, "adamw_torch")):
         assert head(hidden).dtype == torch.bfloat16
-    with training.autocast(modeling.Plan("cpu", "fp32", 0, "adamw_torch")):
+    with loss.autocast(run_plan.Plan("cpu", "fp32", 0, "adamw_torch")):
         with pytest.raises(RuntimeError, match="dtype"):
             head(hidden)  # fp32 plans add no autocast
 
@@ -87,7 +89,7 @@ def test_the_issue_command_trains_bf16_4bit_with_modules_to_save(ft_home):
 def test_frozen_dtype_follows_the_precision_and_quantization_upcast_frozen():
     """Where the frozen, non-quantized weights train in which dtype (by value, every branch)."""
     def frozen(device, precision, bits, upcast=True):
-        return modeling.frozen_dtype(modeling.Plan(device, precision, bits, "adamw_torch"), upcast)
+        return run_plan.frozen_dtype(run_plan.Plan(device, precision, bits, "adamw_torch"), upcast)
 
     assert frozen("cuda", "bf16", 4) == "fp32"  # peft's preparation (the reference setups)
     assert frozen("cuda", "bf16", 4, upcast=False) == "bf16" and frozen("cuda", "fp16", 8, upcast=False) == "fp16"
@@ -95,9 +97,9 @@ def test_frozen_dtype_follows_the_precision_and_quantization_upcast_frozen():
     assert frozen("cuda", "bf16", 0) == "bf16" and frozen("cpu", "bf16", 0) == "fp32"  # unquantized: as before
     assert frozen("cuda", "fp32", 4, upcast=False) == "fp32"  # nothing below fp32 in an fp32 run
     cfg = config.load("tinyllama", ["train.precision=bf16", "quantization.upcast_frozen=false"], tiny=True)
-    p = modeling.plan(cfg)  # the real plan on this machine (bitsandbytes' CPU backend keeps the 4 bits)
+    p = run_plan.resolve(cfg)  # the real plan on this machine (bitsandbytes' CPU backend keeps the 4 bits)
     assert (p.quant_bits, p.precision, p.frozen) == (4, "bf16", "bf16")
-    assert modeling.plan(config.load("tinyllama", ["train.precision=bf16"], tiny=True)).frozen == "fp32"
+    assert run_plan.resolve(config.load("tinyllama", ["train.precision=bf16"], tiny=True)).frozen == "fp32"
 
 
 def _saved_bytes(fn) -> int:
@@ -126,7 +128,7 @@ def test_quantized_model_without_the_fp32_upcast_keeps_its_frozen_weights_and_ac
     for upcast in (True, False):
         cfg = config.load("tinyllama", [*base, "lora.modules_to_save=[]", f"quantization.upcast_frozen={str(upcast).lower()}"],
                           tiny=True)
-        plan = modeling.plan(cfg)
+        plan = run_plan.resolve(cfg)
         torch.manual_seed(0)
         trainer = _trainer(cfg, plan, 4, tmp_path / str(upcast))
         model = trainer.model
@@ -134,8 +136,8 @@ def test_quantized_model_without_the_fp32_upcast_keeps_its_frozen_weights_and_ac
         assert frozen and set(frozen.values()) == {torch.float32 if upcast else torch.bfloat16}, frozen
         assert any(p.dtype == torch.uint8 for p in model.parameters())  # the 4-bit weights, untouched
         batch = trainer.data_collator(list(trainer.train_dataset))
-        with training.autocast(plan):
-            total, n = training.answer_loss(model, batch)
+        with loss.autocast(plan):
+            total, n = loss.answer_loss(model, batch)
             out, kept = _saved_bytes(lambda: model.get_base_model().model(input_ids=batch["input_ids"],
                                                                           attention_mask=batch["attention_mask"]))
             hidden = out.last_hidden_state
@@ -149,7 +151,7 @@ def test_quantized_model_without_the_fp32_upcast_keeps_its_frozen_weights_and_ac
     assert cos > 0.99 and runs[False]["grads"].abs().sum() > 0, cos
     # the recipe's own modules_to_save (trainable fp32 copies of lm_head/embed_tokens) next to bf16 frozen weights
     cfg = config.load("tinyllama", [*base, "quantization.upcast_frozen=false"], tiny=True)
-    trainer = _trainer(cfg, modeling.plan(cfg), 8, tmp_path / "mts")
+    trainer = _trainer(cfg, run_plan.resolve(cfg), 8, tmp_path / "mts")
     result = trainer.train()
     assert math.isfinite(result.training_loss) and trainer.state.global_step == 2
 
@@ -160,7 +162,7 @@ def test_trainer_counts_flops_as_hf_does_with_the_parameters_counted_once(tinyll
 
     monkeypatch.setenv("FT_HOME", str(tinyllama_data))
     cfg = config.load("tinyllama", ["train.max_steps=1", "train.eval_strategy=no", "train.save_strategy=no"], tiny=True)
-    trainer = _trainer(cfg, modeling.plan(cfg), 4, tmp_path)
+    trainer = _trainer(cfg, run_plan.resolve(cfg), 4, tmp_path)
     batches = [{"input_ids": torch.ones(b, n, dtype=torch.long)} for b, n in ((2, 7), (3, 11), (1, 5))]
     want = [Trainer.floating_point_ops(trainer, b) for b in batches]
     calls = []

@@ -163,7 +163,7 @@ def test_4bit_without_bitsandbytes_trains_in_full_precision_and_says_so(ft_home)
     assert "replaced: 4-bit quantization -> full precision: bitsandbytes is not installed" in p.stderr
     info = json.loads((ft_home / "outputs/tinyllama-tiny/adapter/run_info.json").read_text())
     assert info["plan"]["quantization_bits"] == 0
-    assert any(n.startswith("4-bit quantization -> full precision") for n in info["replaced"])
+    assert any(n.startswith("4-bit quantization -> full precision") for n in info["plan"]["replaced"])
 
 
 # --------------------------------------------------------------------------- concurrency, determinism

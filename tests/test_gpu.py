@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from common import batching, paths
+from common import plan as run_plan
+from common import loss
 from conftest import make
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -78,7 +80,7 @@ def test_auto_micro_batch_probes_the_gpu_and_respects_a_memory_cap(ft_home):
     sets = "--set train.batch_size=2 --set train.grad_accum=8 --set train.max_steps=2"
     make(ft_home, "train", "RECIPE=tinyllama", "TINY=1", f"ARGS={sets}")
     info = json.loads((ft_home / "outputs/tinyllama-tiny/adapter/run_info.json").read_text())
-    b = info["batching"]
+    b = info["plan"]["batching"]
     assert b["effective"] == 16 and b["micro_batch"] == 16 and b["why"].startswith("auto"), b
     assert b["probes"][0]["micro_batch"] == 16 and b["probes"][0]["fits"], b
     assert info["plan"]["padding_free"] is True and info["plan"]["varlen_attention"] is False, info["plan"]
@@ -86,7 +88,7 @@ def test_auto_micro_batch_probes_the_gpu_and_respects_a_memory_cap(ft_home):
     cap = round((b["probes"][0]["with_optimizer_gb"] + batching.RESERVE_GB) / batching.HEADROOM - 0.01, 2)
     make(ft_home, "train", "RECIPE=tinyllama", "TINY=1", f"ARGS={sets} --set runtime.gpu_memory_gb={cap}")
     info = json.loads((ft_home / "outputs/tinyllama-tiny/adapter/run_info.json").read_text())
-    b = info["batching"]
+    b = info["plan"]["batching"]
     assert b["gpu_memory_gb"] == cap and b["micro_batch"] < 16 and b["grad_accum"] == 16 // b["micro_batch"], b
     assert [p["fits"] for p in b["probes"]] == [False] * (len(b["probes"]) - 1) + [True], b
     assert info["peak_gpu_mb"] <= cap * 1024, (info["peak_gpu_mb"], cap)
@@ -98,10 +100,10 @@ def test_liger_fused_loss_equals_ours_on_cuda(ft_home):
     from common import config, modeling, training
 
     cfg = config.load("tinyllama", ["lora.dropout=0", "runtime.liger=true"], tiny=True)  # off by default
-    plan = modeling.plan(cfg)
+    plan = run_plan.resolve(cfg)
     assert plan.liger
     model = training.load_for_training(cfg, plan, modeling.model_source(cfg))
-    training.align_dtypes(model, plan)
+    loss.align_dtypes(model, plan)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=g).cuda()
     labels = ids.clone()
@@ -110,8 +112,8 @@ def test_liger_fused_loss_equals_ours_on_cuda(ft_home):
     grads = []
     for liger in (False, True):
         model.zero_grad()
-        with training.autocast(plan):
-            total, n = training.answer_loss(model, batch, liger)
+        with loss.autocast(plan):
+            total, n = loss.answer_loss(model, batch, liger)
         (total / n).backward()
         grads.append((float(total / n), {k: p.grad.float().clone() for k, p in model.named_parameters()
                                          if p.requires_grad and p.grad is not None}))
@@ -133,13 +135,13 @@ def test_varlen_kernel_on_cuda_gives_the_sdpa_masks_loss_and_gradients(recipe, f
     assert ok and "self-check" in why, why
     step("01_prepare", "--recipe", recipe, "--tiny")
     cfg = config.load(recipe, ["lora.dropout=0"], tiny=True)
-    plan = modeling.plan(cfg)
+    plan = run_plan.resolve(cfg)
     assert plan.padding_free and plan.varlen, plan
     source = modeling.model_source(cfg)
     tok = modeling.load_tokenizer(cfg, source)
     ds = training.encode_split(cfg, tok, io.read_jsonl(paths.RunPaths(cfg.run).split("train"))[:6], "train")
     model = training.load_for_training(cfg, plan, source).eval()
-    training.align_dtypes(model, plan)
+    loss.align_dtypes(model, plan)
     free = batching.collate(ds, list(range(6)), tok.pad_token_id, True, "cuda")
     active, calls = attention._ACTIVE[0], []
     real = active.fn
@@ -148,8 +150,8 @@ def test_varlen_kernel_on_cuda_gives_the_sdpa_masks_loss_and_gradients(recipe, f
     try:
         for batch in (free, {k: v for k, v in free.items() if k not in attention.BOUNDARY_KEYS}):
             model.zero_grad()
-            with training.autocast(plan):
-                total, n = training.answer_loss(model, batch)
+            with loss.autocast(plan):
+                total, n = loss.answer_loss(model, batch)
             (total / n).backward()
             out.append(((total / n).item(), {k: p.grad.float().clone() for k, p in model.named_parameters()
                                              if p.requires_grad and p.grad is not None}))

@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from common import batching, config, io, modeling, paths, training
+from common import plan as run_plan
+from common import loss
 from conftest import make, step
 
 
 def tiny_lora(ft_home, *sets: str):
     cfg = config.load("smollm2", list(sets), tiny=True)
-    plan = modeling.plan(cfg)
+    plan = run_plan.resolve(cfg)
     return cfg, plan, training.load_for_training(cfg, plan, modeling.model_source(cfg))
 
 
@@ -38,11 +40,11 @@ def test_answer_only_loss_and_gradients_equal_the_models_own(ft_home):
     ref.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
-    total, n = training.answer_loss(model, batch)
+    total, n = loss.answer_loss(model, batch)
     assert int(n) == int((batch["labels"][:, 1:] != -100).sum())
-    loss = total / n
-    loss.backward()
-    assert torch.allclose(loss, ref, atol=1e-5), (loss, ref)
+    mean = total / n
+    mean.backward()
+    assert torch.allclose(mean, ref, atol=1e-5), (mean, ref)
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert torch.allclose(p.grad, ref_grads[name], atol=1e-6, rtol=1e-4), name
@@ -185,7 +187,7 @@ def test_a_tracker_that_is_not_installed_is_replaced_with_a_note(ft_home):
     from common import config, modeling
 
     cfg = config.load("smollm2", ["runtime.report_to=[tensorboard, mlflow]"], tiny=True)
-    plan = modeling.plan(cfg)
+    plan = run_plan.resolve(cfg)
     got = training.trackers(cfg, plan, ft_home / "tb")
     assert got == ["tensorboard"] and any("report_to mlflow -> none" in n for n in plan.notes)
     with pytest.raises(config.ConfigError, match="runtime.report_to must be none or a list of"):
@@ -207,7 +209,7 @@ def test_two_splits_of_the_same_effective_batch_give_the_same_loss_curve(ft_home
     for micro in (16, 2):
         make(ft_home, "train", "RECIPE=tinyllama", "TINY=1", f"ARGS={base} --set runtime.micro_batch={micro}")
         curves[micro] = loss_curve(ft_home)
-        infos[micro] = json.loads((ft_home / "outputs/tinyllama-tiny/adapter/run_info.json").read_text())["batching"]
+        infos[micro] = json.loads((ft_home / "outputs/tinyllama-tiny/adapter/run_info.json").read_text())["plan"]["batching"]
     assert infos[16]["micro_batch"] == 16 and infos[16]["grad_accum"] == 1 and infos[16]["effective"] == 16
     assert infos[2]["micro_batch"] == 2 and infos[2]["grad_accum"] == 8 and "runtime.micro_batch=2" in infos[2]["why"]
     a, b = curves[16], curves[2]
@@ -254,7 +256,7 @@ def test_compile_refuses_what_it_cannot_do(ft_home):
 
 def test_auto_micro_batch_keeps_the_recipes_split_on_a_cpu(ft_home):
     cfg = config.load("tinyllama", ["runtime.micro_batch=auto"])
-    plan = modeling.Plan("cpu", "fp32", 0, "adamw_torch")
+    plan = run_plan.Plan("cpu", "fp32", 0, "adamw_torch")
     b = batching.choose(cfg, plan, model=None, ds=None, pad_id=0, capacity_gb=None)
     assert (b.effective, b.micro_batch, b.grad_accum) == (16, 2, 8) and "CPU" in b.why
     b = batching.choose(config.load("tinyllama", ["runtime.micro_batch=4"]), plan, None, None, 0, None)
@@ -267,7 +269,7 @@ def test_padding_free_rows_give_the_padded_batches_loss_without_cross_contaminat
     so the answer-token loss equals the padded batch's; the same row read as one long sequence differs."""
     step("01_prepare", "--recipe", "tinyllama", "--tiny")
     cfg = config.load("tinyllama", ["lora.dropout=0"], tiny=True)
-    plan = modeling.plan(cfg)
+    plan = run_plan.resolve(cfg)
     source = modeling.model_source(cfg)
     tok = modeling.load_tokenizer(cfg, source)
     ds = training.encode_split(cfg, tok, io.read_jsonl(paths.RunPaths(cfg.run).split("train"))[:3], "train")
@@ -285,9 +287,9 @@ def test_padding_free_rows_give_the_padded_batches_loss_without_cross_contaminat
     assert "attention_mask" not in free and free["input_ids"].shape[0] == 1
     assert int(free["input_ids"].numel()) == int(padded["attention_mask"].sum())  # no padding token left
     with torch.no_grad():
-        (tp, n_p), (tf, n_f) = training.answer_loss(model, padded), training.answer_loss(model, free)
+        (tp, n_p), (tf, n_f) = loss.answer_loss(model, padded), loss.answer_loss(model, free)
         joined = dict(free, position_ids=torch.arange(free["input_ids"].shape[1])[None])
-        tj, n_j = training.answer_loss(model, joined)
+        tj, n_j = loss.answer_loss(model, joined)
     assert int(n_p) == int(n_f) == int(n_j)
     assert float(tf / n_f) == pytest.approx(float(tp / n_p), abs=1e-5)
     assert abs(float(tj / n_j) - float(tp / n_p)) > 1e-5  # attention across examples would change the loss
@@ -371,17 +373,17 @@ def test_bench_on_a_gpu_has_an_ablation_row_for_each_gpu_choice_in_use(ft_home):
 
     bench = importlib.import_module("scripts.bench")
     cfg = config.load("tinyllama")
-    plan = modeling.Plan("cuda", "fp16", 4, "adamw_torch", padding_free=True, varlen=True)
+    plan = run_plan.Plan("cuda", "fp16", 4, "adamw_torch", padding_free=True, varlen=True)
     rows = bench.variants(cfg, plan)
     assert rows["ours-sdpa-mask"]["sets"] == ["runtime.varlen_attention=false"]
     assert rows["ours-padded"]["sets"] == ["runtime.padding_free=false"] and "ours-recipe-split" in rows
-    off = bench.variants(cfg, modeling.Plan("cuda", "fp16", 4, "adamw_torch", padding_free=True))
+    off = bench.variants(cfg, run_plan.Plan("cuda", "fp16", 4, "adamw_torch", padding_free=True))
     assert "ours-sdpa-mask" not in off and off["ours-varlen"]["sets"] == ["runtime.varlen_attention=true"]
     assert rows["ours-fp16-frozen"]["sets"] == ["quantization.upcast_frozen=false"]  # the plan upcasts (fp32)
-    other = bench.variants(cfg, modeling.Plan("cuda", "fp16", 4, "adamw_torch", frozen="fp16"))
+    other = bench.variants(cfg, run_plan.Plan("cuda", "fp16", 4, "adamw_torch", frozen="fp16"))
     assert other["ours-fp32-frozen"]["sets"] == ["quantization.upcast_frozen=true"] and "ours-fp16-frozen" not in other
-    assert not any(k.endswith("-frozen") for k in bench.variants(cfg, modeling.Plan("cuda", "fp16", 0, "adamw_torch")))
-    assert not any(k in bench.variants(cfg, modeling.Plan("cpu", "fp32", 4, "adamw_torch"))
+    assert not any(k.endswith("-frozen") for k in bench.variants(cfg, run_plan.Plan("cuda", "fp16", 0, "adamw_torch")))
+    assert not any(k in bench.variants(cfg, run_plan.Plan("cpu", "fp32", 4, "adamw_torch"))
                    for k in ("ours-sdpa-mask", "ours-padded", "ours-recipe-split", "ours-fp16-frozen"))
 
 
@@ -395,7 +397,7 @@ def test_varlen_attention_gives_the_padded_batches_loss_and_gradients(recipe, ft
     step("01_prepare", "--recipe", recipe, "--tiny")
     cfg = config.load(recipe, ["lora.dropout=0", "runtime.padding_free=true", "runtime.varlen_attention=true"],
                       tiny=True)
-    plan = modeling.plan(cfg)
+    plan = run_plan.resolve(cfg)
     assert plan.varlen and plan.padding_free and "reference" in plan.varlen_why
     source = modeling.model_source(cfg)
     tok = modeling.load_tokenizer(cfg, source)
@@ -414,10 +416,10 @@ def test_varlen_attention_gives_the_padded_batches_loss_and_gradients(recipe, ft
 
     def loss_and_grads(batch):
         model.zero_grad()
-        total, n = training.answer_loss(model, batch)
-        loss = total / n
-        loss.backward()
-        return loss.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+        total, n = loss.answer_loss(model, batch)
+        mean = total / n
+        mean.backward()
+        return mean.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
     try:
         lp, gp = loss_and_grads(padded)
@@ -487,3 +489,22 @@ def test_eval_batch_size_auto_fits_the_kv_cache_in_half_the_free_gpu_memory(monk
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (70 * 2 ** 30, 80 * 2 ** 30))
     assert modeling.eval_batch_size(M(), prompts, 100, "auto") == 2  # never more than the prompts
     assert modeling.eval_batch_size(M(), prompts * 100, 100, "auto") == modeling.EVAL_GPU_MAX_BATCH
+
+
+def test_small_data_trains_the_capped_budget_and_the_last_weights_compete_for_best(ft_home):
+    """118 train examples, batch 8, train.max_epochs=3: 45 steps (3 passes), not rounded down to the evaluation
+    interval (25); the trainer evaluates at the last step too, so the best checkpoint is chosen among 25 and 45."""
+    sets = ("--set data.sample=150 --set data.train_size=118 --set data.val_size=16 --set data.test_size=16 "
+            "--set train.batch_size=8 --set train.max_steps=100 --set train.eval_steps=25 --set train.save_steps=25 "
+            "--set train.max_epochs=3")
+    make(ft_home, "train", "RECIPE=smollm2", "TINY=1", f"ARGS={sets}")
+    out = ft_home / "outputs/smollm2-tiny"
+    info = json.loads((out / "adapter/run_info.json").read_text())
+    sched = info["plan"]["schedule"]
+    assert info["train_examples"] == 118 and info["global_step"] == sched["max_steps"] == 45, info
+    assert "train.max_steps 100 -> 45" in sched["notes"][0]
+    state = json.loads((out / "adapter/trainer_state.json").read_text())
+    evals = {h["step"]: h["eval_loss"] for h in state["log_history"] if "eval_loss" in h}
+    assert sorted(evals) == [25, 45], evals
+    best = min(evals, key=evals.get)
+    assert info["best_checkpoint"].endswith(f"checkpoint-{best}") and info["best_eval_loss"] == evals[best]

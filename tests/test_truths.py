@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from common import arch, config, modeling, paths, prompts, standins
+from common import arch, config, modeling, paths, prompts, schema, stamps, standins
+from common import plan as run_plan
 from conftest import REPO, make
 
 RUN = "outputs/smollm2-tiny"
@@ -135,7 +136,7 @@ def test_runtime_settings_keep_the_checkpoints_and_train_settings_discard_them(f
     """An interrupted run resumed with another logging, tracker, micro-batch, kernel or thread setting keeps its
     checkpoints (and Make's train stamp does not change); a changed learning rate starts fresh."""
     train = importlib.import_module("scripts.02_sft_qlora")
-    assert set(RUNTIME_CHANGES) == set(config.SCHEMA["runtime"])  # every runtime key is tried
+    assert set(RUNTIME_CHANGES) == set(schema.SCHEMA["runtime"])  # every runtime key is tried
     cfg = config.load("smollm2", tiny=True)
     rp = paths.RunPaths(cfg.run)
     rp.data.mkdir(parents=True)
@@ -148,10 +149,10 @@ def test_runtime_settings_keep_the_checkpoints_and_train_settings_discard_them(f
     for key, value in RUNTIME_CHANGES.items():
         changed = config.load("smollm2", [f"runtime.{key}={json.dumps(value)}"], tiny=True)
         assert changed.runtime[key] != cfg.runtime[key], key
-        assert config.step_settings(changed, "train") == config.step_settings(cfg, "train"), key
+        assert stamps.step_settings(changed, "train") == stamps.step_settings(cfg, "train"), key
         assert train.resumable_checkpoint(changed, rp) == str(ckpt), key
     lr = config.load("smollm2", ["train.learning_rate=0.123"], tiny=True)
-    assert config.step_settings(lr, "train") != config.step_settings(cfg, "train")
+    assert stamps.step_settings(lr, "train") != stamps.step_settings(cfg, "train")
     assert train.resumable_checkpoint(lr, rp) is None and not ckpt.exists()
 
 
@@ -163,7 +164,7 @@ def test_the_bench_reference_row_uses_none_of_our_speed_choices(ft_home, tmp_pat
 
     bench = importlib.import_module("scripts.bench")
     cfg = config.load("smollm2", tiny=True)
-    plan = modeling.plan(cfg)
+    plan = run_plan.resolve(cfg)
     a = arch.get(cfg)
     rows = [a.build(cfg, {"title": f"lamp {i}", "content": f"a lamp numbered {i}"}) for i in range(4)]
     trainer = bench.build_reference(cfg, plan, rows, str(tmp_path))
