@@ -16,7 +16,6 @@ import argparse
 import os
 import shlex
 import sys
-from pathlib import Path
 
 from common import config, paths
 from common.io import UserError

@@ -169,11 +169,6 @@ SCHEMA: dict[str, Any] = {
         "push": F(str, "adapter", ("adapter", "merged")),
         "private": F(bool, True),
     },
-    "bench": {  # make bench SHAPE=full on a GPU checks these (issue targets, measured on an H100 80GB); null = none
-        "gpu_tokens_per_s": F((int, float)),  # non-padding training tokens/s of ours
-        "memory_cap_gb": F((int, float)),  # the ours-cap row: runtime.gpu_memory_gb standing in for a smaller GPU
-        "capped_peak_gb": F((int, float)),  # ... and the most GPU memory (reserved) it may then take
-    },
     "tiny": {
         "template": F(str),  # chat template the real model ships with, given to the tiny stand-in
         # the stand-in's tokenizer: SmolLM2's, or a real tokenizer of the recipe's family (llama.cpp's vocabulary

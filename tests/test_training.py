@@ -122,9 +122,8 @@ def test_bench_measures_every_variant_and_writes_its_tables(ft_home):
 def test_bench_leaves_out_timed_steps_in_which_torch_compile_built_a_graph():
     """Step k lasts ends[k] - ends[k-1]; a timed step in which the compiled-graph count rose is left out (it
     measured the compiler, not the training step); without a warm-up the first step has no start and is not timed."""
-    import importlib
+    from common import bench_measure as bench
 
-    bench = importlib.import_module("scripts.bench")
     ends, graphs = [10.0, 12.0, 40.0, 42.0, 44.5], [3, 3, 5, 5, 5]
     assert bench.timed_steps(ends, graphs, warmup=1, steps=4) == ([1, 3, 4], [2])
     assert bench.timed_steps(ends, [0] * 5, warmup=0, steps=5) == ([1, 2, 3, 4], [])
@@ -369,9 +368,8 @@ def test_varlen_kernel_adapter_computes_block_diagonal_causal_attention_by_value
 def test_bench_on_a_gpu_has_an_ablation_row_for_each_gpu_choice_in_use(ft_home):
     """The GPU rows flip one choice each: varlen attention on -> ours-sdpa-mask, off (the default) -> ours-varlen;
     a quantized model's frozen weights in fp32 -> a row with them in the mixed precision's dtype, and back."""
-    import importlib
+    from common import bench_rows as bench
 
-    bench = importlib.import_module("scripts.bench")
     cfg = config.load("tinyllama")
     plan = run_plan.Plan("cuda", "fp16", 4, "adamw_torch", padding_free=True, varlen=True)
     rows = bench.variants(cfg, plan)
@@ -448,28 +446,21 @@ def test_varlen_attention_gives_the_padded_batches_loss_and_gradients(recipe, ft
         active.fn, active.half_only = real, False
 
 
-def test_gpu_targets_and_cap_rows_are_checked_from_the_recipes_bench_section():
-    """The GPU checks of make bench, by value: tokens/s against bench.gpu_tokens_per_s, ours vs TRL >= 2.5x, and
-    the reserved peak of the ours-cap row against bench.capped_peak_gb (only for SHAPE=full runs on a GPU)."""
-    import importlib
+def test_gpu_ratio_checks_ask_more_of_ours_against_plain_trl():
+    """On a GPU ours must beat the faster plain-TRL row by 2.5x (2x on a CPU); per-recipe absolute figures are not
+    checked by the bench (they are this project's acceptance figures, in docs/performance.md)."""
+    from common import bench_report
 
-    bench = importlib.import_module("scripts.bench")
-    cfg = config.load("mistral-xauusd", ["tiny.shape=full"], tiny=True)
     row = {"tokens_per_s": 3000.0, "examples_per_s": 15.0, "mfu": 0.12, "micro_batch": 4, "grad_accum": 4}
-    res = {"machine": {"gpu": "NVIDIA H100 80GB HBM3"}, "shape": "full", "gpu_targets": dict(cfg.bench),
-           "training": {"ours": row, "trl-defaults": {"tokens_per_s": 1000.0, "examples_per_s": 5.0},
-                        "ours-cap24gb": {**row, "peak_vram_reserved_mb": 15 * 1024}}}
-    every = bench.ratio_checks(res)
-    checks = {c["name"].split(" (")[0]: c for c in every}
-    assert checks["training tokens/s, ours vs trl-defaults"]["met"] and "2.5x" in checks[
-        "training tokens/s, ours vs trl-defaults"]["target"]
-    tps = checks["training non-padding tokens/s"]
-    assert tps["target"] == ">= 6,000" and not tps["met"] and tps["value"] == "3,000"
-    cap = next(c for c in every if c["name"].startswith("peak GPU memory (reserved) at a 24 GB cap, auto micro"))
-    assert cap["name"].endswith("micro-batch 4 x 4")
-    assert cap["met"] and cap["value"] == "15.00 GB" and cap["target"] == "<= 22 GB"
-    res["shape"] = "tiny"  # tiny stand-ins: no absolute GPU targets
-    assert not any("non-padding" in c["name"] for c in bench.ratio_checks(res))
+    res = {"machine": {"gpu": "NVIDIA H200"}, "shape": "full",
+           "training": {"ours": row, "trl-defaults": {"tokens_per_s": 1250.0, "examples_per_s": 5.0}}}
+    checks = {c["name"].split(" (")[0]: c for c in bench_report.ratio_checks(res)}
+    gpu = checks["training tokens/s, ours vs trl-defaults"]
+    assert gpu["target"] == ">= 2.5x" and not gpu["met"] and gpu["value"] == "2.40x"
+    assert not any("non-padding tokens/s" in name for name in checks)
+    res["machine"] = {"cpu": "x"}
+    cpu = {c["name"].split(" (")[0]: c for c in bench_report.ratio_checks(res)}["training tokens/s, ours vs trl-defaults"]
+    assert cpu["target"] == ">= 2.0x" and cpu["met"]
 
 
 def test_eval_batch_size_auto_fits_the_kv_cache_in_half_the_free_gpu_memory(monkeypatch):

@@ -162,7 +162,8 @@ def test_the_bench_reference_row_uses_none_of_our_speed_choices(ft_home, tmp_pat
     CheapDropout), frozen weights in fp32, every example padded to 512 tokens, loss on every token."""
     import torch
 
-    bench = importlib.import_module("scripts.bench")
+    from common import bench_rows as bench
+
     cfg = config.load("smollm2", tiny=True)
     plan = run_plan.resolve(cfg)
     a = arch.get(cfg)
