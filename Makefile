@@ -30,7 +30,7 @@ RECIPES := $(sort $(basename $(notdir $(wildcard recipes/*.yaml))))
 FLAGS   := --recipe $(RECIPE) $(if $(or $(TINY),$(SHAPE)),--tiny) $(if $(SHAPE),--set tiny.shape=$(SHAPE)) $(ARGS)
 
 # Goals that need neither the recipe nor the paths.
-NO_RECIPE_GOALS := help recipes
+NO_RECIPE_GOALS := help recipes gpu-check gpu-carry
 ifneq ($(filter-out $(NO_RECIPE_GOALS),$(or $(MAKECMDGOALS),all)),)
   ifeq ($(filter $(RECIPE),$(RECIPES)),)
     $(error unknown RECIPE '$(RECIPE)'; available: $(RECIPES))
@@ -61,8 +61,8 @@ ifneq ($(filter-out $(NO_RECIPE_GOALS),$(or $(MAKECMDGOALS),all)),)
   endif
 endif
 TRAIN_LAUNCH ?= $(PY)
-.PHONY: all help install prepare train merge eval export report push demo bench test test-fast test-gpu clean clean-all \
-	recipes
+.PHONY: all help install prepare train merge eval export report push demo bench test test-fast test-gpu gpu-check \
+	gpu-carry clean clean-all recipes
 all: $(EVALUATED) ## install -> prepare -> train -> merge -> eval
 	@echo "done: $(OUT_DIR)/eval/report.md"
 
@@ -72,8 +72,9 @@ train: $(TRAINED) ## LoRA/QLoRA fine-tuning -> outputs/<run>/adapter (NPROC=N pr
 merge: $(MERGED) ## merge the adapter into an fp16 model -> outputs/<run>/merged
 eval: $(EVALUATED) ## base vs tuned metrics and reports -> outputs/<run>/eval
 
+# FT_OFFLINE=1 (a machine without a package index, e.g. the borrowed GPU): record the environment, install nothing.
 $(ENV_JSON): requirements.txt scripts/00_install.py
-	$(PY) scripts/00_install.py
+	$(PY) scripts/00_install.py $(if $(FT_OFFLINE),--probe)
 
 $(PREPARED): scripts/01_prepare.py $(STAMPS)/prepare.json $(ENV_JSON)
 	$(PY) scripts/01_prepare.py $(FLAGS)
@@ -108,11 +109,17 @@ bench: $(PREPARED) ## speed: ours vs plain TRL vs the reference way; batched gen
 test: $(ENV_JSON) ## the whole test suite (tiny models for every recipe, plus a short real SmolLM2 run)
 	$(PY) -m pytest -q
 
-test-fast: $(ENV_JSON) ## the suite without the slow real-model tests
-	$(PY) -m pytest -q -m "not slow"
+test-fast: $(ENV_JSON) ## the unit tier: no model is trained (a few minutes)
+	$(PY) -m pytest -q -m "not e2e and not slow and not gpu"
 
 test-gpu: $(ENV_JSON) ## the GPU tests (every recipe on CUDA, bench at a real shape); skipped without CUDA
 	$(PY) -m pytest -q -m gpu
+
+gpu-check: ## the whole GPU verification in one call, 8 min on one H200 -> outputs/gpu-check/ (DRY_RUN=1: on a CPU)
+	$(PY) scripts/gpu_check.py $(if $(DRY_RUN),--dry-run)
+
+gpu-carry: ## wheels + tokenizer files for the offline GPU machine -> .gpu/ (checked under 64 MiB; docs/gpu.md)
+	$(PY) scripts/gpu_carry.py
 
 recipes: ## list the recipes
 	@printf '%s\n' $(RECIPES)

@@ -154,6 +154,7 @@ def test_conflicting_settings_fail_with_one_line_naming_the_keys(ft_home, recipe
     assert fragment in str(e.value) and "\n" not in str(e.value) and str(e.value).startswith(f"{recipe}.yaml: ")
 
 
+@pytest.mark.e2e
 def test_conflicts_stop_make_before_any_step(ft_home):
     from conftest import make, ran_steps
 

@@ -18,6 +18,8 @@ from common import config, dist
 from common.io import UserError
 from conftest import REPO, make
 
+pytestmark = pytest.mark.e2e  # trains models or runs pipeline steps (make test-fast leaves it out)
+
 RUN = "outputs/tinyllama-tiny"
 SETS = ("--set lora.dropout=0 --set train.learning_rate=0.005 --set train.batch_size=2 --set train.grad_accum=4")
 

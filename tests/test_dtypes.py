@@ -40,6 +40,7 @@ def _trainer(cfg, plan, rows: int, out):
                                  str(out))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("precision, bits, answer_only", CASES)
 def test_mixed_precision_trains_with_fp32_trainable_weights(tinyllama_data, monkeypatch, tmp_path, precision, bits,
                                                             answer_only):
@@ -77,6 +78,7 @@ def test_answer_loss_runs_under_the_plans_autocast():
             head(hidden)  # fp32 plans add no autocast
 
 
+@pytest.mark.e2e
 def test_the_issue_command_trains_bf16_4bit_with_modules_to_save(ft_home):
     """make train RECIPE=tinyllama TINY=1 ARGS="--set train.precision=bf16 --set train.max_steps=2" crashed."""
     from conftest import make
@@ -116,6 +118,7 @@ def _saved_bytes(fn) -> int:
     return out, sum(seen.values())
 
 
+@pytest.mark.e2e
 def test_quantized_model_without_the_fp32_upcast_keeps_its_frozen_weights_and_activations_in_bf16(tinyllama_data,
                                                                                                 monkeypatch, tmp_path):
     """quantization.upcast_frozen=false: norms, embeddings and lm_head stay bf16 next to the 4-bit weights, the
@@ -156,6 +159,7 @@ def test_quantized_model_without_the_fp32_upcast_keeps_its_frozen_weights_and_ac
     assert math.isfinite(result.training_loss) and trainer.state.global_step == 2
 
 
+@pytest.mark.e2e
 def test_trainer_counts_flops_as_hf_does_with_the_parameters_counted_once(tinyllama_data, monkeypatch, tmp_path):
     """Our trainer's floating_point_ops gives HF's value, walking the model's parameters once, not per micro-batch."""
     from transformers import Trainer

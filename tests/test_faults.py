@@ -17,6 +17,8 @@ import pytest
 from common import paths, run
 from conftest import REPO, make, step
 
+pytestmark = pytest.mark.e2e  # trains models or runs pipeline steps (make test-fast leaves it out)
+
 HOOKS = REPO / "tests" / "hooks"  # sitecustomize.py: kill at the N-th rename, hide a package
 
 TRAIN = ["--recipe", "smollm2", "--tiny", "--set", "train.max_steps=8", "--set", "train.save_steps=2",

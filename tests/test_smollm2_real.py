@@ -8,7 +8,8 @@ import pytest
 
 from conftest import make, ran_steps
 
-pytestmark = pytest.mark.slow
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 SHORT = ("--set train.max_steps=8 --set train.eval_steps=4 --set train.save_steps=4 --set data.train_size=64 "
          "--set data.val_size=16 --set data.test_size=24 --set eval.max_new_tokens=40")

@@ -78,6 +78,7 @@ def test_lora_layers_get_cheap_dropout_on_cpu_and_not_when_switched_off(ft_home)
                if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict) for d in m.lora_dropout.values())
 
 
+@pytest.mark.e2e
 def test_bench_measures_every_variant_and_writes_its_tables(ft_home):
     step("01_prepare", "--recipe", "smollm2", "--tiny")
     stale = ft_home / "outputs/bench/smollm2-tiny-traces/a-variant-of-an-earlier-run.json.gz"
@@ -153,6 +154,7 @@ def test_profile_summary_counts_issued_operators_and_merges_overlapping_kernels(
         profiling.summarize([])
 
 
+@pytest.mark.e2e
 def test_a_failed_bench_variant_shows_its_exception_not_a_progress_bar(ft_home):
     step("01_prepare", "--recipe", "smollm2", "--tiny")
     p = step("bench", "--recipe", "smollm2", "--tiny", "--steps", "1", "--warmup", "0", "--only", "ours",
@@ -163,6 +165,7 @@ def test_a_failed_bench_variant_shows_its_exception_not_a_progress_bar(ft_home):
     assert "no_such_kernel" in row and "it/s" not in row, row
 
 
+@pytest.mark.e2e
 def test_tensorboard_tracking_logs_the_losses_under_the_run(ft_home):
     import csv
 
@@ -200,6 +203,7 @@ def loss_curve(home) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r["loss"])) for r in rows if r["loss"]]
 
 
+@pytest.mark.e2e
 def test_two_splits_of_the_same_effective_batch_give_the_same_loss_curve(ft_home):
     """16 x 1 and 2 x 8 micro-batches: the loss is normalised over the whole effective batch's answer tokens and the
     sampler groups by effective batch, so the optimisation (and the curve) is the same; only speed differs."""
@@ -218,6 +222,7 @@ def test_two_splits_of_the_same_effective_batch_give_the_same_loss_curve(ft_home
         assert x == pytest.approx(y, rel=1e-4, abs=1e-4), (s, x, y)
 
 
+@pytest.mark.e2e
 def test_compiled_blocks_train_the_same_curve_and_save_the_same_adapter(ft_home):
     """runtime.compile: each decoder block torch.compile'd in place (4-bit on the CPU backend where bitsandbytes
     has one, LoRA, dropout 0): the same loss curve as eager and an adapter with the same tensor names."""
@@ -263,6 +268,7 @@ def test_auto_micro_batch_keeps_the_recipes_split_on_a_cpu(ft_home):
     assert batching.divisors_desc(12) == [12, 6, 4, 3, 2, 1]
 
 
+@pytest.mark.e2e
 def test_padding_free_rows_give_the_padded_batches_loss_without_cross_contamination(ft_home):
     """One row of concatenated examples with position_ids: transformers' SDPA path masks each example to itself,
     so the answer-token loss equals the padded batch's; the same row read as one long sequence differs."""
@@ -385,6 +391,7 @@ def test_bench_on_a_gpu_has_an_ablation_row_for_each_gpu_choice_in_use(ft_home):
                    for k in ("ours-sdpa-mask", "ours-padded", "ours-recipe-split", "ours-fp16-frozen"))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("recipe", ["tinyllama", "mistral-xauusd"])
 def test_varlen_attention_gives_the_padded_batches_loss_and_gradients(recipe, ft_home):
     """runtime.varlen_attention: a padding-free row goes through the varlen kernel (once per decoder layer, the
@@ -482,6 +489,7 @@ def test_eval_batch_size_auto_fits_the_kv_cache_in_half_the_free_gpu_memory(monk
     assert modeling.eval_batch_size(M(), prompts * 100, 100, "auto") == modeling.EVAL_GPU_MAX_BATCH
 
 
+@pytest.mark.e2e
 def test_small_data_trains_the_capped_budget_and_the_last_weights_compete_for_best(ft_home):
     """118 train examples, batch 8, train.max_epochs=3: 45 steps (3 passes), not rounded down to the evaluation
     interval (25); the trainer evaluates at the last step too, so the best checkpoint is chosen among 25 and 45."""

@@ -32,6 +32,7 @@ def sagemaker_run(tmp_path_factory, model_cache):
     return home, channel, model_dir
 
 
+@pytest.mark.e2e
 def test_a_sagemaker_job_reads_its_channel_and_writes_its_model_dir(sagemaker_run):
     home, channel, model_dir = sagemaker_run
     prep = json.loads((home / "data/processed/smollm2-tiny/prepare_report.json").read_text())
@@ -41,6 +42,7 @@ def test_a_sagemaker_job_reads_its_channel_and_writes_its_model_dir(sagemaker_ru
         (home / RUN / "adapter/adapter_model.safetensors").read_bytes()
 
 
+@pytest.mark.e2e
 def test_training_speed_counts_the_tokens_of_training_steps_over_their_time_only(sagemaker_run):
     """Evaluations (every 2 steps in tiny mode) and checkpoint saves are left out of the time; the tokens are the
     non-padding tokens the training micro-batches carried (4 steps x 4 examples here)."""
@@ -58,6 +60,7 @@ def test_training_speed_counts_the_tokens_of_training_steps_over_their_time_only
     assert info["train_tokens_per_second"] == pytest.approx(info["trained_tokens"] / info["step_seconds"], rel=0.01)
 
 
+@pytest.mark.e2e
 def test_the_merge_gate_checks_the_merged_model_as_eval_loads_it(sagemaker_run, model_cache, monkeypatch):
     """Eval and the demo load merged/ with modeling.load_merged (bf16 on a GPU); the gate must check that same
     artifact. Here eval's dtype is set to fp16, and the model the gate compares must be the fp16 one."""
@@ -176,3 +179,21 @@ def test_the_bench_reference_row_uses_none_of_our_speed_choices(ft_home, tmp_pat
     batch = trainer.train_dataset[0]
     assert len(batch["input_ids"]) == bench.REFERENCE_LENGTH
     assert all(x != -100 for x, m in zip(batch["labels"], batch["attention_mask"]) if m)
+
+
+def test_every_setting_that_defines_a_result_is_in_the_stamp_of_a_step_that_uses_it(ft_home):
+    """A changed setting re-runs the steps it affects (Make compares the stamps) and nothing else: every key of
+    every section but `runtime` and the description lands in some step's stamp, and no runtime key does. The keys
+    only `make push` reads are read each time it runs (it has no stamp)."""
+    push_only = {"card.repo_id", "card.push", "card.private"}
+    base = config.load("smollm2", tiny=True)
+    stamped = lambda cfg: {s: stamps.step_settings(cfg, s) for s in stamps.STEP_KEYS}  # noqa: E731
+    before = stamped(base)
+    for section, keys in schema.SCHEMA.items():
+        if section in ("description", "task") or not isinstance(keys, dict):
+            continue
+        for key in keys:
+            covered = any(k == section or k == f"{section}.{key}" for s in stamps.STEP_KEYS.values() for k in s)
+            assert covered == (section != "runtime" and f"{section}.{key}" not in push_only), f"{section}.{key}"
+    assert stamped(config.load("smollm2", ["runtime.threads=1", "runtime.report_to=tensorboard"], tiny=True)) == before
+    assert stamped(config.load("smollm2", ["lora.r=4"], tiny=True))["train"] != before["train"]
