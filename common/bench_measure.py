@@ -1,5 +1,4 @@
-"""How `make bench` measures one row in its own process: timed training steps (tokens, examples, peak memory,
-steps torch.compile spent compiling), model FLOPs for MFU, the machine's matmul peak, and batched generation."""
+"""How `make bench` measures one row in its own process: timed training steps (tokens, examples, peak memory), model FLOPs for MFU, the machine's matmul peak, and batched generation."""
 from __future__ import annotations
 
 import logging
@@ -45,34 +44,22 @@ def step_timer() -> Any:
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
-        """The end time of every step, and how many graphs torch.compile had built by then (a step in which the
-        count rose spent its time compiling)."""
+        """The end time of every step."""
 
         def __init__(self) -> None:
             self.ends: list[float] = []
-            self.graphs: list[int] = []
 
         def on_step_end(self, args, state, control, **kw):
             self.ends.append(time.perf_counter())
-            self.graphs.append(compiled_graphs())
             log.info("  step %d/%d", state.global_step, state.max_steps)
 
     return StepTimer()
 
 
-def compiled_graphs() -> int:
-    """Graphs torch.compile has built in this process so far (0 when nothing was compiled)."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
-
-
-def timed_steps(ends: list[float], graphs: list[int], warmup: int, steps: int) -> tuple[list[int], list[int]]:
-    """(steps to time, timed steps left out because torch.compile built a graph in them), as 0-based step indices.
-    Step k lasts ends[k] - ends[k-1]; the first step has no start mark, so it is timed only after a warm-up."""
-    window = range(max(warmup, 1), warmup + steps)
-    compiled = [k for k in window if graphs[k] > graphs[k - 1]]
-    return [k for k in window if k not in compiled], compiled
+def timed_steps(warmup: int, steps: int) -> list[int]:
+    """The steps to time, as 0-based indices: step k lasts ends[k] - ends[k-1], so the first step, which has no start
+    mark, is timed only after a warm-up."""
+    return list(range(max(warmup, 1), warmup + steps))
 
 
 def model_flops_per_token(model: Any) -> tuple[float, int, int]:
@@ -167,11 +154,9 @@ def train_worker(cfg: config.Config, spec: dict, warmup: int, steps: int, profil
         raise UserError(f"only {len(ends)} steps ran, {warmup + steps} needed; lower --steps/--warmup")
     per_step = trainer.args.gradient_accumulation_steps  # micro-batches per optimizer step
     effective = trainer.args.per_device_train_batch_size * per_step
-    keep, compiled = timed_steps(ends, timer.graphs, warmup, steps)
-    if not keep and not compiled:
-        raise UserError("nothing to time: without a warm-up step give --steps 2 or more")
+    keep = timed_steps(warmup, steps)
     if not keep:
-        raise UserError("every timed step was compiling (torch.compile); raise --steps or --warmup")
+        raise UserError("nothing to time: without a warm-up step give --steps 2 or more")
     took = {k: ends[k] - ends[k - 1] for k in range(1, warmup + steps)}
     seconds, n = sum(took[k] for k in keep), len(keep)
     real, total, labelled = (sum(c[i] for k in keep for c in counts[k * per_step:(k + 1) * per_step])
@@ -180,7 +165,6 @@ def train_worker(cfg: config.Config, spec: dict, warmup: int, steps: int, profil
         "precision": precision, "quantization_bits": plan.quant_bits, "device": plan.device,
         "steps_timed": n, "seconds": round(seconds, 3), "s_per_step": round(seconds / n, 4),
         "step_seconds": [round(took[k], 3) for k in range(max(warmup, 1), warmup + steps)],
-        "compile_steps_left_out": [{"step": k + 1, "seconds": round(took[k], 3)} for k in compiled],
         "tokens_per_s": round(real / seconds, 2), "padded_tokens_per_s": round(total / seconds, 2),
         "examples_per_s": round(n * effective / seconds, 3),
         "micro_batch": trainer.args.per_device_train_batch_size, "grad_accum": per_step,

@@ -50,11 +50,6 @@ def report(res: dict) -> tuple[str, list[str]]:
                      f"| {fmt(r['tokens_per_s'], 1)} "
                      f"| {fmt(r['examples_per_s'])} | {r['padding_share']:.0%} | {r[mem_key] / 1024:.2f} "
                      f"| {r['mfu']:.1%} | {fmt(rel)}x |")
-    left_out = [name + " " + ", ".join(f"step {c['step']} ({c['seconds']:.1f} s)" for c in r["compile_steps_left_out"])
-                for name, r in tr.items() if r.get("compile_steps_left_out")]
-    if left_out:
-        lines += ["", "Timed steps in which torch.compile built a graph, left out of that row's figures: "
-                  + "; ".join(left_out) + "."]
     if res["rounds"] > 1:
         lines += ["", "Seconds/step in each round (the table keeps the best): " + "; ".join(
             f"{name} {', '.join(fmt(x) for x in r.get('s_per_step_by_round', []))}" for name, r in tr.items()) + "."]

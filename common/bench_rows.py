@@ -57,12 +57,6 @@ def variants(cfg: config.Config, plan: run_plan.Plan) -> dict[str, dict]:
         if cfg.model.attn_implementation == "sdpa":
             out["ours-eager-attn"] = {"kind": "ours", "sets": ["model.attn_implementation=eager"],
                                       "what": "ours with eager attention instead of SDPA"}
-        if not r.compile:
-            out["ours-compile"] = {"kind": "ours", "sets": ["runtime.compile=true"],
-                                   "what": "ours with each decoder block torch.compile'd"}
-        else:
-            out["ours-no-compile"] = {"kind": "ours", "sets": ["runtime.compile=false"],
-                                      "what": "ours without torch.compile of the decoder blocks"}
         if plan.quant_bits and plan.precision != "fp32":  # the other choice of quantization.upcast_frozen
             upcast = plan.frozen == "fp32"
             other, flip = (plan.precision, "false") if upcast else ("fp32", "true")

@@ -16,7 +16,7 @@ GPU_TEST_SHARDS = 4
 BUDGET_S = {"parallel": 160, "bench-tinyllama": 105, "bench-mistral-xauusd": 80, "bench-llama3-alpaca": 70,
             "t4-tinyllama-fp16-16gb": 25, "cap24gb-llama3-alpaca": 30}
 # The GPU switches (docs/gpu.md): a bench row whose override sets one of these is a decision row.
-SWITCHES = ("padding_free", "varlen_attention", "liger", "compile", "upcast_frozen", "micro_batch")
+SWITCHES = ("padding_free", "varlen_attention", "liger", "upcast_frozen", "micro_batch")
 # Only for tests: a part name whose command is replaced by one that raises, to check the report and that the
 # rest still runs.
 FAIL_ENV = "FT_GPU_CHECK_FAIL"

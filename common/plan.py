@@ -32,7 +32,6 @@ class Plan:
     varlen: bool = False  # padding-free rows attend through the varlen kernel (common/attention.py)
     varlen_why: str = ""  # which kernel, or why not
     frozen: str = "fp32"  # dtype of the frozen, non-quantized weights while training (see frozen_dtype)
-    compile: bool = False  # decoder blocks torch.compile'd (runtime.compile)
     batching: Any = None  # common/batching.py Batching: the micro-batch split, once the model is loaded
     schedule: Any = None  # common/schedule.py Schedule: steps fitted to the data, best-checkpoint choice
 
@@ -46,7 +45,7 @@ class Plan:
         return {"device": self.device, "precision": self.precision, "quantization_bits": self.quant_bits,
                 "optim": self.optim, "frozen_dtype": self.frozen, "padding_free": self.padding_free,
                 "varlen_attention": self.varlen, "varlen_attention_why": self.varlen_why or None,
-                "liger": self.liger, "compile": self.compile,
+                "liger": self.liger,
                 "batching": b.describe() if b else None,
                 "schedule": {"max_steps": s.max_steps, "epochs": s.epochs, "load_best": s.load_best,
                              "notes": s.notes} if s else None,
@@ -61,8 +60,7 @@ class Plan:
                 ("batches", (b.line() if b else "the recipe's split") + (", padding-free" if self.padding_free
                                                                         else ", padded")),
                 ("attention", self.varlen_why if self.varlen else "sdpa"),
-                ("loss", "Liger fused" if self.liger else "answer-only output layer"),
-                ("compile", "decoder blocks" if self.compile else "off")]
+                ("loss", "Liger fused" if self.liger else "answer-only output layer")]
         if s:
             length = f"{s.max_steps} steps" if s.max_steps > 0 else f"{s.epochs:g} epochs"
             rows.append(("schedule", length + (", best checkpoint kept" if s.load_best else "")))
@@ -108,7 +106,7 @@ def resolve(cfg: Any) -> Plan:
     if want == "auto":
         want = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if dev == "cuda" else (
             "bf16" if cpu_bf16_fast() else "fp32")
-    p = Plan(dev, want, cfg.quantization.bits, cfg.train.optim, compile=cfg.runtime.compile)
+    p = Plan(dev, want, cfg.quantization.bits, cfg.train.optim)
     if not arch.get(cfg).fp16_safe and want == "fp16":
         p.precision = "bf16" if (dev == "cpu" or torch.cuda.is_bf16_supported()) else "fp32"
         p.note(f"fp16 -> {p.precision}: {cfg.model.family} overflows in fp16 (loss 0/NaN)")

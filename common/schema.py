@@ -122,7 +122,6 @@ SCHEMA: dict[str, Any] = {
         # only; off until a GPU run measures it, docs/gpu.md)
         "varlen_attention": F(bool, False),
         "liger": F(bool, False),  # Liger's fused output layer + cross-entropy (CUDA, liger-kernel installed)
-        "compile": F(bool, False),  # torch.compile each decoder block in place
         "threads": F(int),  # CPU threads for torch; null = all cores
         "answer_only_logits": F(bool, True),  # output layer + loss only where labels are (common/training.py)
         "logging_steps": F(int, 10),

@@ -1,5 +1,5 @@
 """The model and trainer a training run uses: encoded splits, LoRA on the planned model, the trainer's arguments,
-trackers, torch.compile of the decoder blocks, and CPU-cheap LoRA dropout.
+trackers, and CPU-cheap LoRA dropout.
 
 The loss and the dtype policy are common/loss.py; the schedule common/schedule.py; logs and plots common/history.py.
 """
@@ -118,28 +118,7 @@ def make_trainer(cfg: Any, plan: Any, model: Any, tok: Any, train_ds: Any, val_d
     args = training_args(cfg, plan, out, len(val_ds) > 0, sched, report_to, batching)
     trainer = arch.get(cfg).trainer(cfg, plan, model, tok, train_ds, val_ds, args)
     loss.align_dtypes(trainer.model, plan)  # after the trainer: TRL casts trainable weights in its __init__
-    if cfg.runtime.compile:
-        n, kinds = compile_blocks(trainer.model)
-        log.info("runtime.compile: %d %s blocks compiled in place (torch.compile, dynamic shapes); the first step "
-                 "compiles them (a minute or more), later steps reuse it", n, "/".join(kinds))
     return trainer
-
-
-def compile_blocks(model: Any) -> tuple[int, list[str]]:
-    """torch.compile every repeated block of the model in place (the classes transformers names in
-    `_no_split_modules`: LlamaDecoderLayer, MistralDecoderLayer, T5Block). In place (nn.Module.compile) keeps the
-    module tree and parameter names, so PEFT saves the same adapter; the blocks share one compiled graph (torch
-    inlines nn.Modules, parameters are graph inputs) and dynamic shapes avoid a recompile per sequence length.
-    Outside the blocks (embedding, the answer-only output layer and loss) stays eager. Returns (count, classes)."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = set(getattr(lm, "_no_split_modules", None) or [])
-    blocks = [m for m in lm.modules() if type(m).__name__ in names]
-    if not blocks:
-        raise UserError(f"runtime.compile=true: {type(lm).__name__} names no repeated blocks (_no_split_modules) to "
-                        f"compile; set runtime.compile=false")
-    for b in blocks:
-        b.compile(dynamic=True)
-    return len(blocks), sorted({type(b).__name__ for b in blocks})
 
 
 def cheap_dropout_class() -> type:

@@ -3,7 +3,7 @@
     make bench                                     # the default recipe; prepares its data first if needed
     make bench RECIPE=smollm2-xauusd BENCH="--steps 8 --gen-samples 32"
     python scripts/bench.py --recipe smollm2 [--only ours,trl-defaults] [--steps 5] [--warmup 2] [--rounds 2]
-    make bench RECIPE=tinyllama SHAPE=full BENCH="--profile --only ours,ours-compile"   # where a step's time goes
+    make bench RECIPE=tinyllama SHAPE=full BENCH="--profile --only ours,ours-padded"   # where a step's time goes
 
 A thin script over common/bench_rows.py (what each row trains), common/bench_measure.py (how a row is measured)
 and common/bench_report.py (the tables). On the recipe's prepared train split and base model:
@@ -11,8 +11,7 @@ and common/bench_report.py (the tables). On the recipe's prepared train split an
   training    ours               the recipe's own training step (common/training.py, as 02_sft_qlora runs it)
               ours-<change>      ours with one speed choice undone, to show what each one pays; on a GPU
                                  also the recipe's own micro-batch split, padded batches, varlen attention,
-                                 Liger, gradient checkpointing, eager attention, torch.compile of the decoder
-                                 blocks (ours-compile) and the frozen weights' dtype
+                                 Liger, gradient checkpointing, eager attention and the frozen weights' dtype
               trl-defaults       plain TRL SFTTrainer with every default kept (bf16 autocast, gradient
                                  checkpointing, the model's own chat template) and the same LoRA settings
               trl-defaults-fp32  the same with bf16=False, so the precision matches ours
@@ -27,9 +26,7 @@ a GPU) and model FLOPs utilisation (MFU) against the matmul peak probed at the s
 faster of fp32 and bf16, so a precision with a slow matmul does not look efficient). Model FLOPs per
 non-padding token = 4 x frozen linear parameters (forward + activation-gradient backward) + 6 x LoRA
 parameters; attention scores (about 1% at these lengths) and gradient-checkpointing recomputation are not
-counted. A timed step in which torch.compile built a graph (runtime.compile: a new mask or shape variant) is left
-out of its row and listed under the table. Run it on an otherwise idle machine: the load average at the start is
-recorded.
+counted. Run it on an otherwise idle machine: the load average at the start is recorded.
 
 --profile runs one more step per variant under torch.profiler (common/profiling.py): top-level ATen operators
 issued, GPU kernels, the share of the step the GPU was busy, the top operators/kernels, and a trace per variant.

@@ -123,7 +123,7 @@ def test_the_bench_rows_are_ours_trl_defaults_and_one_per_gpu_switch(monkeypatch
     flips = {n for n, s in specs.items()
              if any(x.split("=", 1)[0].rsplit(".", 1)[-1] in gparts.SWITCHES for x in s["sets"])}
     assert rows[0] == "ours" and rows[-1] == "generation" and "trl-defaults" in rows
-    assert set(rows) - {"ours", "trl-defaults", "generation"} == flips and flips  # ours-padded, ours-compile, ...
+    assert set(rows) - {"ours", "trl-defaults", "generation"} == flips and flips  # ours-padded, ours-varlen, ...
     assert "reference" not in rows and "trl-defaults-fp32" not in rows
     assert gparts.bench_rows("tinyllama", (), full=False) == ["ours", "trl-defaults", "generation"]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -131,7 +130,7 @@ def test_an_overlong_multi_turn_prompt_drops_its_oldest_turns_first(tok):
 
 # --------------------------------------------------------------------------- what changes the result
 RUNTIME_CHANGES = {"micro_batch": 2, "gpu_memory_gb": 12, "padding_free": True, "varlen_attention": True,
-                   "liger": True, "compile": True, "threads": 1, "answer_only_logits": False, "logging_steps": 3,
+                   "liger": True, "threads": 1, "answer_only_logits": False, "logging_steps": 3,
                    "save_total_limit": 5, "eval_bleu": True, "report_to": "tensorboard"}
 
 
