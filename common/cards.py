@@ -11,6 +11,7 @@ import shutil
 from typing import Any
 
 from common import io, paths
+from common.metrics import VERDICT_WORDS
 
 FRAMEWORK_TAG = "llm-finetune-recipes"
 
@@ -33,6 +34,32 @@ def _front_matter(cfg: Any, kind: str, method: str) -> str:
 
 def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def evaluation_section(cfg: Any, m: dict) -> list[str]:
+    """The card's Evaluation: metrics for base, tuned and each baseline; the paired verdicts; the forgetting check."""
+    names = list(m.get("baselines", {}))
+    c, v, f = m["comparison"], m["verdict"], m["forgetting"]
+    lines = ["## Evaluation", "", f"{m['n_examples']} `{cfg.eval.split}` examples, greedy, max_new_tokens="
+             f"{cfg.eval.max_new_tokens}." + (f" Base answers from `{m['base_weights']['source']}`."
+                                              if m.get("base_weights") else ""), "",
+             "| metric | base | tuned |" + "".join(f" {b} |" for b in names), "|---|---|---|" + "---|" * len(names)]
+    lines += [f"| {k} | {_fmt(m['base'][k])} | {_fmt(val)} |"
+              + "".join(f" {_fmt(m['baselines'][b].get(k, '-'))} |" for b in names) for k, val in m["tuned"].items()]
+    lines += ["", f"**{c['metric']} difference (tuned - base): {c['mean']:+.4f}, 95% CI [{c['ci_low']:+.4f}, "
+              f"{c['ci_high']:+.4f}]** (paired bootstrap, {c['bootstrap_resamples']} resamples): "
+              f"{VERDICT_WORDS[c['verdict']]} the base model."]
+    if m.get("strongest_baseline"):
+        lines.append(f"**Against the strongest simple baseline, `{m['strongest_baseline']}`: {v['mean']:+.4f}, 95% CI "
+                     f"[{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]: {VERDICT_WORDS[v['verdict']]} it.**")
+    lines.append(f"General-text loss per token ({f['passages']} passages, lower is better): base {f['base_loss']:.4f}, "
+                 f"tuned {f['tuned_loss']:.4f}, change {f['mean']:+.4f}, 95% CI [{f['ci_low']:+.4f}, "
+                 f"{f['ci_high']:+.4f}]: on general text the tuned model is {VERDICT_WORDS[f['verdict']]} the base "
+                 "model"
+                 + (" (it forgot some general ability)." if f["verdict"] == "worse" else "."))
+    lines += [f"Share of answers that ended on EOS: base {m['base']['stop_rate']:.0%}, tuned "
+              f"{m['tuned']['stop_rate']:.0%}.", ""]
+    return lines
 
 
 def render(cfg: Any, rp: paths.RunPaths, kind: str, metrics: dict | None = None, exported: dict | None = None) -> str:
@@ -75,17 +102,11 @@ def render(cfg: Any, rp: paths.RunPaths, kind: str, metrics: dict | None = None,
                   f"- train loss {_fmt(info.get('train_loss'))} (last process), best val loss {_fmt(info.get('best_eval_loss'))}; "
                   f"{secs:.0f} s{speed}; peak memory {info.get('peak_rss_mb')} MB RAM"
                   + (f", {info['peak_gpu_mb']} MB GPU" if info.get("peak_gpu_mb") else "")]
-        for note in info.get("replaced", []):
+        for note in info.get("plan", {}).get("replaced", []):
             lines.append(f"- replaced on this machine: {note}")
         lines += ["", "![training and validation loss](loss.png)", ""]
     if m:
-        c = m["comparison"]
-        lines += ["## Evaluation", "", f"{m['n_examples']} `{cfg.eval.split}` examples, greedy, max_new_tokens="
-                  f"{cfg.eval.max_new_tokens}.", "", "| metric | base | tuned |", "|---|---|---|"]
-        lines += [f"| {k} | {_fmt(m['base'][k])} | {_fmt(v)} |" for k, v in m["tuned"].items()]
-        lines += ["", f"**{c['metric']} difference (tuned - base): {c['mean']:+.4f}, 95% CI [{c['ci_low']:+.4f}, "
-                  f"{c['ci_high']:+.4f}]** (paired bootstrap, {c['bootstrap_resamples']} resamples). Share of "
-                  f"answers that ended on EOS: base {m['base']['stop_rate']:.0%}, tuned {m['tuned']['stop_rate']:.0%}.", ""]
+        lines += evaluation_section(cfg, m)
     if merge.get("token_agreement") is not None:
         lines += ["## Checks", "", f"- merged vs adapter on {merge['check_prompts']} val examples: next-token agreement "
                   f"{merge['token_agreement']:.4f}, identical greedy answers {merge['answer_match']:.0%}."]

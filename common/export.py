@@ -10,31 +10,20 @@ architecture (Mistral models are "llama" in GGUF, with "mistral" in general.name
   tokenizer.json, and the recipe's chat template (what makes a chat app format prompts as in training);
 - a Modelfile whose TEMPLATE is derived from that same chat template (ollama_template), with the stop strings.
 
-A byte-level BPE tokenizer (GPT-2 style: SmolLM2, Llama-3) is converted from tokenizer.json; a SentencePiece one
-(Llama-2, TinyLlama, Mistral-7B-v0.2) from its tokenizer.model with the sentencepiece package. Anything else, and
-seq2seq models, stop with one line saying so.
+The tokenizer's part is common/gguf_tokenizer.py. Seq2seq models stop with one line saying so.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from common import config, prompts
+from common import prompts, schema
+from common.gguf_tokenizer import Unsupported
 from common.io import UserError
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama"}  # transformers model_type -> GGUF architecture
-QUANTS = config.GGUF_QUANTS
-# The pre-tokenizer llama.cpp must apply before BPE, identified by what tokenizer.json does (canonical llama.cpp
-# names). A regex Split is matched against the splits transformers knows for GGUF files.
-_PREFERRED_PRE = ("llama-bpe", "qwen2", "tekken", "gpt-4o")
-
-
-class Unsupported(UserError):
-    """The model or tokenizer cannot be written as GGUF by this exporter."""
-
-
+QUANTS = schema.GGUF_QUANTS
 def check_supported(config: Any) -> None:
     mt = getattr(config, "model_type", None)
     if mt not in GGUF_ARCH:
@@ -52,90 +41,6 @@ def rope_theta(config: Any) -> float:
 
 
 # --------------------------------------------------------------------------- tokenizer
-def pre_tokenizer_name(tokenizer_json: dict, override: str | None = None) -> str:
-    """llama.cpp's name for the tokenizer's pre-tokenization (tokenizer.ggml.pre)."""
-    if override:
-        return override
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    kinds = [p.get("type") for p in parts]
-    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
-        return "smollm"
-    split = next((p for p in parts if p.get("type") == "Split"), None)
-    if split:
-        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-
-        pattern = split.get("pattern", {}).get("Regex")
-        names = [n for n, rx in GGUF_PRE_TOKENIZER_SPLITS.items() if rx == pattern]
-        if names:
-            return next((n for n in _PREFERRED_PRE if n in names), names[0])
-    raise Unsupported(f"cannot tell llama.cpp's pre-tokenizer for this tokenizer ({kinds}); set export.pre_tokenizer "
-                      "to llama.cpp's name for it (see tokenizer.ggml.pre in a GGUF of the base model)")
-
-
-def tokenizer_metadata(tok: Any, folder: Path, vocab_size: int, pre_override: str | None = None) -> dict:
-    """Everything a GGUF says about the tokenizer, from the saved tokenizer in `folder` and the loaded `tok`."""
-    tj_file = folder / "tokenizer.json"
-    if not tj_file.exists():
-        raise Unsupported(f"{folder} has no tokenizer.json (a fast tokenizer is needed for GGUF export)")
-    tj = json.loads(tj_file.read_text(encoding="utf-8"))
-    model = tj.get("model", {})
-    if not tok.chat_template:
-        raise Unsupported(f"the tokenizer in {folder} has no chat template; set prompt.template")
-    meta: dict[str, Any] = {"chat_template": tok.chat_template, "add_bos": prompts.adds_bos(tok), "add_eos": False,
-                            "ids": {k: getattr(tok, f"{k}_token_id", None) for k in ("bos", "eos", "unk", "pad")}}
-    if model.get("type") == "BPE" and not model.get("byte_fallback") and (tj.get("decoder") or {}).get("type") == "ByteLevel":
-        meta.update(model="gpt2", pre=pre_tokenizer_name(tj, pre_override), **_bpe_vocab(tok, vocab_size),
-                    merges=[m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
-        return meta
-    spm = folder / "tokenizer.model"
-    if spm.exists():
-        meta.update(model="llama", pre="default", **_spm_vocab(spm, tok, vocab_size))
-        return meta
-    raise Unsupported(f"GGUF export supports byte-level BPE tokenizers (tokenizer.json) and SentencePiece ones "
-                      f"(tokenizer.model); {folder} has {model.get('type')} without tokenizer.model")
-
-
-def _bpe_vocab(tok: Any, vocab_size: int) -> dict:
-    """Tokens in id order with llama.cpp's types: added special tokens CONTROL, other added ones USER_DEFINED,
-    ids the tokenizer does not use (the embedding is padded) UNUSED placeholders."""
-    import gguf
-
-    reverse = {i: t for t, i in tok.get_vocab().items()}
-    added = tok.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in reverse:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif i in added:
-            tokens.append(added[i].content)
-            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(reverse[i])
-            types.append(gguf.TokenType.NORMAL)
-    return {"tokens": tokens, "token_types": [int(t) for t in types], "scores": None}
-
-
-def _spm_vocab(spm: Path, tok: Any, vocab_size: int) -> dict:
-    try:
-        from gguf.vocab import SentencePieceVocab
-    except ImportError as e:  # pragma: no cover - gguf is a requirement
-        raise Unsupported(f"GGUF export of a SentencePiece tokenizer needs the gguf package: {e}") from None
-    try:
-        v = SentencePieceVocab(spm.parent)
-    except ImportError:
-        raise Unsupported("GGUF export of a SentencePiece tokenizer needs `pip install sentencepiece`") from None
-    toks = list(v.all_tokens())
-    for i in range(len(toks), vocab_size):
-        toks.append((f"[PAD{i}]".encode(), -1000.0, 5))  # 5 = UNUSED
-    return {"tokens": [t.decode("utf-8") for t, _, _ in toks[:vocab_size]],
-            "scores": [float(s) for _, s, _ in toks[:vocab_size]],
-            "token_types": [int(k) for _, _, k in toks[:vocab_size]]}
-
-
 # --------------------------------------------------------------------------- tensors
 def permute_rope(w: Any, n_head: int) -> Any:
     """HF's q/k row order -> llama.cpp's (the inverse of what transformers applies when it reads a GGUF)."""
@@ -215,6 +120,8 @@ def write_gguf(path: Path, folder: Path, config: Any, tok_meta: dict, quant: str
         if tid is not None:
             getattr(w, {"pad": "add_pad_token_id", "unk": "add_unk_token_id"}.get(key, f"add_{key}_token_id"))(tid)
     w.add_add_bos_token(tok_meta["add_bos"])
+    if "add_space_prefix" in tok_meta:
+        w.add_add_space_prefix(tok_meta["add_space_prefix"])
     w.add_add_eos_token(tok_meta["add_eos"])
     if tok_meta.get("chat_template"):
         w.add_chat_template(tok_meta["chat_template"])

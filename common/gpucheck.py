@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import io, paths
+from common import io, paths, sources
 from common.gpucheck_parts import DRY_TOTAL_BUDGET_S, FAIL_ENV, GPU_TEST_SHARDS, TOTAL_BUDGET_S, Part, parts
 from common.gpucheck_report import bench_figures, last_error_line, markdown
 
@@ -193,8 +193,6 @@ def slug(text: str) -> str:
 
 def run(dry_run: bool = False, only: list[str] | None = None, budget_scale: float = 1.0) -> dict:
     """Run the parts and write the report; returns it."""
-    from common import modeling
-
     gpu = gpu_name()
     if not dry_run and not gpu:
         raise io.UserError("no NVIDIA GPU here (nvidia-smi found none); on a CPU use the dry run: "
@@ -208,7 +206,7 @@ def run(dry_run: bool = False, only: list[str] | None = None, budget_scale: floa
     root = paths.gpu_check_dir()
     for sub in ("logs", "work"):
         shutil.rmtree(root / sub, ignore_errors=True)  # this run's logs and artifacts only
-    cache = modeling.cache_root()
+    cache = sources.cache_root()
     env_json = probe_env()
     total = (DRY_TOTAL_BUDGET_S if dry_run else TOTAL_BUDGET_S) * budget_scale
     t0 = time.monotonic()

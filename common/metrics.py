@@ -1,4 +1,4 @@
-"""Scores shared by the tasks: ROUGE/BLEU/chrF wrappers, degenerate-answer detection, macro-F1, bootstrap CI.
+"""Scores shared by the tasks: ROUGE/BLEU/chrF wrappers, degenerate-answer detection, macro-F1, paired verdicts.
 
 Plain functions of predictions and references, no model: each is unit-tested by value (tests/test_metrics.py).
 `evaluate.load()` needs the hub, so the packages are called directly (rouge-score, sacrebleu).
@@ -19,6 +19,47 @@ def bootstrap_ci(diffs: Sequence[float], n: int, seed: int = 0) -> tuple[float, 
     rng = np.random.default_rng(seed)
     means = d[rng.integers(0, len(d), size=(n, len(d)))].mean(axis=1)
     return float(d.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+CONFIDENCE = 0.95
+Z = 1.96  # the normal quantile of a two-sided 95% interval
+
+
+VERDICT_WORDS = {"better": "better than", "worse": "worse than", "not distinguishable": "not distinguishable from"}
+
+
+def verdict(ci_low: float, ci_high: float) -> str:
+    """What a paired 95% CI of (tuned - other) says: better, worse, or not distinguishable (the CI holds 0)."""
+    if ci_low != ci_low or ci_high != ci_high:
+        return "not distinguishable"
+    return "better" if ci_low > 0 else "worse" if ci_high < 0 else "not distinguishable"
+
+
+def examples_to_resolve(diffs: Sequence[float]) -> int | None:
+    """Roughly how many examples make a mean paired difference of the observed size clear of 0 at 95%:
+    n = (1.96 * sd / |mean|)^2 from the per-example spread; None when the mean is 0 or there are under 2 examples."""
+    import math
+
+    import numpy as np
+
+    d = np.asarray(diffs, dtype=float)
+    if len(d) < 2 or d.mean() == 0:
+        return None
+    return max(1, math.ceil((Z * d.std(ddof=1) / abs(d.mean())) ** 2))
+
+
+def paired(ours: Sequence[float], other: Sequence[float], n: int, seed: int = 0, higher_is_better: bool = True
+           ) -> dict:
+    """ours - other on the same examples: mean, paired bootstrap 95% CI, what it says of `ours` (better / worse /
+    not distinguishable, for a score where higher or lower is better) and roughly how many examples would resolve
+    a difference of this size."""
+    if len(ours) != len(other):
+        raise ValueError(f"paired scores need the same examples: {len(ours)} vs {len(other)}")
+    diffs = [a - b for a, b in zip(ours, other)]
+    mean, lo, hi = bootstrap_ci(diffs, n, seed)
+    return {"mean": mean, "ci_low": lo, "ci_high": hi,
+            "verdict": verdict(lo, hi) if higher_is_better else verdict(-hi, -lo),
+            "examples_to_resolve": examples_to_resolve(diffs), "confidence": CONFIDENCE, "bootstrap_resamples": n}
 
 
 def degenerate(text: str) -> bool:

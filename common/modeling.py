@@ -9,68 +9,18 @@ What precision and quantization a run uses is decided in common/plan.py.
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
-from common import arch, dist, paths
+from common import arch, dist, gguf_tokenizer, paths
 from common.dtypes import cuda, torch_dtype
-from common.io import UserError, atomic_dir
+from common.io import UserError
+from common.sources import convert_gguf, gguf_dir, hub_error, local_dir
 
 log = logging.getLogger("ft")
 
 
-def cache_root() -> Path:
-    """Converted and tiny models; FT_CACHE moves it (tests share one across temporary artifact roots)."""
-    return Path(os.environ.get("FT_CACHE") or paths.cache_dir())
-
-
 # --------------------------------------------------------------------------- sources
-def _local_dir(name: str) -> Path | None:
-    p = Path(name).expanduser()
-    if p.is_dir():
-        return p
-    if name.startswith(("/", "./", "../", "~")) or os.sep in name and p.parent.exists() and len(p.parts) > 2:
-        raise UserError(f"model path {name} does not exist; fix model.name_or_path (--set model.name_or_path=DIR)")
-    return None
-
-
-def _gguf_dir(name: str) -> Path:
-    local = _local_dir(name)
-    if local:
-        return local
-    spec = importlib.util.find_spec(name.replace("-", "_"))  # finds the package without importing it
-    if spec and spec.submodule_search_locations:
-        return Path(list(spec.submodule_search_locations)[0])
-    raise UserError(f"model.name_or_path '{name}' is neither a folder nor an installed package holding "
-                    f"the GGUF file; install it (make install) or point it at the folder")
-
-
-def convert_gguf(folder: Path, gguf_file: str) -> Path:
-    """GGUF -> plain HF folder (fp32), once; later calls return the cached folder."""
-    src = folder / gguf_file
-    if not src.is_file():
-        raise UserError(f"GGUF file {src} not found; check model.gguf_file")
-    key = hashlib.sha1(f"{src.resolve()}:{src.stat().st_size}".encode()).hexdigest()[:10]
-    out = cache_root() / "models" / f"{src.stem}-{key}"
-    if (out / "config.json").exists():
-        return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.info("converting %s to a Hugging Face folder (once) -> %s", src.name, out)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
-    if getattr(model, "hf_quantizer", None) is not None:  # weights are dequantized; drop the gguf marker
-        model.hf_quantizer.remove_quantization_config(model)
-    with atomic_dir(out, keep_existing=True) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    return out
-
-
 def model_source(cfg: Any, full_precision: bool = False) -> str:
     """Where to load the base model from (for merging: a full-precision copy if the base is 4-bit)."""
     if cfg.tiny_mode:
@@ -81,14 +31,9 @@ def model_source(cfg: Any, full_precision: bool = False) -> str:
                                   tokenizer=cfg.tiny.tokenizer))
     name = (cfg.model.full_precision_name_or_path if full_precision else None) or cfg.model.name_or_path
     if cfg.model.gguf_file:
-        return str(convert_gguf(_gguf_dir(name), cfg.model.gguf_file))
-    local = _local_dir(name)
+        return str(convert_gguf(gguf_dir(name), cfg.model.gguf_file))
+    local = local_dir(name)
     return str(local) if local else name
-
-
-def _hub_error(name: str, e: Exception) -> UserError:
-    return UserError(f"could not load '{name}' ({type(e).__name__}: {str(e).splitlines()[0][:160]}); without "
-                     f"the hub, download it elsewhere and use --set model.name_or_path=/path/to/folder")
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -99,7 +44,8 @@ def load_tokenizer(cfg: Any, source: str) -> Any:
         tok = AutoTokenizer.from_pretrained(source, revision=cfg.model.revision,
                                             trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise _hub_error(source, e) from None
+        raise hub_error(source, e) from None
+    tok = gguf_tokenizer.as_llama_cpp_applies_it(tok)  # trained and evaluated as llama.cpp/Ollama will serve it
     arch.get(cfg).prepare_tokenizer(cfg, tok, source)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -129,7 +75,7 @@ def load_model(cfg: Any, source: str, quant_bits: int = 0, dtype: str = "fp32") 
     try:
         model = a.model_class().from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
-        raise _hub_error(source, e) from None
+        raise hub_error(source, e) from None
     if cuda() and not quant_bits:
         model.to(f"cuda:{dist.local_rank()}")
     return model

@@ -1,10 +1,11 @@
 """One page across every run under the artifact root: outputs/summary.csv and a self-contained outputs/report.html.
 
 A run is a folder outputs/<run>/ with eval/metrics.json. The page shows, per run: task, base model, every metric for
-base and tuned with the paired confidence interval of the primary one, stop rates, train time and speed, peak
-memory, the loss curve (embedded as a data: URI, so the file opens from disk or an e-mail), five side-by-side
-examples and relative links to the run's files. Each figure cell carries data-run / data-key attributes, so a test
-(or a script) can read the numbers back from the rendered page.
+base, tuned and each of the task's baselines; the verdict against the strongest baseline and every paired
+comparison (tuned vs base, vs each baseline) with its 95% CI; the forgetting check (general-text loss before and
+after, paired); stop rates, train time and speed, peak memory, the loss curve (embedded as a data: URI, so the
+file opens from disk or an e-mail), five side-by-side examples and relative links to the run's files. Each figure
+cell carries data-run / data-key attributes, so a test (or a script) can read the numbers back from the page.
 """
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ from typing import Any
 from common import io, paths
 
 COLUMNS = ["run", "recipe", "tiny_mode", "task", "base_model", "primary_metric", "base", "tuned", "difference",
-           "ci_low", "ci_high", "base_stop_rate", "tuned_stop_rate", "n_examples", "train_seconds",
+           "ci_low", "ci_high", "vs_base", "strongest_baseline", "vs_baseline", "vs_baseline_ci_low",
+           "vs_baseline_ci_high", "verdict", "general_loss_base", "general_loss_tuned", "forgetting",
+           "base_stop_rate", "tuned_stop_rate", "n_examples", "train_seconds",
            "train_tokens_per_s", "peak_rss_mb", "peak_gpu_mb", "device", "git_commit", "evaluated"]
+PAGE_COLUMNS = COLUMNS[:COLUMNS.index("forgetting") + 1]  # the overview table; summary.csv has them all
 
 
 def runs(root: Path) -> list[Path]:
@@ -31,9 +35,14 @@ def summary_row(run: Path) -> dict:
     m = io.read_json(run / "eval" / "metrics.json")
     info = io.read_json(run / "adapter" / "run_info.json", {})
     meta, c, key = m.get("meta", {}), m["comparison"], m["primary_metric"]
+    v, f, best = m["verdict"], m["forgetting"], m.get("strongest_baseline")
     return {"run": run.name, "recipe": meta.get("recipe"), "tiny_mode": meta.get("tiny_mode"), "task": m.get("task"),
             "base_model": meta.get("base_model"), "primary_metric": key, "base": m["base"][key],
             "tuned": m["tuned"][key], "difference": c["mean"], "ci_low": c["ci_low"], "ci_high": c["ci_high"],
+            "vs_base": c["verdict"], "strongest_baseline": m.get("strongest_baseline"),
+            "vs_baseline": v["mean"] if best else None, "vs_baseline_ci_low": v["ci_low"] if best else None,
+            "vs_baseline_ci_high": v["ci_high"] if best else None, "verdict": v["verdict"],
+            "general_loss_base": f["base_loss"], "general_loss_tuned": f["tuned_loss"], "forgetting": f["verdict"],
             "base_stop_rate": m["base"].get("stop_rate"), "tuned_stop_rate": m["tuned"].get("stop_rate"),
             "n_examples": m["n_examples"], "train_seconds": info.get("train_seconds"),
             "train_tokens_per_s": info.get("train_tokens_per_second"),
@@ -81,24 +90,60 @@ def _links(run: Path, root: Path) -> str:
     return " · ".join(items)
 
 
+def _span(run: str, key: str, v: Any) -> str:
+    return f'<span data-run="{html.escape(run)}" data-key="{html.escape(key)}">{html.escape(fmt(v))}</span>'
+
+
+def _verdict(run: str, m: dict) -> str:
+    """The headline: tuned against the strongest baseline (or the base model when the task has none)."""
+    v, best = m["verdict"], m.get("strongest_baseline")
+    who = f"the strongest baseline, <code>{html.escape(best)}</code>" if best else "the base model"
+    return (f"<p><b>Verdict: the tuned model is {_span(run, 'verdict.verdict', v['verdict'])} "
+            f"{'than' if v['verdict'] != 'not distinguishable' else 'from'} {who}</b> on {html.escape(v['metric'])} "
+            f"({_span(run, 'verdict.mean', v['mean'])}, 95% CI [{_span(run, 'verdict.ci_low', v['ci_low'])}, "
+            f"{_span(run, 'verdict.ci_high', v['ci_high'])}])</p>")
+
+
+def _comparisons(run: str, m: dict) -> str:
+    """Every paired comparison of the primary metric: tuned - base, tuned - each baseline."""
+    rows = [("base model", "comparison", m["comparison"])] + [
+        (f"baseline {b}", f"vs_baselines.{b}", c) for b, c in m.get("vs_baselines", {}).items()]
+    out = ["<table><tr><th>tuned vs</th><th>difference</th><th>95% CI low</th><th>95% CI high</th><th>verdict</th>"
+           "<th>examples to resolve</th></tr>"]
+    for label, key, c in rows:
+        out.append(f"<tr><td>{html.escape(label)}</td>" + "".join(
+            _cell(run, f"{key}.{k}", c.get(k)) for k in ("mean", "ci_low", "ci_high", "verdict", "examples_to_resolve"))
+                   + "</tr>")
+    return "".join(out) + "</table>"
+
+
+def _forgetting(run: str, f: dict) -> str:
+    warn = " — <b>the tuned model forgot some general ability</b>" if f["verdict"] == "worse" else ""
+    return (f"<p>general-text loss per token ({f['passages']} passages, lower is better): base "
+            f"{_span(run, 'forgetting.base_loss', f['base_loss'])}, tuned "
+            f"{_span(run, 'forgetting.tuned_loss', f['tuned_loss'])}, change {_span(run, 'forgetting.mean', f['mean'])}"
+            f", 95% CI [{_span(run, 'forgetting.ci_low', f['ci_low'])}, "
+            f"{_span(run, 'forgetting.ci_high', f['ci_high'])}]: "
+            f"{_span(run, 'forgetting.verdict', f['verdict'])}{warn}</p>")
+
+
 def section(run: Path, root: Path) -> str:
     m = io.read_json(run / "eval" / "metrics.json")
     row = summary_row(run)
     name = run.name
     e = html.escape
+    names = list(m.get("baselines", {}))
     out = [f'<section id="{e(name)}"><h2>{e(name)}</h2>',
            f"<p>task <b>{e(str(row['task']))}</b>, base model <code>{e(str(row['base_model']))}</code>"
            + (" — <b>tiny-model test run (random-init stand-in)</b>" if row["tiny_mode"] else "") + "</p>",
-           '<table><tr><th>metric</th><th>base</th><th>tuned</th></tr>']
+           _verdict(name, m),
+           "<table><tr><th>metric</th><th>base</th><th>tuned</th>" + "".join(f"<th>{e(b)}</th>" for b in names)
+           + "</tr>"]
     for k, v in m["tuned"].items():
-        out.append(f"<tr><td>{e(k)}</td>{_cell(name, 'base.' + k, m['base'].get(k))}{_cell(name, 'tuned.' + k, v)}</tr>")
-    c = m["comparison"]
-    out += ["</table>",
-            f"<p>{e(c['metric'])} difference (tuned − base) <span data-run=\"{e(name)}\" data-key=\"comparison.mean\">"
-            f"{fmt(c['mean'])}</span>, 95% CI [<span data-run=\"{e(name)}\" data-key=\"comparison.ci_low\">"
-            f"{fmt(c['ci_low'])}</span>, <span data-run=\"{e(name)}\" data-key=\"comparison.ci_high\">"
-            f"{fmt(c['ci_high'])}</span>]" + (" — <b>the tuned model does not stop</b>" if m.get("tuned_does_not_stop")
-                                               else "") + "</p>",
+        out.append(f"<tr><td>{e(k)}</td>{_cell(name, 'base.' + k, m['base'].get(k))}{_cell(name, 'tuned.' + k, v)}"
+                   + "".join(_cell(name, f"baselines.{b}.{k}", m["baselines"][b].get(k)) for b in names) + "</tr>")
+    out += ["</table>", _comparisons(name, m), _forgetting(name, m["forgetting"]),
+            ("<p><b>the tuned model does not stop</b></p>" if m.get("tuned_does_not_stop") else ""),
             f"<p>training: {_num(row['train_seconds'])} s, {_num(row['train_tokens_per_s'])} tokens/s, peak "
             f"{_num(row['peak_rss_mb'])} MB RAM" + (f", {_num(row['peak_gpu_mb'])} MB GPU" if row["peak_gpu_mb"] else "")
             + f" on {e(str(row['device']))}</p>",
@@ -124,10 +169,10 @@ def build(root: Path) -> tuple[str, str, int]:
     w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS[:14])
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in PAGE_COLUMNS)
     body = "".join("<tr>" + "".join(
         (f'<td><a href="#{html.escape(r["run"])}">{html.escape(r["run"])}</a></td>' if c == "run"
-         else _cell(r["run"], "summary." + c, r[c])) for c in COLUMNS[:14]) + "</tr>" for r in rows)
+         else _cell(r["run"], "summary." + c, r[c])) for c in PAGE_COLUMNS) + "</tr>" for r in rows)
     page = ("<!doctype html><html><head><meta charset=\"utf-8\"><title>Fine-tuning runs</title>"
             f"<style>{STYLE}</style></head><body><h1>Fine-tuning runs ({len(rows)})</h1>"
             f"<p>Every run under <code>{html.escape(str(root))}</code> with an evaluation. Full columns: summary.csv.</p>"

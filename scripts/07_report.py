@@ -2,8 +2,9 @@
 
     make report                        # or: python scripts/07_report.py
 
-Reads each outputs/<run>/ that has eval/metrics.json (under FT_HOME when set): metrics with the confidence
-interval, stop rates, train time, speed and peak memory, the loss curve (embedded), five side-by-side examples
+Reads each outputs/<run>/ that has eval/metrics.json (under FT_HOME when set): metrics of base, tuned and the
+task's baselines, the verdict against the strongest baseline and every paired comparison with its 95% CI, the
+forgetting check (general-text loss before and after), stop rates, train time, speed and peak memory, the loss curve (embedded), five side-by-side examples
 and links to the run's files (common/report.py). Writes both files atomically; no run evaluated yet is an error.
 """
 from __future__ import annotations

@@ -1,9 +1,13 @@
-"""Shared fixtures: a temporary artifact root per test, one model cache per session, helpers to run steps."""
+"""Shared fixtures: a temporary artifact root per test, one model cache per session, tiny runs built once per session,
+helpers to run steps (only from tests marked e2e, slow or gpu: `make test-fast` must train nothing)."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,39 @@ REPO = Path(__file__).resolve().parents[1]
 def model_cache(tmp_path_factory) -> Path:
     """Converted SmolLM2 and tiny models, shared by the session (FT_CACHE from the environment wins)."""
     return Path(os.environ.get("FT_CACHE") or tmp_path_factory.mktemp("model-cache"))
+
+
+@pytest.fixture(scope="session")
+def llama_vocab(model_cache) -> Path:
+    """The folder of llama.cpp's Llama-3 (llama-bpe) and SentencePiece (llama-spm) vocabulary files and reference
+    tokenizations, fetched once into the session's model cache (common/standins.py: the llama-cpp-python sdist, or
+    FT_VOCAB_DIR), where the tiny runs' subprocesses find them too."""
+    from common import standins
+
+    with _cache_env(model_cache):
+        return standins.vocab_dir()
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizers(model_cache, llama_vocab) -> dict[str, Path]:
+    """Those vocabularies as Hugging Face tokenizer folders (llama-bpe, llama-spm), converted once."""
+    from common import standins
+
+    with _cache_env(model_cache):
+        return {name: standins.llama_tokenizer_dir(name) for name in standins.VOCAB_FILES}
+
+
+@contextlib.contextmanager
+def _cache_env(model_cache: Path):
+    before = os.environ.get("FT_CACHE")
+    os.environ["FT_CACHE"] = str(model_cache)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["FT_CACHE"]
+        else:
+            os.environ["FT_CACHE"] = before
 
 
 @pytest.fixture
@@ -29,6 +66,21 @@ def ft_home(tmp_path, model_cache, monkeypatch) -> Path:
     return home
 
 
+_CURRENT: list = []  # the test being set up or run
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _CURRENT[:] = [item]
+
+
+def _require_tier(what: str) -> None:
+    """A pipeline step or `make` runs only from a test marked e2e, slow or gpu (or from a fixture it uses)."""
+    item = _CURRENT[0] if _CURRENT else None
+    if item is not None and not any(item.get_closest_marker(m) for m in ("e2e", "slow", "gpu")):
+        raise AssertionError(f"{item.nodeid} runs {what}: mark it @pytest.mark.e2e (make test-fast leaves those out)")
+
+
 def run_cmd(args: list[str], env_home: Path | None = None, check: bool = True, **kw) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     if env_home is not None:
@@ -41,10 +93,13 @@ def run_cmd(args: list[str], env_home: Path | None = None, check: bool = True, *
 
 
 def step(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    if script != "01_prepare":  # preparing data trains nothing and takes seconds
+        _require_tier(f"scripts/{script}.py")
     return run_cmd([sys.executable, f"scripts/{script}.py", *args], check=check)
 
 
 def make(home: Path, *args: str, check: bool = True, **env_extra: str) -> subprocess.CompletedProcess:
+    _require_tier(f"make {' '.join(args)}")
     env = dict(os.environ, FT_HOME=str(home), PYTHONUNBUFFERED="1", **env_extra)
     p = subprocess.run(["make", f"PY={sys.executable}", *args], cwd=REPO, env=env, capture_output=True, text=True)
     if check and p.returncode != 0:
@@ -55,3 +110,44 @@ def make(home: Path, *args: str, check: bool = True, **env_extra: str) -> subpro
 def ran_steps(p: subprocess.CompletedProcess) -> list[str]:
     return [s for s in ("00_install", "01_prepare", "02_sft_qlora", "03_merge_fp16", "04_eval")
             if f"scripts/{s}.py" in p.stdout]
+
+
+@dataclass
+class TinyRun:
+    """A tiny run built once per session: `make all` then `make export` (its result kept, a refusal included)."""
+
+    recipe: str
+    home: Path
+    export: subprocess.CompletedProcess
+
+    @property
+    def out(self) -> Path:
+        return self.home / "outputs" / f"{self.recipe}-tiny"
+
+    @property
+    def data(self) -> Path:
+        return self.home / "data" / "processed" / f"{self.recipe}-tiny"
+
+    def copy(self, dest: Path) -> Path:
+        """A copy of the run's artifact root (times kept, so Make sees every step up to date), for a test that
+        changes it."""
+        shutil.copytree(self.home, dest, symlinks=True)
+        return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, model_cache):
+    """tiny_run(recipe) -> TinyRun, built on first use in its own artifact root and shared by every test after it;
+    a test that changes a run works on run.copy(tmp_path / "home")."""
+    runs: dict[str, TinyRun] = {}
+
+    def get(recipe: str) -> TinyRun:
+        if recipe not in runs:
+            home = tmp_path_factory.mktemp(f"run-{recipe}") / "home"
+            home.mkdir()
+            env = {"FT_CACHE": str(model_cache), "HF_HUB_OFFLINE": "1"}
+            make(home, "all", f"RECIPE={recipe}", "TINY=1", **env)
+            runs[recipe] = TinyRun(recipe, home, make(home, "export", f"RECIPE={recipe}", "TINY=1", check=False, **env))
+        return runs[recipe]
+
+    return get

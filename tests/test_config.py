@@ -184,8 +184,6 @@ def test_prompt_fields_are_checked_against_the_task(ft_home):
 
 
 def sched(recipe: str, n_train: int, has_val: bool = True, *sets: str):
-    from common import training
-
     return schedule.schedule(config.load(recipe, list(sets)), n_train, has_val)
 
 
@@ -216,8 +214,6 @@ def test_real_shape_configs_have_the_real_parameter_counts(name, params):
     """The kept configurations build the real models' shapes (on the meta device: no memory, no time)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    from common import modeling
 
     cfg = standins.stand_in_config("llama", 100, {"pad": 0, "eos": 1, "bos": 2}, name)
     cls = AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM

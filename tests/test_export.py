@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import importlib
 import json
-import os
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from common import config, export, report, templates
+from common import config, export, gguf_tokenizer, report, standins, templates
 from conftest import make
 
 SECRET = "hf_FAKEtokenFORtests123456"
@@ -26,9 +25,7 @@ SECRET = "hf_FAKEtokenFORtests123456"
 def smollm2_tok():
     from transformers import AutoTokenizer
 
-    from common import modeling
-
-    return AutoTokenizer.from_pretrained(modeling.smollm2_tokenizer_dir())
+    return AutoTokenizer.from_pretrained(standins.smollm2_tokenizer_dir())
 
 
 @pytest.mark.parametrize("name", list(templates.TEMPLATES))
@@ -64,15 +61,15 @@ def test_pre_tokenizer_names():
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
     byte = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
-    assert export.pre_tokenizer_name({"pre_tokenizer": byte}) == "gpt-2"
+    assert gguf_tokenizer.pre_tokenizer_name({"pre_tokenizer": byte}) == "gpt-2"
     digits = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte]}
-    assert export.pre_tokenizer_name({"pre_tokenizer": digits}) == "smollm"
+    assert gguf_tokenizer.pre_tokenizer_name({"pre_tokenizer": digits}) == "smollm"
     llama3 = {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"]}}, byte]}
-    assert export.pre_tokenizer_name({"pre_tokenizer": llama3}) == "llama-bpe"
-    assert export.pre_tokenizer_name({"pre_tokenizer": {"type": "Whitespace"}}, "custom") == "custom"
+    assert gguf_tokenizer.pre_tokenizer_name({"pre_tokenizer": llama3}) == "llama-bpe"
+    assert gguf_tokenizer.pre_tokenizer_name({"pre_tokenizer": {"type": "Whitespace"}}, "custom") == "custom"
     with pytest.raises(export.Unsupported, match="export.pre_tokenizer"):
-        export.pre_tokenizer_name({"pre_tokenizer": {"type": "Whitespace"}})
+        gguf_tokenizer.pre_tokenizer_name({"pre_tokenizer": {"type": "Whitespace"}})
 
 
 def test_rope_permutation_is_what_transformers_undoes():
@@ -95,16 +92,68 @@ def test_seq2seq_and_rope_scaling_are_refused_in_one_line():
         export.check_supported(cfg)
 
 
+# --------------------------------------------------------------------------- the real Llama tokenizers in GGUF
+@pytest.mark.parametrize("name,template", [("llama-spm", "zephyr"), ("llama-bpe", "alpaca")])
+def test_gguf_tokenizer_is_llama_cpps_own(name, template, model_cache, llama_vocab, tmp_path, monkeypatch):
+    """The tinyllama (SentencePiece) and llama3-alpaca (Llama-3 BPE) stand-ins written as GGUF carry llama.cpp's own
+    vocabulary file's tokenizer: the same tokens, types, merges and special ids, SentencePiece scores in the same
+    order, BOS added; read back as llama.cpp applies it, the file gives llama.cpp's reference ids (*.gguf.out) for
+    every reference text, and the recipe's chat prompt tokenizes as in training."""
+    import gguf
+    from transformers import AutoConfig, AutoTokenizer
+
+    from common import prompts, standins
+
+    monkeypatch.setenv("FT_CACHE", str(model_cache))
+    folder = standins.build("llama", "zephyr" if name == "llama-spm" else None, tokenizer=name)
+    tok = gguf_tokenizer.as_llama_cpp_applies_it(AutoTokenizer.from_pretrained(folder))  # as load_tokenizer
+    tok.chat_template = templates.TEMPLATES[template]
+    cfg = AutoConfig.from_pretrained(folder)
+    meta = gguf_tokenizer.tokenizer_metadata(tok, folder, cfg.vocab_size)
+    export.write_gguf(tmp_path / "m.gguf", folder, cfg, meta, "f16", {"name": name, "description": "stand-in"})
+    ours = gguf_tokenizer.gguf_metadata(tmp_path / "m.gguf")
+    ref = gguf_tokenizer.gguf_metadata(llama_vocab / standins.VOCAB_FILES[name])
+    for key in ("model", "pre", "tokens", "token_type", "merges", "bos_token_id", "eos_token_id", "unknown_token_id"):
+        assert ours.get(f"tokenizer.ggml.{key}") == ref.get(f"tokenizer.ggml.{key}"), key  # value and raw bytes
+    assert len(ref["tokenizer.ggml.tokens"][1]) > 100_000
+    assert ours["tokenizer.ggml.add_bos_token"][0] is True and ours["tokenizer.ggml.add_eos_token"][0] is False
+    assert ours["tokenizer.chat_template"][0] == templates.TEMPLATES[template]
+    if name == "llama-spm":
+        assert ours["tokenizer.ggml.add_space_prefix"][0] is True
+        got, want = (np.frombuffer(f["tokenizer.ggml.scores"][1][12:], "<f4") for f in (ours, ref))
+        kinds = np.frombuffer(ref["tokenizer.ggml.token_type"][1][12:], "<i4")
+        n_merges = len(json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]["merges"])
+        merged = (kinds == gguf.TokenType.NORMAL) & (got > -n_merges - 0.5)  # made by a merge: minus its rank
+        assert merged.sum() == 29_612
+        order = np.lexsort((-got[merged], -want[merged]))  # by llama.cpp's score, ties by ours
+        assert np.all(np.diff(got[merged][order]) <= 0)  # no pair of differently-scored tokens swapped
+    back = gguf_tokenizer.read_tokenizer(tmp_path, "m.gguf")
+    refs = standins.reference_tokenizations(name, llama_vocab)
+    assert [back(text, add_special_tokens=False).input_ids for text, _ in refs] == [ids for _, ids in refs]
+    msgs = [{"role": "user", "content": "Title: Acme Chef Knife"}]
+    assert prompts.encode_prompt(back, msgs) == prompts.encode_prompt(tok, msgs)
+    assert back("Hello").input_ids[0] == tok.bos_token_id
+
+
+def test_sentencepiece_space_prefix_llama_cpp_cannot_write_is_refused():
+    """llama.cpp puts "▁" before a text and after every special token: the Prepend normalizer of Llama-2/TinyLlama's
+    tokenizer.json. transformers 5's LlamaTokenizer with legacy=false prepends to the first piece only: refused."""
+    meta = {"type": "Metaspace", "replacement": "\u2581", "split": False}
+    assert gguf_tokenizer.space_prefix({"normalizer": gguf_tokenizer.SPM_NORMALIZER, "pre_tokenizer": None}) is True
+    assert gguf_tokenizer.space_prefix({"pre_tokenizer": {**meta, "prepend_scheme": "always"}}) is True
+    assert gguf_tokenizer.space_prefix({"pre_tokenizer": {**meta, "prepend_scheme": "never"}}) is False
+    with pytest.raises(export.Unsupported, match="first piece of a text only.*after every special token"):
+        gguf_tokenizer.space_prefix({"pre_tokenizer": {"type": "Sequence",
+                                               "pretokenizers": [{**meta, "prepend_scheme": "first"}]}})
+
+
 # --------------------------------------------------------------------------- one tiny run, shared
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, model_cache):
-    """A tiny smollm2 run (prepare, train, merge, eval) and its export, in its own artifact root."""
-    home = tmp_path_factory.mktemp("ship") / "home"
-    home.mkdir()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    make(home, "all", "RECIPE=smollm2", "TINY=1", FT_CACHE=str(model_cache))
-    make(home, "export", "RECIPE=smollm2", "TINY=1", FT_CACHE=str(model_cache))
-    return home, home / "outputs" / "smollm2-tiny"
+def run(tiny_run):
+    """The session's tiny smollm2 run (prepare, train, merge, eval) and its export (conftest.tiny_run)."""
+    r = tiny_run("smollm2")
+    assert r.export.returncode == 0, r.export.stderr[-3000:]
+    return r.home, r.out
 
 
 @pytest.fixture
@@ -115,6 +164,7 @@ def in_run(run, model_cache, monkeypatch):
     return run
 
 
+@pytest.mark.e2e
 def test_export_writes_gguf_files_that_answer_like_merged(run):
     import gguf
 
@@ -146,6 +196,7 @@ def _call(script: str, *args: str) -> int:
     return importlib.import_module(f"scripts.{script}").main(["--recipe", "smollm2", "--tiny", *args])
 
 
+@pytest.mark.e2e
 def test_a_corrupted_weight_fails_the_export(in_run, monkeypatch):
     _, out = in_run
     shutil.rmtree(out / "export")
@@ -161,9 +212,10 @@ def test_a_corrupted_weight_fails_the_export(in_run, monkeypatch):
     assert not (out / "export").exists() and not list(out.glob(".export*"))
 
 
+@pytest.mark.e2e
 def test_a_dropped_chat_template_fails_the_export(in_run, monkeypatch, capsys):
     _, out = in_run
-    real = export.tokenizer_metadata
+    real = gguf_tokenizer.tokenizer_metadata
 
     def without_template(*a, **k):
         meta = real(*a, **k)
@@ -176,6 +228,7 @@ def test_a_dropped_chat_template_fails_the_export(in_run, monkeypatch, capsys):
     assert not (out / "export").exists()
 
 
+@pytest.mark.e2e
 def test_a_broken_merge_fails_the_merge(in_run, monkeypatch, capsys):
     import torch
     from peft.tuners.lora import LoraModel  # PeftModel.merge_and_unload forwards to it
@@ -202,6 +255,7 @@ def test_a_broken_merge_fails_the_merge(in_run, monkeypatch, capsys):
         (out / "merge_report.json").write_text(report_before)
 
 
+@pytest.mark.e2e
 def test_model_cards_match_what_was_evaluated(run):
     _, out = run
     m = json.loads((out / "eval/metrics.json").read_text())
@@ -215,6 +269,9 @@ def test_model_cards_match_what_was_evaluated(run):
             assert f"| {k} | {report.fmt(m['base'][k])} | {report.fmt(v)} |" in text
         c = m["comparison"]
         assert f"95% CI [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]" in text
+        v, f = m["verdict"], m["forgetting"]
+        assert f"`{m['strongest_baseline']}`: {v['mean']:+.4f}, 95% CI [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]" in text
+        assert f"base {f['base_loss']:.4f}, tuned {f['tuned_loss']:.4f}, change {f['mean']:+.4f}" in text
         assert "Test run on a random-init stand-in" in text and "![training and validation loss](loss.png)" in text
         assert (out / kind / "loss.png").stat().st_size > 1000
     state = json.loads((out / "adapter/trainer_state.json").read_text())
@@ -245,6 +302,7 @@ class _Cells(HTMLParser):
             self.cells[self._key] += data
 
 
+@pytest.mark.e2e
 def test_report_page_in_headless_chromium_shows_each_runs_metrics(run, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
@@ -275,6 +333,7 @@ def test_report_page_in_headless_chromium_shows_each_runs_metrics(run, tmp_path)
         assert float(row["tuned"]) == m["tuned"][m["primary_metric"]] and float(row["ci_low"]) == m["comparison"]["ci_low"]
 
 
+@pytest.mark.e2e
 def test_push_dry_run_writes_what_would_go_and_never_the_token(in_run, monkeypatch):
     home, out = in_run
     monkeypatch.setenv("HF_TOKEN", SECRET)
@@ -294,6 +353,7 @@ def test_push_dry_run_writes_what_would_go_and_never_the_token(in_run, monkeypat
             assert SECRET.encode() not in f.read_bytes(), f
 
 
+@pytest.mark.e2e
 def test_push_uploads_the_staged_folder_with_the_token_from_the_environment(in_run, monkeypatch):
     import huggingface_hub
 

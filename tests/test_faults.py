@@ -169,7 +169,7 @@ def test_4bit_without_bitsandbytes_trains_in_full_precision_and_says_so(ft_home)
 
 
 # --------------------------------------------------------------------------- concurrency, determinism
-def test_two_recipes_at_once_then_an_identical_rerun(ft_home, tmp_path):
+def test_two_recipes_at_once_then_an_identical_rerun(ft_home, tiny_run):
     make(ft_home, "install")
     env = dict(os.environ, FT_HOME=str(ft_home))
     procs = {r: subprocess.Popen(["make", f"PY={sys.executable}", "all", f"RECIPE={r}", "TINY=1"], cwd=REPO,
@@ -186,9 +186,9 @@ def test_two_recipes_at_once_then_an_identical_rerun(ft_home, tmp_path):
         m = json.loads((ft_home / f"outputs/{r}-tiny/eval/metrics.json").read_text())
         assert m["meta"]["recipe"] == r and m["meta"]["task"] == task
 
-    # the same recipe and seed in a fresh root: byte-identical data, identical losses and metrics
-    other = tmp_path / "rerun"
-    make(other, "all", "RECIPE=smollm2", "TINY=1")
+    # the same recipe and seed in another root (the session's shared run): byte-identical data, identical losses
+    # and metrics
+    other = tiny_run("smollm2").home
     a, b = ft_home / "outputs/smollm2-tiny", other / "outputs/smollm2-tiny"
     for name in ("train", "val", "test"):
         assert (ft_home / f"data/processed/smollm2-tiny/{name}.jsonl").read_bytes() == \

@@ -1,4 +1,6 @@
-"""Every recipe end to end through the Makefile, in tiny-model mode, in a temporary artifact root."""
+"""One recipe per architecture family end to end through the Makefile, in tiny-model mode (every recipe's own
+prompts, masking and one training step are tests/test_recipes.py); a finished run is not redone, a changed setting
+re-runs only its step, the demo writes nothing; a bad recipe or override stops before any step."""
 from __future__ import annotations
 
 import csv
@@ -9,17 +11,19 @@ import sys
 
 import pytest
 
-from common import paths
 from conftest import REPO, make, ran_steps
 
-RECIPES = paths.recipe_names()
+# llama: TinyLlama's 4-bit QLoRA with lm_head/embed_tokens trained, SentencePiece, zephyr template, fp16 plan;
+# mistral: 4-bit, SentencePiece, the forecast task, best checkpoint kept; t5: seq2seq, 8-bit, baseline samples.
+# smollm2 (byte-level BPE) runs the same way in conftest.tiny_run for tests/test_export.py and the tests below.
+FAMILIES = ["tinyllama", "mistral-xauusd", "flan-t5"]
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
-def test_recipe_end_to_end_tiny(recipe, ft_home):
-    make(ft_home, "all", f"RECIPE={recipe}", "TINY=1")
-    run = f"{recipe}-tiny"
-    data, out = ft_home / "data/processed" / run, ft_home / "outputs" / run
+@pytest.mark.e2e
+@pytest.mark.parametrize("recipe", FAMILIES)
+def test_recipe_end_to_end_tiny(recipe, tiny_run):
+    r = tiny_run(recipe)
+    data, out, exp = r.data, r.out, r.export
     rep = json.loads((data / "prepare_report.json").read_text())
     assert rep["kept"] > 0 and rep["splits"]["test"] > 0
     info = json.loads((out / "adapter/run_info.json").read_text())
@@ -36,7 +40,7 @@ def test_recipe_end_to_end_tiny(recipe, ft_home):
     if recipe_cfg.lora.modules_to_save:
         assert set(cfg["modules_to_save"]) >= set(recipe_cfg.lora.modules_to_save)
     if recipe_cfg.quantization.bits:  # the CPU runs bitsandbytes here, so the quantized path really ran
-        assert info["plan"]["quantization_bits"] == recipe_cfg.quantization.bits, info["replaced"]
+        assert info["plan"]["quantization_bits"] == recipe_cfg.quantization.bits, info["plan"]["replaced"]
     log_rows = list(csv.DictReader((out / "train_log.csv").open()))
     assert any(r["loss"] for r in log_rows) and (out / "loss.png").stat().st_size > 1000
     merge = json.loads((out / "merge_report.json").read_text())
@@ -54,9 +58,16 @@ def test_recipe_end_to_end_tiny(recipe, ft_home):
     assert (out / "eval/report.md").read_text().startswith(f"# Evaluation: {recipe}")
     if recipe_cfg.task == "xauusd_forecast":
         assert {"json_valid_raw", "direction_acc_6h", "magnitude_mae"} <= set(metrics["tuned"])
-        assert "trivial" in metrics
+        assert set(metrics["baselines"]) == {"majority", "sentiment_rule"}
     else:
         assert {"rougeL", "sacrebleu", "chrf", "degenerate_share"} <= set(metrics["tuned"])
+        assert set(metrics["baselines"]) == {"retrieval", "title"}
+    for c in [metrics["comparison"], *metrics["vs_baselines"].values()]:  # paired, each with its CI and verdict
+        assert c["verdict"] == ("better" if c["ci_low"] > 0 else "worse" if c["ci_high"] < 0 else "not distinguishable")
+    assert metrics["verdict"] == metrics["vs_baselines"][metrics["strongest_baseline"]]
+    forgot = metrics["forgetting"]  # the forgetting check, for every architecture
+    assert forgot["passages"] >= 150 and forgot["base_loss"] > 0 and forgot["tuned_loss"] > 0, forgot
+    assert f"base {forgot['base_loss']:.4f}, tuned {forgot['tuned_loss']:.4f}" in (out / "eval/report.md").read_text()
     if recipe_cfg.eval.baseline_samples:
         rows = [json.loads(x) for x in (out / "baseline_samples.jsonl").read_text().splitlines()]
         assert rows and {"prompt", "target", "base_answer"} <= set(rows[0])
@@ -68,7 +79,6 @@ def test_recipe_end_to_end_tiny(recipe, ft_home):
         card = (out / kind / "README.md").read_text()
         assert card.startswith("---\nbase_model:") and f"| stop_rate | {metrics['base']['stop_rate']:.4f} |" in card
     assert json.loads((out / "adapter/trainer_state.json").read_text())["global_step"] == 4
-    exp = make(ft_home, "export", f"RECIPE={recipe}", "TINY=1", check=False)
     if recipe_cfg.model.arch == "seq2seq":  # llama.cpp/Ollama do not run T5: one line, nothing written
         assert exp.returncode != 0 and "error: GGUF export supports Llama- and Mistral-family" in exp.stderr, exp.stderr
         assert not (out / "export").exists()
@@ -77,28 +87,36 @@ def test_recipe_end_to_end_tiny(recipe, ft_home):
         files = json.loads((out / "export/export_report.json").read_text())["files"]
         assert files["f16"]["answer_match"] == 1.0 and files["f16"]["prompt_tokens_match"] == 1.0, files
         assert (out / "export/Modelfile").read_text().startswith("# ollama create")
+
+
+@pytest.mark.e2e
+def test_a_finished_run_is_not_redone_a_changed_setting_reruns_its_step_and_the_demo_writes_nothing(tiny_run, tmp_path):
+    home = tiny_run("smollm2").copy(tmp_path / "home")
+    out = home / "outputs/smollm2-tiny"
+
     def artifacts() -> list:
         return sorted(p for p in out.rglob("*") if p.is_file() and p.parent.name != "logs")
 
     before = artifacts()
-    demo = make(ft_home, "demo", f"RECIPE={recipe}", "TINY=1", "TITLE=Acme Chef Knife, Black, Large")
+    demo = make(home, "demo", "RECIPE=smollm2", "TINY=1", "TITLE=Acme Chef Knife, Black, Large")
     head = next(line for line in demo.stdout.splitlines() if line.startswith("BASE"))
     assert "TUNED (merged)" in head and demo.stdout.count("|") >= 2, demo.stdout[-2000:]
     assert artifacts() == before and (out / "logs/demo.log").exists()  # the demo writes its log, nothing else
-
-    # a second `make all` does nothing; a changed eval setting re-runs eval only
-    again = make(ft_home, "all", f"RECIPE={recipe}", "TINY=1")
-    assert ran_steps(again) == []
-    changed = make(ft_home, "all", f"RECIPE={recipe}", "TINY=1", "ARGS=--set eval.max_new_tokens=6")
+    # a second `make all` does nothing; a runtime change neither; a changed eval setting re-runs eval only
+    assert ran_steps(make(home, "all", "RECIPE=smollm2", "TINY=1")) == []
+    assert ran_steps(make(home, "all", "RECIPE=smollm2", "TINY=1", "ARGS=--set runtime.logging_steps=3")) == []
+    changed = make(home, "all", "RECIPE=smollm2", "TINY=1", "ARGS=--set eval.max_new_tokens=6")
     assert ran_steps(changed) == ["04_eval"]
 
 
+@pytest.mark.e2e
 def test_unknown_recipe_stops_at_once_with_the_list(ft_home):
     p = make(ft_home, "all", "RECIPE=nope", check=False)
     assert p.returncode != 0 and "unknown RECIPE 'nope'" in p.stderr and "smollm2" in p.stderr
     assert not (ft_home / "outputs" / "nope").exists()
 
 
+@pytest.mark.e2e
 def test_bad_override_stops_before_any_step(ft_home):
     p = make(ft_home, "all", "ARGS=--set train.max_stepz=3", check=False)
     assert p.returncode != 0 and "unknown key 'train.max_stepz'" in p.stderr

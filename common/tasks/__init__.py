@@ -8,8 +8,16 @@ to the schema, and every step asks the task instead of testing `cfg.task`. A tas
 - which record fields a prompt may use and its default prompt (`fields`, `prompt_defaults`);
 - its own settings, per recipe section (`settings`: e.g. data.min_title_chars for product descriptions);
 - how to score answers against references, per example and in aggregate, and which per-example score the
-  base-vs-tuned confidence interval is computed on (`score`, `primary`);
-- an optional trivial baseline (`baseline`) and what the demo asks for (`demo_fields`, `extra_prompts`).
+  paired confidence intervals (tuned vs base, vs each baseline) are computed on (`score`, `primary`);
+- its simple baselines (`baselines`), each answering the eval prompts and scored like a model, so a verdict is
+  always against the strongest of them too; and what the demo asks for (`demo_fields`, `extra_prompts`).
+
+Adding a baseline to your own task: override `baselines(train, rows)` and return {name: one answer per eval row};
+`train` and `rows` are processed split rows (id, prompt, completion and the fields `example_extra` keeps), so a
+rule that reads a record field needs that field in `example_extra`. Extend the parent's dict to keep its baselines:
+
+    def baselines(self, train, rows):
+        return {**super().baselines(train, rows), "echo": [prompts.prompt_text(r) for r in rows]}
 """
 from __future__ import annotations
 
@@ -44,9 +52,9 @@ class Task:
         """(aggregate metrics, per-example scores; each has the `per_example` key)."""
         raise NotImplementedError
 
-    def baseline(self, train_refs: list[str]) -> str | None:
-        """A trivial answer from the train split to compare against (None: the task has none)."""
-        return None
+    def baselines(self, train: list[dict], rows: list[dict]) -> dict[str, list[str]]:
+        """{name: one answer per row of `rows`} from the train split's rows and each eval row's own fields."""
+        return {}
 
     def demo_fields(self, text: str, extra: dict[str, str]) -> dict:
         """Record fields for a demo question typed by a person; other fields read 'unknown' unless given."""

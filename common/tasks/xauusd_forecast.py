@@ -6,27 +6,33 @@ is dropped and counted by reason; a file without the required columns stops with
 The answer is compact JSON: {"6h":{"direction":"up","magnitude":0.9},...}.
 Scores: share of answers that parse as JSON with every field (raw, and after taking the first {...} block), per
 horizon direction accuracy and macro-F1, magnitude MAE (an invalid answer is a wrong direction and a 0 forecast);
-the CI is on the per-example share of correct directions. Trivial baseline: the train split's majority direction
-and mean magnitude per horizon.
+the CI is on the per-example share of correct directions. Baselines: `majority` (the train split's majority
+direction and mean magnitude per horizon, for every prompt) and `sentiment_rule` (the prompt's own sentiment label
+read as a direction, bullish -> up, bearish -> down, neutral -> flat, with that label's mean train magnitude per
+horizon; the majority answer for a label the rule does not know).
 """
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
-from common import data, metrics
-from common.config import F
+from common import data, metrics, prompts
+from common.schema import F
 from common.io import UserError
 from common.tasks import Task
+
+log = logging.getLogger("ft")
 
 HORIZONS = ("6h", "12h", "24h", "48h")
 DIRECTIONS = ("up", "down", "flat")
 CONTEXT = ("generated_headline", "label", "sentiment_strength", "explanation", "symbol", "symbol_name",
            "correlation_description")
 TARGETS = tuple(f"{kind}_{h}" for h in HORIZONS for kind in ("direction", "magnitude"))
+LABEL_DIRECTION = {"bullish": "up", "bearish": "down", "neutral": "flat"}  # the sentiment_rule baseline
 
 
 class XauusdForecast(Task):
@@ -69,20 +75,44 @@ class XauusdForecast(Task):
             raise UserError(f"{path}: no data rows; expected {self.expects}")
 
     def example_extra(self, fields: dict) -> dict:
-        return {"headline": fields["generated_headline"]}
+        return {"headline": fields["generated_headline"], "label": fields["label"]}
 
     def score(self, preds: list[str], refs: list[str]) -> tuple[dict, list[dict]]:
         return forecast_scores(preds, refs)
 
-    def baseline(self, train_refs: list[str]) -> str | None:
-        gold = [g for g in (parse_forecast(r, repair=False) for r in train_refs) if g]
+    def baselines(self, train: list[dict], rows: list[dict]) -> dict[str, list[str]]:
+        gold = [(r.get("label", "").lower(), parse_forecast(prompts.reference(r), repair=False)) for r in train]
+        gold = [(label, g) for label, g in gold if g]
         if not gold:
-            return None
-        out = {}
-        for h in HORIZONS:
-            direction = Counter(g[h]["direction"] for g in gold).most_common(1)[0][0]
-            out[h] = {"direction": direction, "magnitude": round(sum(g[h]["magnitude"] for g in gold) / len(gold), 2)}
-        return json.dumps(out, separators=(",", ":"))
+            return {}
+        majority = majority_forecast([g for _, g in gold])
+        out = {"majority": [majority] * len(rows)}
+        if not any("label" in r for r in rows):  # prepared before the split rows kept the label
+            log.warning("baseline sentiment_rule skipped: the eval rows have no `label` field; re-run make prepare")
+            return out
+        rule = sentiment_forecasts(gold)
+        return {**out, "sentiment_rule": [rule.get(r.get("label", "").lower(), majority) for r in rows]}
+
+
+def _compact(forecast: dict) -> str:
+    return json.dumps(forecast, separators=(",", ":"))
+
+
+def majority_forecast(gold: list[dict]) -> str:
+    """Per horizon, the most common direction and the mean magnitude of the parsed train forecasts."""
+    return _compact({h: {"direction": Counter(g[h]["direction"] for g in gold).most_common(1)[0][0],
+                         "magnitude": round(sum(g[h]["magnitude"] for g in gold) / len(gold), 2)} for h in HORIZONS})
+
+
+def sentiment_forecasts(gold: list[tuple[str, dict]]) -> dict[str, str]:
+    """{label: forecast} for each label of LABEL_DIRECTION seen in train: its direction, its mean magnitude."""
+    out = {}
+    for label, direction in LABEL_DIRECTION.items():
+        mine = [g for lab, g in gold if lab == label]
+        if mine:
+            out[label] = _compact({h: {"direction": direction, "magnitude": round(
+                sum(g[h]["magnitude"] for g in mine) / len(mine), 2)} for h in HORIZONS})
+    return out
 
 
 def parse_targets(row: dict, where: Any) -> tuple[dict, tuple | None]:
