@@ -2,7 +2,7 @@
 
 The recipe's batch_size x grad_accum is the effective batch: what the optimisation depends on, kept as the
 reference setups chose it. How it is split into forward passes is a speed decision only: the loss is normalised
-over the labelled tokens of the whole effective batch (common/training.py), and the sampler groups examples by
+over the labelled tokens of the whole effective batch (common/loss.py), and the sampler groups examples by
 effective batch, so 2 x 8 and 16 x 1 see the same examples per step and give the same loss curve (tests/
 test_training.py checks it on the CPU). The reference splits were chosen for a 16 GB T4; on an H100 they leave
 the GPU idle (Mistral-7B QLoRA: 786 tok/s at 2 x 8, 4,766 at 16 x 1).
@@ -11,7 +11,7 @@ runtime.micro_batch: auto picks, on a GPU, the largest divisor of the effective 
 the *longest* examples of the training split fits in HEADROOM of the GPU's memory (or of runtime.gpu_memory_gb)
 less RESERVE_GB, optimizer states included; probed with the real model, loss and precision before the trainer
 starts. On a CPU auto keeps the recipe's batch_size (measured there: larger micro-batches do not pay on 2 cores). A number is used as
-given (it must divide the effective batch). The choice and the probes go to the log and run_info.json (batching).
+given (it must divide the effective batch). The choice and the probes go to the log and run_info.json (plan.batching).
 """
 from __future__ import annotations
 

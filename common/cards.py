@@ -38,6 +38,9 @@ def _fmt(v: Any) -> str:
 
 def evaluation_section(cfg: Any, m: dict) -> list[str]:
     """The card's Evaluation: metrics for base, tuned and each baseline; the paired verdicts; the forgetting check."""
+    if "verdict" not in m:  # evaluated by an older version of this project
+        return ["## Evaluation", "", "Evaluated by an older version of this project: run `make eval` again for the "
+                "verdicts against the baselines and the forgetting check.", ""]
     names = list(m.get("baselines", {}))
     c, v, f = m["comparison"], m["verdict"], m["forgetting"]
     lines = ["## Evaluation", "", f"{m['n_examples']} `{cfg.eval.split}` examples, greedy, max_new_tokens="

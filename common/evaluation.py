@@ -32,9 +32,10 @@ class Answers:
 
 def base_source(cfg: Any) -> tuple[str, str]:
     """(where the base model is loaded from, why): the weights the tuned model is built on, so base and tuned differ
-    only by the tuning; for a pre-quantized recipe evaluated merged, the full-precision copy the merge used."""
-    full = cfg.eval.use == "merged" and bool(cfg.model.full_precision_name_or_path)
-    why = ("model.full_precision_name_or_path: the weights the adapter was merged into" if full
+    only by the tuning; for a pre-quantized recipe the full-precision copy, which the merge uses and the adapter is
+    put on for evaluation (modeling.load_tuned)."""
+    full = bool(cfg.model.full_precision_name_or_path)
+    why = ("model.full_precision_name_or_path: the weights the tuned model is built on" if full
            else "model.name_or_path: the weights the tuned model is built on")
     return modeling.model_source(cfg, full_precision=full), why
 
@@ -85,7 +86,8 @@ def base_generations(cfg: Any, rp: paths.RunPaths, tok: Any, ids: list[list[int]
     """The base model's answers, cached in outputs/<run>/base_generations.jsonl by weights, prompts, settings and
     general-text set, so re-running eval after more training does not regenerate them."""
     source, _ = base_source(cfg)
-    key = _key(source, ids, cfg.eval.max_new_tokens, precision, forgetting.fingerprint(general), "base")
+    key = _key(source, cfg.model.revision, cfg.model.trust_remote_code, ids, cfg.eval.max_new_tokens, precision,
+               forgetting.fingerprint(general), "base")
     return _generate(cfg, rp.base_cache, key, "base",
                      lambda: modeling.load_model(cfg, source, 0, modeling.inference_dtype()),
                      tok, ids, precision, architecture, general)

@@ -71,9 +71,11 @@ def parts() -> list[Part]:
              f'{{py}} -c "{BUILD_FULL}"', par, parallel=True,
              checks=[f"--recipe {r} --tiny --set tiny.shape=full" for r in FULL_RECIPES]),
         Part("bench-tinyllama", "bench at TinyLlama-1.1B's shape: ours, TRL defaults, every GPU switch, generation",
-             _bench_cmd("tinyllama", SWITCHES, "--steps 3 --warmup 1 --gen-samples 16", "--set eval.max_new_tokens=64"),
+             _bench_cmd("tinyllama", SWITCHES, "--steps 3 --warmup 1 --gen-samples 16",
+                        "--set eval.max_new_tokens=64 --set eval.batch_size=auto"),  # auto vs 8: the opt-in's row
              BUDGET_S["bench-tinyllama"], dry_cmd=_tiny_bench_cmd("tinyllama"), dry_budget_s=85, bench="tinyllama-full",
-             checks=["--recipe tinyllama --tiny --set tiny.shape=full --set eval.max_new_tokens=64"]),
+             checks=["--recipe tinyllama --tiny --set tiny.shape=full --set eval.max_new_tokens=64 "
+                     "--set eval.batch_size=auto"]),
         Part("bench-mistral-xauusd", "bench at Mistral-7B's shape: ours, TRL defaults, the memory switches, "
              "generation at the recipe's max_new_tokens",
              _bench_cmd("mistral-xauusd", ("padding_free", "varlen_attention", "upcast_frozen"),

@@ -1,6 +1,6 @@
 """Scores shared by the tasks: ROUGE/BLEU/chrF wrappers, degenerate-answer detection, macro-F1, paired verdicts.
 
-Plain functions of predictions and references, no model: each is unit-tested by value (tests/test_metrics.py).
+Plain functions of predictions and references, no model: each is unit-tested by value (tests/test_tasks.py, tests/test_verdicts.py).
 `evaluate.load()` needs the hub, so the packages are called directly (rouge-score, sacrebleu).
 """
 from __future__ import annotations

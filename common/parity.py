@@ -49,11 +49,13 @@ def agreement(ref: list[Any], got: list[Any]) -> dict:
             "max_abs_logit": max((float(a.abs().max()) for a in ref), default=None)}
 
 
-def greedy(cfg: Any, model: Any, tok: Any, rows: list[dict], desc: str) -> tuple[list[list[int]], list[str]]:
-    """(prompt ids, greedy answers) of `rows`, encoded with this tokenizer and its chat template."""
+def greedy(cfg: Any, model: Any, tok: Any, rows: list[dict], desc: str, precision: str = "fp32"
+           ) -> tuple[list[list[int]], list[str]]:
+    """(prompt ids, greedy answers) of `rows`, encoded with this tokenizer and its chat template, decoded as eval
+    decodes (`precision`: the training plan's, run_info.json plan.precision)."""
     a = arch.get(cfg)
     ids = [a.encode_prompt(cfg, tok, ex) for ex in rows]
-    return ids, modeling.generate(model, tok, ids, cfg.eval.max_new_tokens, a, cfg.eval.batch_size, desc)
+    return ids, modeling.generate(model, tok, ids, cfg.eval.max_new_tokens, a, cfg.eval.batch_size, desc, precision)
 
 
 def answer_match(ref: list[str], got: list[str]) -> dict:

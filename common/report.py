@@ -12,11 +12,14 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import logging
 from io import StringIO
 from pathlib import Path
 from typing import Any
 
 from common import io, paths
+
+log = logging.getLogger("ft")
 
 COLUMNS = ["run", "recipe", "tiny_mode", "task", "base_model", "primary_metric", "base", "tuned", "difference",
            "ci_low", "ci_high", "vs_base", "strongest_baseline", "vs_baseline", "vs_baseline_ci_low",
@@ -27,8 +30,15 @@ PAGE_COLUMNS = COLUMNS[:COLUMNS.index("forgetting") + 1]  # the overview table; 
 
 
 def runs(root: Path) -> list[Path]:
-    """Run folders with an evaluation, by name."""
-    return sorted(p.parent.parent for p in root.glob("*/eval/metrics.json"))
+    """Run folders with an evaluation in today's format, by name; one evaluated by an older version (no verdict
+    against the baselines) is left out with a note: `make eval` for it writes today's format."""
+    out = []
+    for p in sorted(root.glob("*/eval/metrics.json")):
+        if "verdict" in (io.read_json(p, {}) or {}):
+            out.append(p.parent.parent)
+        else:
+            log.warning("%s: evaluated by an older version of this project, left out; run make eval for it", p)
+    return out
 
 
 def summary_row(run: Path) -> dict:

@@ -123,7 +123,7 @@ SCHEMA: dict[str, Any] = {
         "varlen_attention": F(bool, False),
         "liger": F(bool, False),  # Liger's fused output layer + cross-entropy (CUDA, liger-kernel installed)
         "threads": F(int),  # CPU threads for torch; null = all cores
-        "answer_only_logits": F(bool, True),  # output layer + loss only where labels are (common/training.py)
+        "answer_only_logits": F(bool, True),  # output layer + loss only where labels are (common/loss.py)
         "logging_steps": F(int, 10),
         "save_total_limit": F(int, 2),  # checkpoints kept on disk
         "eval_bleu": F(bool, False),  # seq2seq: sacreBLEU on val at each evaluation (generates; slower)

@@ -28,6 +28,11 @@ STEP_KEYS = {
 }
 
 
+# What a step writes, by format: bumped when a step's outputs change shape, so Make re-runs it for runs made by an
+# older version (eval 2: verdicts against the baselines, the forgetting check).
+FORMATS = {"eval": 2}
+
+
 def step_settings(cfg: config.Config, step: str) -> dict:
     out = {}
     for key in STEP_KEYS[step]:
@@ -43,7 +48,8 @@ def write(cfg: config.Config) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     for step in STEP_KEYS:
         f = d / f"{step}.json"
-        text = json.dumps(step_settings(cfg, step), indent=1, sort_keys=True, default=str)
+        stamp = {**step_settings(cfg, step), **({"format": FORMATS[step]} if step in FORMATS else {})}
+        text = json.dumps(stamp, indent=1, sort_keys=True, default=str)
         if not f.exists() or f.read_text() != text:
             f.write_text(text)
     return d

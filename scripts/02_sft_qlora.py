@@ -83,13 +83,14 @@ def body(ctx: run.Context) -> None:
         baseline_samples(cfg, plan, model, tok, val_rows, rp.out)
 
     plan.batching = batching.choose(cfg, plan, model, train_ds, tok.pad_token_id, capacity, dist.world())
+    report_to = training.trackers(cfg, plan, rp.tensorboard)  # may add a note: before the plan is logged
     log.info("%s", plan.table())
     last = resumable_checkpoint(cfg, rp) if dist.is_main() else None  # before the trainer creates the folder
     dist.barrier()  # rank 0 has removed stale or incomplete checkpoints: the others read the same last one
     if not dist.is_main():
         last = resumable_checkpoint(cfg, rp, clean=False)
     trainer = training.make_trainer(cfg, plan, model, tok, train_ds, val_ds, str(rp.checkpoints), plan.schedule,
-                                    training.trackers(cfg, plan, rp.tensorboard), plan.batching)
+                                    report_to, plan.batching)
     trainer.add_callback(history.log_callback())
     clock = history.step_clock()
     trainer.add_callback(clock)
@@ -108,7 +109,7 @@ def body(ctx: run.Context) -> None:
     ran = trainer.state.global_step - (int(Path(last).name.rsplit("-", 1)[-1]) if last else 0)
     info = metadata.describe(cfg, "train", plan=plan.describe(),
                         distributed={"engine": dist.engine(), "world_size": dist.world()}, resumed_from=last, train_seconds=round(seconds, 1), steps_this_process=ran,
-                        step_seconds=round(clock.seconds, 1),  # the training steps alone: no evaluations or saves
+                        step_seconds=round(clock.seconds, 3),  # the training steps alone: no evaluations or saves
                         trained_tokens=tokens, train_tokens_per_second=round(tokens / clock.seconds, 1)
                         if clock.steps and clock.seconds else None,  # non-padding tokens / time in training steps
                         global_step=trainer.state.global_step, train_loss=result.training_loss if ran else None,
@@ -137,7 +138,8 @@ def resumable_checkpoint(cfg: Any, rp: Any, clean: bool = True) -> str | None:
 
     if not clean:
         return get_last_checkpoint(str(rp.checkpoints)) if rp.checkpoints.is_dir() else None
-    key = hashlib.sha256(json.dumps(stamps.step_settings(cfg, "train"), sort_keys=True, default=str).encode()
+    settings = {k: v for k, v in stamps.step_settings(cfg, "train").items() if k != "eval.baseline_samples"}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()
                          + rp.split("train").read_bytes() + rp.split("val").read_bytes()).hexdigest()
     marker = rp.checkpoints / "settings.sha256"
     if rp.checkpoints.is_dir() and (not marker.exists() or marker.read_text() != key):

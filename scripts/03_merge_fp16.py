@@ -47,7 +47,8 @@ def body(ctx: run.Context) -> None:
     log.info("loading %s in %s (never merging into a quantized model)", source, work)
     model = PeftModel.from_pretrained(modeling.load_model(cfg, source, 0, work), rp.adapter)
     ref = parity.teacher_forced(model, inputs)
-    _, ref_answers = parity.greedy(cfg, model, tok, rows, "adapter model")
+    precision = io.read_json(rp.adapter / "run_info.json", {}).get("plan", {}).get("precision", "fp32")  # as eval
+    _, ref_answers = parity.greedy(cfg, model, tok, rows, "adapter model", precision)
     model = model.merge_and_unload()
     model.to(modeling.torch_dtype(cfg.merge.dtype))
     with io.atomic_dir(rp.merged) as tmp:
@@ -57,7 +58,7 @@ def body(ctx: run.Context) -> None:
         # What leaves the repo is checked: the saved weights, reloaded by eval's own loader on this machine.
         saved = modeling.load_merged(cfg, tmp)
         figures = parity.agreement(ref, parity.teacher_forced(saved, inputs))
-        figures.update(parity.answer_match(ref_answers, parity.greedy(cfg, saved, tok, rows, "merged model")[1]))
+        figures.update(parity.answer_match(ref_answers, parity.greedy(cfg, saved, tok, rows, "merged model", precision)[1]))
         log.info("merged vs adapter on %d val examples: next-token agreement %.4f, identical answers %.2f, "
                  "max |logit diff| %.4g", len(rows), figures["token_agreement"], figures["answer_match"],
                  figures["max_abs_logit_diff"] or float("nan"))

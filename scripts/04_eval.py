@@ -4,8 +4,8 @@
 
 Greedy, batched generation (length-sorted batches, padding on the architecture's side, KV cache,
 eval.max_new_tokens) for the base model and the tuned model (eval.use: merged, or base + adapter). The base model
-is loaded from the weights the tuned model is built on (for a pre-quantized recipe evaluated merged: the
-full-precision copy the adapter was merged into). Each model's answers are cached (outputs/<run>/
+is loaded from the weights the tuned model is built on (for a pre-quantized recipe: the full-precision copy the
+adapter is merged into, or put on with eval.use=adapter). Each model's answers are cached (outputs/<run>/
 base_generations.jsonl, tuned_generations.jsonl), keyed by its weights, the prompts and the decoding settings, so
 re-running eval after more training keeps the base answers and a card-only change regenerates nothing.
 

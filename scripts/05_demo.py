@@ -17,7 +17,7 @@ import shutil
 import sys
 import textwrap
 
-from common import arch, io, modeling, run, tasks
+from common import arch, evaluation, io, modeling, run, tasks
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
@@ -35,7 +35,7 @@ def body(ctx: run.Context) -> None:
         raise io.UserError(f"no tuned model in {rp.adapter}; run make train RECIPE={cfg.name} first")
     use = a.use or ("merged" if rp.merge_report.exists() else "adapter")
     tok = AutoTokenizer.from_pretrained(rp.adapter)
-    base = modeling.load_model(cfg, modeling.model_source(cfg), 0, modeling.inference_dtype())
+    base = modeling.load_model(cfg, evaluation.base_source(cfg)[0], 0, modeling.inference_dtype())  # as eval
     tuned = modeling.load_tuned(cfg, rp, use)
     max_new = a.max_new_tokens or cfg.eval.max_new_tokens
     task, arc = tasks.get(cfg.task), arch.get(cfg)

@@ -157,11 +157,12 @@ def run(tiny_run):
 
 
 @pytest.fixture
-def in_run(run, model_cache, monkeypatch):
-    """The environment of the shared run, for calling a script's main() in this process."""
-    monkeypatch.setenv("FT_HOME", str(run[0]))
+def in_run(tiny_run, tmp_path, model_cache, monkeypatch):
+    """A copy of the shared run (the test may break it) as the environment, for calling a script's main() here."""
+    home = tiny_run("smollm2").copy(tmp_path / "home")
+    monkeypatch.setenv("FT_HOME", str(home))
     monkeypatch.setenv("FT_CACHE", str(model_cache))
-    return run
+    return home, home / "outputs" / "smollm2-tiny"
 
 
 @pytest.mark.e2e
@@ -214,6 +215,7 @@ def test_a_corrupted_weight_fails_the_export(in_run, monkeypatch):
 
 @pytest.mark.e2e
 def test_a_dropped_chat_template_fails_the_export(in_run, monkeypatch, capsys):
+    shutil.rmtree(in_run[1] / "export")
     _, out = in_run
     real = gguf_tokenizer.tokenizer_metadata
 
@@ -222,7 +224,7 @@ def test_a_dropped_chat_template_fails_the_export(in_run, monkeypatch, capsys):
         meta["chat_template"] = None
         return meta
 
-    monkeypatch.setattr(export, "tokenizer_metadata", without_template)
+    monkeypatch.setattr(gguf_tokenizer, "tokenizer_metadata", without_template)
     assert _call("06_export") == 2
     assert "cannot format the recipe's prompts" in capsys.readouterr().err
     assert not (out / "export").exists()

@@ -221,3 +221,13 @@ def test_the_carried_wheels_are_the_pinned_versions():
     for name in ("transformers", "peft", "trl", "datasets", "bitsandbytes", "gguf", "rouge-score"):
         assert f"{name}=={pins[name]}" in req, name
     assert all(pins[n] for n in gpu_carry.HELPERS) and "accelerate" not in pins  # the image has accelerate 1.15.0
+
+
+def test_offline_install_probes_the_environment_without_pip(ft_home):
+    """FT_OFFLINE=1 (the borrowed GPU has no package index): `make install` records outputs/env.json and runs no pip."""
+    from conftest import make
+
+    p = make(ft_home, "install", FT_OFFLINE="1")
+    assert "--probe" in p.stdout and "-m pip install" not in p.stdout + p.stderr, p.stdout[-2000:]
+    env = json.loads((ft_home / "outputs/env.json").read_text())
+    assert env["torch"] and "cuda_available" in env

@@ -90,8 +90,9 @@ def test_recipe_end_to_end_tiny(recipe, tiny_run):
 
 
 @pytest.mark.e2e
-def test_a_finished_run_is_not_redone_a_changed_setting_reruns_its_step_and_the_demo_writes_nothing(tiny_run, tmp_path):
-    home = tiny_run("smollm2").copy(tmp_path / "home")
+def test_a_finished_run_is_not_redone_a_changed_setting_reruns_its_step_and_the_demo_writes_nothing(tiny_run, tmp_path,
+                                                                                                  ft_home):
+    home = tiny_run("smollm2").copy(tmp_path / "copy")
     out = home / "outputs/smollm2-tiny"
 
     def artifacts() -> list:

@@ -56,7 +56,7 @@ def test_training_speed_counts_the_tokens_of_training_steps_over_their_time_only
     lengths = sorted(len(arch.get(cfg).encode_train(cfg, tok, r)[0]) for r in rows)
     seen = 4 * cfg.train.batch_size  # examples the 4 steps trained on
     assert sum(lengths[:seen]) <= info["trained_tokens"] <= sum(lengths[-seen:]), info["trained_tokens"]
-    assert info["train_tokens_per_second"] == pytest.approx(info["trained_tokens"] / info["step_seconds"], rel=0.01)
+    assert info["train_tokens_per_second"] == pytest.approx(info["trained_tokens"] / info["step_seconds"], rel=0.02)
 
 
 @pytest.mark.e2e

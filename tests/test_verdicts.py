@@ -160,7 +160,7 @@ def _stub_models(monkeypatch, loaded: list):
     monkeypatch.setattr(forgetting, "token_losses", lambda model, tok, texts: [1.0] * len(texts))
 
 
-@pytest.mark.parametrize("use, want", [("merged", "bf16-weights"), ("adapter", "4bit-weights")])
+@pytest.mark.parametrize("use, want", [("merged", "bf16-weights"), ("adapter", "bf16-weights")])  # load_tuned too
 def test_base_answers_come_from_the_weights_the_tuned_model_is_built_on(ft_home, monkeypatch, use, want):
     loaded: list = []
     _stub_models(monkeypatch, loaded)
@@ -236,8 +236,8 @@ def test_a_point_ahead_with_a_ci_spanning_zero_is_not_distinguishable_everywhere
 
 # --------------------------------------------------------------------------- one tiny run
 @pytest.mark.e2e
-def test_a_card_only_change_reuses_both_caches(tiny_run, tmp_path):
-    home = tiny_run("smollm2").copy(tmp_path / "home")
+def test_a_card_only_change_reuses_both_caches(tiny_run, tmp_path, ft_home):  # ft_home: the shared model cache
+    home = tiny_run("smollm2").copy(tmp_path / "copy")
     out = home / "outputs" / "smollm2-tiny"
     m = json.loads((out / "eval/metrics.json").read_text())
     assert m["base_weights"]["source"] and m["forgetting"]["passages"] == len(forgetting.passages())
