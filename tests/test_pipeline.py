@@ -103,11 +103,14 @@ def test_a_finished_run_is_not_redone_a_changed_setting_reruns_its_step_and_the_
     head = next(line for line in demo.stdout.splitlines() if line.startswith("BASE"))
     assert "TUNED (merged)" in head and demo.stdout.count("|") >= 2, demo.stdout[-2000:]
     assert artifacts() == before and (out / "logs/demo.log").exists()  # the demo writes its log, nothing else
-    # a second `make all` does nothing; a runtime change neither; a changed eval setting re-runs eval only
+    # a second `make all` does nothing; a runtime change neither; a changed eval setting re-runs eval only (here
+    # eval.fixed_prompts: titles answered by both models besides the test split, as llama3-alpaca's notebook did)
     assert ran_steps(make(home, "all", "RECIPE=smollm2", "TINY=1")) == []
     assert ran_steps(make(home, "all", "RECIPE=smollm2", "TINY=1", "ARGS=--set runtime.logging_steps=3")) == []
-    changed = make(home, "all", "RECIPE=smollm2", "TINY=1", "ARGS=--set eval.max_new_tokens=6")
+    changed = make(home, "all", "RECIPE=smollm2", "TINY=1", "ARGS=--set eval.fixed_prompts=[Lamp,Kettle]")
     assert ran_steps(changed) == ["04_eval"]
+    fixed = list(csv.DictReader((out / "eval/fixed_prompts.csv").open()))
+    assert [r["prompt"] for r in fixed] == ["Lamp", "Kettle"] and all("base" in r and "tuned" in r for r in fixed)
 
 
 @pytest.mark.e2e

@@ -62,7 +62,8 @@ def test_training_speed_counts_the_tokens_of_training_steps_over_their_time_only
 @pytest.mark.e2e
 def test_the_merge_gate_checks_the_merged_model_as_eval_loads_it(sagemaker_run, model_cache, monkeypatch):
     """Eval and the demo load merged/ with modeling.load_merged (bf16 on a GPU); the gate must check that same
-    artifact. Here eval's dtype is set to fp16, and the model the gate compares must be the fp16 one."""
+    artifact. Here eval's dtype is set to bf16 (merged/ is saved in fp16), and the model the gate compares must be
+    the bf16 one: neither the merge's working dtype nor the saved file's."""
     import torch
 
     from common import parity
@@ -70,7 +71,7 @@ def test_the_merge_gate_checks_the_merged_model_as_eval_loads_it(sagemaker_run, 
     home = sagemaker_run[0]
     monkeypatch.setenv("FT_HOME", str(home))
     monkeypatch.setenv("FT_CACHE", str(model_cache))
-    monkeypatch.setattr(modeling, "inference_dtype", lambda: "fp16")
+    monkeypatch.setattr(modeling, "inference_dtype", lambda: "bf16")
     seen = []
     real = parity.teacher_forced
     monkeypatch.setattr(parity, "teacher_forced", lambda model, inputs: seen.append(next(model.parameters()).dtype)
@@ -78,9 +79,9 @@ def test_the_merge_gate_checks_the_merged_model_as_eval_loads_it(sagemaker_run, 
     merge = importlib.import_module("scripts.03_merge_fp16")
     assert merge.main(["--recipe", "smollm2", "--tiny", "--set", "merge.min_token_agreement=0",
                        "--set", "merge.min_answer_match=0"]) == 0
-    assert seen == [torch.float32, torch.float16], seen  # the adapter model (fp32 on this CPU), then merged/ in fp16
+    assert seen == [torch.float32, torch.bfloat16], seen  # the adapter model (fp32 on this CPU), then merged/ in bf16
     report = json.loads((home / RUN / "merge_report.json").read_text())
-    assert report["checked_in"] == "fp16"
+    assert report["checked_in"] == "bf16"
 
 
 # --------------------------------------------------------------------------- eval prompts
