@@ -225,14 +225,19 @@ def _wrap(d: Any) -> Any:
     return d
 
 
-def main(argv: list[str] | None = None) -> int:
+def recipe_parser(description: str) -> Any:
+    """An argument parser with the recipe options every command line here takes: --recipe, --set, --tiny."""
     import argparse
 
-    ap = argparse.ArgumentParser(description="Validate a recipe and print it resolved.")
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--recipe", required=True)
     ap.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE")
     ap.add_argument("--tiny", action="store_true")
-    args, _ = ap.parse_known_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, _ = recipe_parser("Validate a recipe and print it resolved.").parse_known_args(argv)
     try:
         cfg = load(args.recipe, args.sets, args.tiny)
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), end="")

@@ -56,12 +56,7 @@ def write(cfg: config.Config) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Validate a recipe, print its paths as Make variables, write stamps.")
-    ap.add_argument("--recipe", required=True)
-    ap.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE")
-    ap.add_argument("--tiny", action="store_true")
+    ap = config.recipe_parser("Validate a recipe, print its paths as Make variables, write stamps.")
     ap.add_argument("--write", action="store_true", help="write the per-step stamps Make depends on")
     args, _ = ap.parse_known_args(argv)
     try:
