@@ -20,9 +20,6 @@ import sys
 from common import config, paths
 from common.io import UserError
 
-CONFIG_FILE = paths.REPO / "common" / "dist" / "ddp.yaml"  # accelerate's configuration for DDP
-
-
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
@@ -78,7 +75,7 @@ def load_engine_config() -> object:
     """The shipped accelerate configuration, read by accelerate's own loader (unknown keys fail there)."""
     from accelerate.commands.config.config_args import load_config_from_file
 
-    return load_config_from_file(str(CONFIG_FILE))
+    return load_config_from_file(str(paths.DDP_CONFIG))
 
 
 def check(cfg: config.Config, nproc: int, gpus: int) -> None:
@@ -98,7 +95,7 @@ def launch_command(nproc: int, python: str = sys.executable) -> list[str]:
     """The launcher to put before scripts/02_sft_qlora.py (just python for one process)."""
     if nproc <= 1:
         return [python]
-    return [python, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG_FILE),
+    return [python, "-m", "accelerate.commands.launch", "--config_file", str(paths.DDP_CONFIG),
             "--num_processes", str(nproc), "--num_machines", "1", "--main_process_port",
             os.environ.get("MASTER_PORT", "29511")]
 

@@ -140,7 +140,7 @@ def compare(cfg: Any, task: Any, rows: list[dict], base: Answers, tuned: Answers
     best = strongest(task, m["baselines"])
     m["verdict"] = m["vs_baselines"][best] if best else m["comparison"]
     m["strongest_baseline"] = best
-    m["forgetting"] = {"set": str(forgetting.PASSAGES.relative_to(paths.REPO)),
+    m["forgetting"] = {"set": str(paths.GENERAL_TEXT.relative_to(paths.REPO)),
                        **forgetting.compare(base.general, tuned.general, n_boot)}
     side = []
     for i, (r, ref) in enumerate(zip(rows, refs)):

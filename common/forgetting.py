@@ -1,6 +1,6 @@
 """The forgetting check: a model's per-token loss on a small general-text set, compared before and after tuning.
 
-The set is data/general/passages.txt (one short passage a line; README.md beside it gives its origin and license).
+The set is data/general/passages.txt (paths.GENERAL_TEXT; one short passage a line; README.md beside it gives its origin and license).
 Each passage is split at its middle word: the model reads the first half and is scored on the second, as the mean
 cross-entropy per token of that continuation. A decoder-only model reads the whole passage with the first half's
 labels masked; an encoder-decoder (T5) reads the first half in its encoder and its decoder is scored on the
@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from common import metrics, paths
+from common.prompts import IGNORE
 
-PASSAGES = paths.REPO / "data" / "general" / "passages.txt"
 BATCH = 16  # passages per forward pass
 MAX_TOKENS = 128  # a passage's tokens beyond this are not scored (the shipped ones are ~40)
-IGNORE = -100
 
 
-def passages(path: Path = PASSAGES) -> list[str]:
+def passages(path: Path = paths.GENERAL_TEXT) -> list[str]:
     """The non-empty lines of the general-text set."""
     if not path.is_file():
         raise FileNotFoundError(f"general-text set {path} is missing; it ships with the repository")

@@ -13,11 +13,9 @@ import logging
 from typing import Any
 
 from common import attention, dtypes
+from common.prompts import IGNORE  # the label of a position without loss, as prompts writes it
 
 log = logging.getLogger("ft")
-
-
-IGNORE = -100
 
 
 def _parts(model: Any) -> tuple[Any, Any, Any] | None:

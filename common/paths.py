@@ -33,6 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO / "recipes"
 MODEL_CONFIGS_DIR = REPO / "common" / "model_configs"  # real models' configurations (SHAPE=full stand-ins)
+DDP_CONFIG = REPO / "common" / "dist" / "ddp.yaml"  # accelerate's configuration for make train NPROC=N
+GENERAL_TEXT = REPO / "data" / "general" / "passages.txt"  # the forgetting check's passages (shipped, read only)
 ENV_FILE = REPO / ".env"
 
 

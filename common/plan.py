@@ -3,7 +3,8 @@
 Device, precision, quantization, the frozen weights' dtype, padding-free rows, the attention path, the loss, the
 micro-batch split (common/batching.py), the schedule (common/schedule.py), and every setting the machine could not
 honour with why (4-bit without a working bitsandbytes, fp16 on a CPU, 8-bit optimizers without CUDA). Training
-logs it once as a short table and writes it once to run_info.json (`plan`); the bench and the cards read it there.
+logs it once as a short table and writes it once to run_info.json (`plan`), where the cards read it; the bench
+resolves one per row it measures.
 """
 from __future__ import annotations
 

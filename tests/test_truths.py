@@ -160,21 +160,23 @@ def test_runtime_settings_keep_the_checkpoints_and_train_settings_discard_them(f
 
 
 # --------------------------------------------------------------------------- the bench's reference row
-def test_the_bench_reference_row_uses_none_of_our_speed_choices(ft_home, tmp_path):
+@pytest.mark.parametrize("recipe", ["smollm2", "tinyllama"])  # tinyllama: 4-bit through peft's kbit preparation
+def test_the_bench_reference_row_uses_none_of_our_speed_choices(recipe, ft_home, tmp_path):
     """The reference row is HF Trainer + PEFT as the reference notebooks load it: PEFT's own LoRA dropout (no
-    CheapDropout), frozen weights in fp32, every example padded to 512 tokens, loss on every token."""
+    CheapDropout), frozen float weights in fp32, every example padded to 512 tokens, loss on every token."""
     import torch
 
     from common import bench_rows as bench
 
-    cfg = config.load("smollm2", tiny=True)
+    cfg = config.load(recipe, ["lora.dropout=0.1"], tiny=True)
     plan = run_plan.resolve(cfg)
     a = arch.get(cfg)
     rows = [a.build(cfg, {"title": f"lamp {i}", "content": f"a lamp numbered {i}"}) for i in range(4)]
     trainer = bench.build_reference(cfg, plan, rows, str(tmp_path))
     drops = [m for m in trainer.model.modules() if "Dropout" in type(m).__name__]
     assert drops and {type(m) for m in drops} == {torch.nn.Dropout}, {type(m).__name__ for m in drops}
-    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    assert {p.dtype for p in trainer.model.parameters() if p.is_floating_point()} == {torch.float32}
+    assert (plan.quant_bits == 4) == any(p.dtype == torch.uint8 for p in trainer.model.parameters())
     assert type(trainer).__name__ == "Trainer" and not hasattr(trainer, "trained_tokens")
     batch = trainer.train_dataset[0]
     assert len(batch["input_ids"]) == bench.REFERENCE_LENGTH
