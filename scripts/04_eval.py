@@ -54,8 +54,7 @@ def body(ctx: run.Context) -> None:
     train = io.read_jsonl(rp.split("train"))
     m, side = evaluation.compare(cfg, task, rows, evaluation.head(base, n), evaluation.head(tuned, n), train)
     m["base_weights"] = {"source": source, "why": why}
-    if hasattr(a, "prompt_truncated"):
-        m["n_prompts_truncated"] = sum(bool(a.prompt_truncated(cfg, tok, ex)) for ex in rows)
+    m["n_prompts_truncated"] = sum(a.prompt_truncated(cfg, tok, ex) for ex in rows)
     answers = [{"prompt": label, "base": b, "tuned": t}
                for (label, _), b, t in zip(extra, base.texts[n:], tuned.texts[n:])]
     m["meta"] = evaluation.meta(cfg, rp, info)

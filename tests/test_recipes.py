@@ -20,11 +20,10 @@ pytestmark = pytest.mark.e2e  # trains a model (make test-fast leaves it out)
 def test_recipe_prepares_encodes_and_trains_one_step(recipe, ft_home, tmp_path):
     prepare = importlib.import_module("scripts.01_prepare")
     assert prepare.main(["--recipe", recipe, "--tiny"]) == 0
-    data = paths.RunPaths(config.load(recipe, tiny=True).run).data
-    if config.load(recipe).data.export_formatted:  # the formatted training set the reference notebook wrote
-        assert json.loads((data / config.load(recipe).data.export_formatted).read_text())
     cfg = config.load(recipe, ["train.max_steps=1", "train.eval_strategy=no", "train.save_strategy=no",
                                "train.load_best_model_at_end=false", "train.max_length=1024"], tiny=True)
+    if cfg.data.export_formatted:  # the formatted training set the reference notebook wrote
+        assert json.loads((paths.RunPaths(cfg.run).data / cfg.data.export_formatted).read_text())
     rows = io.read_jsonl(paths.RunPaths(cfg.run).split("train"))[:6]
     source = modeling.model_source(cfg)
     tok = modeling.load_tokenizer(cfg, source)
