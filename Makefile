@@ -40,10 +40,10 @@ ifneq ($(filter-out $(NO_RECIPE_GOALS),$(or $(MAKECMDGOALS),all)),)
     $(info fresh machine: installing pyyaml and python-dotenv for the recipe reader)
     $(shell $(PY) -m pip install -q pyyaml python-dotenv >&2)
   endif
-  # Validate the recipe and read the run's paths (common/paths.py); for the pipeline goals also write per-step
+  # Validate the recipe and read the run's paths (common/core/paths.py); for the pipeline goals also write per-step
   # stamps (rewritten only when a step's settings change). Other goals (install, test, clean) leave the run alone.
   STAMP_GOALS := all prepare train merge eval export push demo bench
-  RUN_VARS := $(shell $(PY) -m common.stamps $(FLAGS) \
+  RUN_VARS := $(shell $(PY) -m common.core.stamps $(FLAGS) \
     $(if $(filter $(STAMP_GOALS),$(or $(MAKECMDGOALS),all)),--write))
   ifneq ($(filter error:,$(firstword $(RUN_VARS))),)
     $(error $(wordlist 2,999,$(RUN_VARS)))
@@ -52,9 +52,9 @@ ifneq ($(filter-out $(NO_RECIPE_GOALS),$(or $(MAKECMDGOALS),all)),)
   ifneq ($(DIST),)
     $(error DIST is gone: several processes train as DDP (make train NPROC=N); FSDP and DeepSpeed were removed)
   endif
-  # NPROC: how training is launched (common/dist.py checks it first and prints the launcher, or one error).
+  # NPROC: how training is launched (common/core/dist.py checks it first and prints the launcher, or one error).
   ifneq ($(NPROC),)
-    TRAIN_LAUNCH := $(shell $(PY) -m common.dist $(FLAGS) --nproc '$(NPROC)' --python '$(PY)')
+    TRAIN_LAUNCH := $(shell $(PY) -m common.core.dist $(FLAGS) --nproc '$(NPROC)' --python '$(PY)')
     ifneq ($(filter error:,$(firstword $(TRAIN_LAUNCH))),)
       $(error $(wordlist 2,999,$(TRAIN_LAUNCH)))
     endif

@@ -21,7 +21,6 @@ import platform
 import subprocess
 import sys
 from importlib import metadata
-
 from pathlib import Path
 
 # Only the standard library is used until the packages are installed; the environment probe then runs in a
@@ -71,7 +70,8 @@ def environment() -> dict:
 
     import torch
 
-    from common import metadata, plan
+    from common.core import metadata
+    from common.training import plan
 
     bnb_ok, bnb_why = plan.bnb_usable()
     return {
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe", action="store_true", help="only write outputs/env.json")
     args, _ = ap.parse_known_args(argv)
     if args.probe:
-        from common import io, paths
+        from common.core import io, paths
 
         env = environment()
         io.atomic_write_json(paths.env_json(), env)

@@ -8,7 +8,7 @@ JSON lines and CSV stream, so a 2 GB trn.json never sits in memory whole). Rows 
 counted by reason with their first line numbers; a file with no usable row stops with one line saying why.
 
 Writes (atomically) data/processed/<run>/: train.jsonl, val.jsonl, test.jsonl (prompt/completion in the form the
-recipe's architecture takes: chat messages or plain text, common/arch.py) and, last, prepare_report.json (read,
+recipe's architecture takes: chat messages or plain text, common/model/arch.py) and, last, prepare_report.json (read,
 kept, dropped by reason, split sizes, token-length percentiles, recipe, git commit, time).
 """
 from __future__ import annotations
@@ -16,7 +16,10 @@ from __future__ import annotations
 import logging
 import sys
 
-from common import arch, data, io, metadata, modeling, prompts, run, tasks
+from common import tasks
+from common.core import io, metadata, run
+from common.data import prompts, readers
+from common.model import arch, modeling
 
 log = logging.getLogger("ft")
 
@@ -29,16 +32,16 @@ def token_stats(cfg, splits: dict[str, list[dict]]) -> dict:
         log.warning("token lengths not computed: %s", e)
         return {}
     a = arch.get(cfg)
-    return {name: data.percentiles([a.length(tok, ex) for ex in rows], cfg.train.max_length)
+    return {name: readers.percentiles([a.length(tok, ex) for ex in rows], cfg.train.max_length)
             for name, rows in splits.items() if rows}
 
 
 def body(ctx: run.Context) -> None:
     cfg, rp = ctx.cfg, ctx.paths
-    task, rep = tasks.get(cfg.task), data.Report()
-    path = data.resolve(cfg.data.path)
-    parts, note = data.split_records(cfg, task, path, rep)
-    splits = {name: data.to_examples(cfg, task, arch.get(cfg), recs, cfg.data.seed + i, extend=name != "test")
+    task, rep = tasks.get(cfg.task), readers.Report()
+    path = readers.resolve(cfg.data.path)
+    parts, note = readers.split_records(cfg, task, path, rep)
+    splits = {name: readers.to_examples(cfg, task, arch.get(cfg), recs, cfg.data.seed + i, extend=name != "test")
               for i, (name, recs) in enumerate(parts.items())}
     stats = token_stats(cfg, splits)
     for name, rows in splits.items():

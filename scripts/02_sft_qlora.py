@@ -1,22 +1,22 @@
 """Fine-tune the recipe's base model with LoRA (QLoRA when the recipe quantizes and the machine can).
 
     make train RECIPE=smollm2          # or: python scripts/02_sft_qlora.py --recipe smollm2 [--set train.max_steps=20]
-    make train NPROC=2                 # several processes (DDP) under accelerate launch (common/dist.py); rank 0 writes
+    make train NPROC=2                 # several processes (DDP) under accelerate launch (common/core/dist.py); rank 0 writes
 
-The recipe's architecture (common/arch.py) picks the trainer: TRL's SFTTrainer for decoder-only chat models,
+The recipe's architecture (common/model/arch.py) picks the trainer: TRL's SFTTrainer for decoder-only chat models,
 on pre-tokenized examples whose labels are -100 on every prompt token (loss on the answer only, EOS included, so
 the tuned model stops; with train.loss_on=assistant_turns every assistant turn of a multi-turn chat is trained);
 for encoder-decoder models the HF trainer with labels = the target only.
 
-How the run executes is one record, the run plan (common/plan.py): device, precision, quantization, padding-free rows, attention, the micro-batch split of the effective batch (runtime.micro_batch: auto
-probes the GPU's memory; common/batching.py), the schedule (a step count meant for more data than there is is
-capped at train.max_epochs passes and the best validation checkpoint is kept; common/schedule.py), and what this
+How the run executes is one record, the run plan (common/training/plan.py): device, precision, quantization, padding-free rows, attention, the micro-batch split of the effective batch (runtime.micro_batch: auto
+probes the GPU's memory; common/training/batching.py), the schedule (a step count meant for more data than there is is
+capped at train.max_epochs passes and the best validation checkpoint is kept; common/training/schedule.py), and what this
 machine could not honour (4-bit without bitsandbytes, fp16 on CPU, 8-bit optimizers without CUDA). It is logged
 once as a table and written to run_info.json (`plan`). The training speed there counts the non-padding tokens of
 the training micro-batches over the time spent in training steps only (evaluations and saves left out).
 
 On SageMaker (SM_MODEL_DIR set) the adapter is also copied to SM_MODEL_DIR; data comes from the
-SM_CHANNEL_TRAINING channel (common/config.py). HF_TOKEN is read from the environment by the hub client only.
+SM_CHANNEL_TRAINING channel (common/core/config.py). HF_TOKEN is read from the environment by the hub client only.
 
 An interrupted run resumes from its last checkpoint (outputs/<run>/checkpoints/) when started again with the same
 train-defining settings and data (a changed runtime.* setting keeps the checkpoints; anything else starts fresh).
@@ -37,7 +37,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import arch, batching, dist, history, io, metadata, modeling, plan as run_plan, prompts, run, schedule, stamps, training
+from common.core import dist, io, metadata, run, stamps
+from common.data import prompts
+from common.model import arch, modeling
+from common.training import batching, builder, history, schedule
+from common.training import plan as run_plan
 
 log = logging.getLogger("ft")
 
@@ -70,26 +74,26 @@ def body(ctx: run.Context) -> None:
     source = modeling.model_source(cfg)
     tok = modeling.load_tokenizer(cfg, source)
     train_rows, val_rows = io.read_jsonl(rp.split("train")), io.read_jsonl(rp.split("val"))
-    train_ds = training.encode_split(cfg, tok, train_rows, "train")
-    val_ds = training.encode_split(cfg, tok, val_rows, "val")
+    train_ds = builder.encode_split(cfg, tok, train_rows, "train")
+    val_ds = builder.encode_split(cfg, tok, val_rows, "val")
     n_tokens = sum(len(x) for x in train_ds["input_ids"])
     n_answer = sum(sum(1 for y in x if y != -100) for x in train_ds["labels"])
     log.info("train: %d examples, %d tokens (%d answer tokens trained); val: %d examples", len(train_ds), n_tokens,
              n_answer, len(val_ds))
     plan.schedule = schedule.schedule(cfg, len(train_ds), len(val_ds) > 0)
 
-    model = training.load_for_training(cfg, plan, source)
+    model = builder.load_for_training(cfg, plan, source)
     if cfg.eval.baseline_samples and dist.is_main() and not (rp.out / "baseline_samples.jsonl").exists():
         baseline_samples(cfg, plan, model, tok, val_rows, rp.out)
 
     plan.batching = batching.choose(cfg, plan, model, train_ds, tok.pad_token_id, capacity, dist.world())
-    report_to = training.trackers(cfg, plan, rp.tensorboard)  # may add a note: before the plan is logged
+    report_to = builder.trackers(cfg, plan, rp.tensorboard)  # may add a note: before the plan is logged
     log.info("%s", plan.table())
     last = resumable_checkpoint(cfg, rp) if dist.is_main() else None  # before the trainer creates the folder
     dist.barrier()  # rank 0 has removed stale or incomplete checkpoints: the others read the same last one
     if not dist.is_main():
         last = resumable_checkpoint(cfg, rp, clean=False)
-    trainer = training.make_trainer(cfg, plan, model, tok, train_ds, val_ds, str(rp.checkpoints), plan.schedule,
+    trainer = builder.make_trainer(cfg, plan, model, tok, train_ds, val_ds, str(rp.checkpoints), plan.schedule,
                                     report_to, plan.batching)
     trainer.add_callback(history.log_callback())
     clock = history.step_clock()

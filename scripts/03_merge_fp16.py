@@ -7,7 +7,7 @@ merging never happens inside a quantized model. On a CPU the merge is done in fp
 merge.dtype (fp16 by default, which stays closer to the adapter model than bf16); on a GPU the base loads
 directly in merge.dtype.
 
-Parity gate (common/parity.py): the merged model is reloaded from what was saved, by the loader eval and the demo
+Parity gate (common/shipping/parity.py): the merged model is reloaded from what was saved, by the loader eval and the demo
 use (modeling.load_merged), and compared with the adapter model on merge.check_prompts val examples: next-token agreement on the whole examples and identical greedy
 answers. Below merge.min_token_agreement / merge.min_answer_match the step fails and nothing is written.
 
@@ -19,7 +19,9 @@ import logging
 import sys
 from typing import Any
 
-from common import arch, io, metadata, modeling, parity, run
+from common.core import io, metadata, run
+from common.model import arch, modeling
+from common.shipping import parity
 
 log = logging.getLogger("ft")
 

@@ -14,12 +14,12 @@ forecast and a sentiment rule; a retrieval answer and the title itself), scored 
 tuned vs each baseline get a paired 95% bootstrap CI on the task's per-example score; the verdict is against the
 strongest baseline: better, worse or not distinguishable, with roughly how many test examples would resolve a
 difference of the observed size. The forgetting check scores base and tuned on the general-text set
-data/general/passages.txt (common/forgetting.py), paired over passages. stop_rate is the share of answers that
+data/general/passages.txt (common/evaluation/forgetting.py), paired over passages. stop_rate is the share of answers that
 ended on EOS before eval.max_new_tokens; the report warns when the tuned model does not stop (below 90%).
 
 Writes outputs/<run>/eval/ atomically: side_by_side.csv, improved_examples.csv, fixed_prompts.csv (when the task
 has extra prompts, e.g. eval.fixed_prompts), report.md and metrics.json; then the model cards merged/README.md and
-adapter/README.md (common/cards.py), whose figures are read from these files. docs/evaluation.md explains how to
+adapter/README.md (common/shipping/cards.py), whose figures are read from these files. docs/evaluation.md explains how to
 read the verdicts.
 """
 from __future__ import annotations
@@ -27,7 +27,11 @@ from __future__ import annotations
 import logging
 import sys
 
-from common import arch, cards, evaluation, forgetting, io, run, tasks
+from common import tasks
+from common.core import io, run
+from common.evaluation import compare, forgetting
+from common.model import arch
+from common.shipping import cards
 
 log = logging.getLogger("ft")
 
@@ -42,24 +46,24 @@ def body(ctx: run.Context) -> None:
         raise io.UserError(f"{rp.split(cfg.eval.split)} has no examples; give data.test_size > 0")
     info = io.read_json(rp.adapter / "run_info.json", {})
     precision = info.get("plan", {}).get("precision", "fp32")
-    source, why = evaluation.base_source(cfg)
+    source, why = compare.base_source(cfg)
     tok = AutoTokenizer.from_pretrained(rp.adapter if rp.adapter.exists() else source)
     extra = task.extra_prompts(cfg)
     examples = rows + [a.build(cfg, fields) for _, fields in extra]
     ids = [a.encode_prompt(cfg, tok, ex) for ex in examples]
     general = forgetting.passages()
-    base = evaluation.base_generations(cfg, rp, tok, ids, precision, a, general)
-    tuned = evaluation.tuned_generations(cfg, rp, tok, ids, precision, a, general)
+    base = compare.base_generations(cfg, rp, tok, ids, precision, a, general)
+    tuned = compare.tuned_generations(cfg, rp, tok, ids, precision, a, general)
     n = len(rows)
     train = io.read_jsonl(rp.split("train"))
-    m, side = evaluation.compare(cfg, task, rows, evaluation.head(base, n), evaluation.head(tuned, n), train)
+    m, side = compare.compare(cfg, task, rows, compare.head(base, n), compare.head(tuned, n), train)
     m["base_weights"] = {"source": source, "why": why}
     m["n_prompts_truncated"] = sum(a.prompt_truncated(cfg, tok, ex) for ex in rows)
     answers = [{"prompt": label, "base": b, "tuned": t}
                for (label, _), b, t in zip(extra, base.texts[n:], tuned.texts[n:])]
-    m["meta"] = evaluation.meta(cfg, rp, info)
+    m["meta"] = compare.meta(cfg, rp, info)
     cards.write(cfg, rp, metrics=m)  # before metrics.json (the target): a kill in between re-runs eval
-    evaluation.write(cfg, rp, m, side, answers, info)
+    compare.write(cfg, rp, m, side, answers, info)
     v, f = m["verdict"], m["forgetting"]
     log.info("%s base %.4f -> tuned %.4f; tuned - %s %+.4f, 95%% CI [%+.4f, %+.4f]: %s; general-text loss %.4f -> "
              "%.4f (%s) -> %s", task.primary, m["base"][task.primary], m["tuned"][task.primary], v["against"],

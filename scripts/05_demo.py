@@ -7,7 +7,7 @@
 
 The title is what the recipe's task asks a person for (a product title; for the forecast task, the headline);
 other prompt fields can be given with --field key=value (missing ones read "unknown"). The prompt is encoded and
-truncated exactly as in evaluation (common/arch.py). --use adapter (default when no merged model exists) or --use merged picks the
+truncated exactly as in evaluation (common/model/arch.py). --use adapter (default when no merged model exists) or --use merged picks the
 tuned model. Writes nothing.
 """
 from __future__ import annotations
@@ -17,7 +17,10 @@ import shutil
 import sys
 import textwrap
 
-from common import arch, evaluation, io, modeling, run, tasks
+from common import tasks
+from common.core import io, run
+from common.evaluation import compare
+from common.model import arch, modeling
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
@@ -35,7 +38,7 @@ def body(ctx: run.Context) -> None:
         raise io.UserError(f"no tuned model in {rp.adapter}; run make train RECIPE={cfg.name} first")
     use = a.use or ("merged" if rp.merge_report.exists() else "adapter")
     tok = AutoTokenizer.from_pretrained(rp.adapter)
-    base = modeling.load_model(cfg, evaluation.base_source(cfg)[0], 0, modeling.inference_dtype())  # as eval
+    base = modeling.load_model(cfg, compare.base_source(cfg)[0], 0, modeling.inference_dtype())  # as eval
     tuned = modeling.load_tuned(cfg, rp, use)
     max_new = a.max_new_tokens or cfg.eval.max_new_tokens
     task, arc = tasks.get(cfg.task), arch.get(cfg)

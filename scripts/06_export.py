@@ -4,11 +4,11 @@
     cd outputs/smollm2/export && ollama create smollm2-tuned -f Modelfile && ollama run smollm2-tuned
 
 Writes outputs/<run>/export/ (atomically): <name>-f16.gguf and <name>-q8_0.gguf (export.quantizations) with the
-tokenizer, special tokens and the recipe's chat template in the metadata (common/export.py); Modelfile (FROM the
+tokenizer, special tokens and the recipe's chat template in the metadata (common/shipping/export.py); Modelfile (FROM the
 smallest file, TEMPLATE in Ollama's syntax for the chat template, SYSTEM, stop strings); and, last,
 export_report.json. The model cards (merged/README.md, adapter/README.md) gain an Ollama section.
 
-Parity gate (common/parity.py): each GGUF is reloaded with transformers' GGUF reader, tokenizer and chat template
+Parity gate (common/shipping/parity.py): each GGUF is reloaded with transformers' GGUF reader, tokenizer and chat template
 included (the tokenizer as llama.cpp applies it: gguf_tokenizer.read_tokenizer), and compared with merged/ on
 export.check_prompts val examples: the prompt tokens must be identical, next-token agreement and identical greedy
 answers at least export.<quant>_min_token_agreement / _min_answer_match (f16 holds merged/'s fp16 weights exactly,
@@ -21,7 +21,9 @@ import logging
 import sys
 from typing import Any
 
-from common import arch, cards, export, gguf_tokenizer, io, metadata, modeling, parity, run
+from common.core import io, metadata, run
+from common.model import arch, gguf_tokenizer, modeling
+from common.shipping import cards, export, parity
 
 log = logging.getLogger("ft")
 

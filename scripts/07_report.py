@@ -5,14 +5,15 @@
 Reads each outputs/<run>/ that has eval/metrics.json (under FT_HOME when set): metrics of base, tuned and the
 task's baselines, the verdict against the strongest baseline and every paired comparison with its 95% CI, the
 forgetting check (general-text loss before and after), stop rates, train time, speed and peak memory, the loss curve (embedded), five side-by-side examples
-and links to the run's files (common/report.py). Writes both files atomically; no run evaluated yet is an error.
+and links to the run's files (common/shipping/report.py). Writes both files atomically; no run evaluated yet is an error.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from common import io, paths, report
+from common.core import io, paths
+from common.shipping import report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@
 
 card.push picks adapter (default) or merged; card.private (default true) the visibility. --dry-run writes exactly
 what would be uploaded to outputs/<run>/push-dry-run/ and push-dry-run.json (repo, files, sizes, sha256) and
-uploads nothing. The token comes from HF_TOKEN and is never written anywhere (common/hub.py).
+uploads nothing. The token comes from HF_TOKEN and is never written anywhere (common/shipping/hub.py).
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import hub, io, metadata, run
+from common.core import io, metadata, run
+from common.shipping import hub
 
 log = logging.getLogger("ft")
 

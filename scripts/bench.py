@@ -5,10 +5,10 @@
     python scripts/bench.py --recipe smollm2 [--only ours,trl-defaults] [--steps 5] [--warmup 2] [--rounds 2]
     make bench RECIPE=tinyllama SHAPE=full BENCH="--profile --only ours,ours-padded"   # where a step's time goes
 
-A thin script over common/bench_rows.py (what each row trains), common/bench_measure.py (how a row is measured)
-and common/bench_report.py (the tables). On the recipe's prepared train split and base model:
+A thin script over common/measurement/bench_rows.py (what each row trains), common/measurement/bench_measure.py (how a row is measured)
+and common/measurement/bench_report.py (the tables). On the recipe's prepared train split and base model:
 
-  training    ours               the recipe's own training step (common/training.py, as 02_sft_qlora runs it)
+  training    ours               the recipe's own training step (common/training/builder.py, as 02_sft_qlora runs it)
               ours-<change>      ours with one speed choice undone, to show what each one pays; on a GPU
                                  also the recipe's own micro-batch split, padded batches, varlen attention,
                                  Liger, gradient checkpointing, eager attention and the frozen weights' dtype
@@ -28,7 +28,7 @@ non-padding token = 4 x frozen linear parameters (forward + activation-gradient 
 parameters; attention scores (about 1% at these lengths) and gradient-checkpointing recomputation are not
 counted. Run it on an otherwise idle machine: the load average at the start is recorded.
 
---profile runs one more step per variant under torch.profiler (common/profiling.py): top-level ATen operators
+--profile runs one more step per variant under torch.profiler (common/measurement/profiling.py): top-level ATen operators
 issued, GPU kernels, the share of the step the GPU was busy, the top operators/kernels, and a trace per variant.
 
 Writes outputs/bench/<run>.json (every figure, the machine, versions) and outputs/bench/<run>.md (the tables);
@@ -49,12 +49,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import io, metadata, paths, run
-from common import plan as run_plan
-from common.bench_measure import generation_worker, machine, matmul_peak, train_worker
-from common.bench_report import ratio_checks, report
-from common.bench_rows import variants
-from common.io import UserError
+from common.core import io, metadata, paths, run
+from common.core.io import UserError
+from common.measurement.bench_measure import (
+    generation_worker,
+    machine,
+    matmul_peak,
+    train_worker,
+)
+from common.measurement.bench_report import ratio_checks, report
+from common.measurement.bench_rows import variants
+from common.training import plan as run_plan
 
 log = logging.getLogger("ft")
 

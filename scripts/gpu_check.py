@@ -1,4 +1,4 @@
-"""The whole GPU verification in one call, inside 8 minutes on one H200 (the parts: common/gpucheck_parts.py).
+"""The whole GPU verification in one call, inside 8 minutes on one H200 (the parts: common/measurement/gpucheck_parts.py).
 
     make gpu-check                                  # on the CUDA machine (docs/gpu.md: the one device call)
     make gpu-check DRY_RUN=1                        # the same orchestration on a CPU: tiny sizes, seconds of budget
@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common import gpucheck
-from common.io import UserError
+from common.core.io import UserError
+from common.measurement import gpucheck
 
 
 def main(argv: list[str] | None = None) -> int:

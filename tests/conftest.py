@@ -24,9 +24,9 @@ def model_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def llama_vocab(model_cache) -> Path:
     """The folder of llama.cpp's Llama-3 (llama-bpe) and SentencePiece (llama-spm) vocabulary files and reference
-    tokenizations, fetched once into the session's model cache (common/standins.py: the llama-cpp-python sdist, or
+    tokenizations, fetched once into the session's model cache (common/model/standins.py: the llama-cpp-python sdist, or
     FT_VOCAB_DIR), where the tiny runs' subprocesses find them too."""
-    from common import standins
+    from common.model import standins
 
     with _cache_env(model_cache):
         return standins.vocab_dir()
@@ -35,7 +35,7 @@ def llama_vocab(model_cache) -> Path:
 @pytest.fixture(scope="session")
 def llama_tokenizers(model_cache, llama_vocab) -> dict[str, Path]:
     """Those vocabularies as Hugging Face tokenizer folders (llama-bpe, llama-spm), converted once."""
-    from common import standins
+    from common.model import standins
 
     with _cache_env(model_cache):
         return {name: standins.llama_tokenizer_dir(name) for name in standins.VOCAB_FILES}

@@ -5,8 +5,10 @@ import json
 
 import pytest
 
-from common import config, paths, stamps, standins, templates
-from common import schedule
+from common.core import config, paths, stamps
+from common.data import templates
+from common.model import standins
+from common.training import schedule
 
 RECIPES = paths.recipe_names()
 

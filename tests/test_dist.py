@@ -1,7 +1,7 @@
 """More than one process (make train NPROC=N): on the CPU with gloo, 2 processes train the tiny recipe to the same
 loss curve as 1 and write the same files; a kill -9 of the launcher leaves no rank behind and a rerun resumes
 (with another process count); the engine configurations load with accelerate's own reader, and launches that
-cannot work stop with one line before any process starts. DDP is the one engine offered (common/dist.py)."""
+cannot work stop with one line before any process starts. DDP is the one engine offered (common/core/dist.py)."""
 from __future__ import annotations
 
 import csv
@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from common import config, dist
-from common.io import UserError
 from conftest import REPO, make
+
+from common.core import config, dist
+from common.core.io import UserError
 
 pytestmark = pytest.mark.e2e  # trains models or runs pipeline steps (make test-fast leaves it out)
 

@@ -1,5 +1,5 @@
 """The dtype of every trainable weight and of the activations that meet it is decided in one place
-(common/training.py), so the mixed-precision paths a GPU takes (fp16 on a T4, bf16 elsewhere, 4-bit with
+(common/training/builder.py), so the mixed-precision paths a GPU takes (fp16 on a T4, bf16 elsewhere, 4-bit with
 modules_to_save, with and without the answer-only output layer) train here on the CPU too. Before this was
 decided on purpose, bf16 + 4-bit + modules_to_save crashed with 'expected m1 and m2 to have the same dtype'."""
 from __future__ import annotations
@@ -8,11 +8,12 @@ import math
 
 import pytest
 import torch
-
-from common import config, io, modeling, paths, training
-from common import plan as run_plan
-from common import loss
 from conftest import step
+
+from common.core import config, io, paths
+from common.model import modeling
+from common.training import builder, loss
+from common.training import plan as run_plan
 
 CASES = [  # (precision, quantization bits, answer-only output layer)
     ("bf16", 4, True), ("bf16", 4, False), ("fp16", 4, True), ("fp16", 4, False), ("bf16", 0, True),
@@ -35,8 +36,8 @@ def _trainer(cfg, plan, rows: int, out):
     """Our trainer (model loaded for training) on the first `rows` prepared training examples."""
     source = modeling.model_source(cfg)
     tok = modeling.load_tokenizer(cfg, source)
-    ds = training.encode_split(cfg, tok, io.read_jsonl(paths.RunPaths(cfg.run).split("train"))[:rows], "train")
-    return training.make_trainer(cfg, plan, training.load_for_training(cfg, plan, source), tok, ds, ds.select([]),
+    ds = builder.encode_split(cfg, tok, io.read_jsonl(paths.RunPaths(cfg.run).split("train"))[:rows], "train")
+    return builder.make_trainer(cfg, plan, builder.load_for_training(cfg, plan, source), tok, ds, ds.select([]),
                                  str(out))
 
 

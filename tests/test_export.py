@@ -13,9 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
-from common import config, export, gguf_tokenizer, report, standins, templates
 from conftest import make
+
+from common.core import config
+from common.data import templates
+from common.model import gguf_tokenizer, standins
+from common.shipping import export, report
 
 SECRET = "hf_FAKEtokenFORtests123456"
 
@@ -58,7 +61,9 @@ def test_ollama_template_keeps_a_default_system_prompt(smollm2_tok):
 
 
 def test_pre_tokenizer_names():
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        GGUF_PRE_TOKENIZER_SPLITS,
+    )
 
     byte = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
     assert gguf_tokenizer.pre_tokenizer_name({"pre_tokenizer": byte}) == "gpt-2"
@@ -102,7 +107,8 @@ def test_gguf_tokenizer_is_llama_cpps_own(name, template, model_cache, llama_voc
     import gguf
     from transformers import AutoConfig, AutoTokenizer
 
-    from common import prompts, standins
+    from common.data import prompts
+    from common.model import standins
 
     monkeypatch.setenv("FT_CACHE", str(model_cache))
     folder = standins.build("llama", "zephyr" if name == "llama-spm" else None, tokenizer=name)

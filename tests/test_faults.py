@@ -13,9 +13,9 @@ import sys
 import time
 
 import pytest
-
-from common import paths, run
 from conftest import REPO, make, step
+
+from common.core import paths, run
 
 pytestmark = pytest.mark.e2e  # trains models or runs pipeline steps (make test-fast leaves it out)
 

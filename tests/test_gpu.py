@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from common import batching, paths
-from common import plan as run_plan
-from common import loss
 from conftest import make
+
+from common.core import paths
+from common.training import batching, loss
+from common.training import plan as run_plan
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -27,7 +27,7 @@ def test_recipe_end_to_end_tiny_on_cuda(recipe, ft_home):
     assert json.loads((out / "eval/metrics.json").read_text())["n_examples"] == 8
     merge = json.loads((out / "merge_report.json").read_text())  # the parity gate on CUDA (bf16 reload)
     assert merge["token_agreement"] >= 0.98 and merge["answer_match"] >= 0.5, merge
-    from common import config
+    from common.core import config
 
     demo = make(ft_home, "demo", f"RECIPE={recipe}", "TINY=1", "TITLE=Acme Chef Knife, Black, Large")
     assert "TUNED (merged)" in demo.stdout, demo.stdout[-2000:]
@@ -89,12 +89,14 @@ def test_auto_micro_batch_probes_the_gpu_and_respects_a_memory_cap(ft_home):
 @pytest.mark.skipif(not __import__("importlib").util.find_spec("liger_kernel"), reason="needs liger-kernel")
 def test_liger_fused_loss_equals_ours_on_cuda(ft_home):
     """Liger's fused output layer + cross-entropy gives our answer-only loss and gradients (bf16 rounding)."""
-    from common import config, modeling, training
+    from common.core import config
+    from common.model import modeling
+    from common.training import builder
 
     cfg = config.load("tinyllama", ["lora.dropout=0", "runtime.liger=true"], tiny=True)  # off by default
     plan = run_plan.resolve(cfg)
     assert plan.liger
-    model = training.load_for_training(cfg, plan, modeling.model_source(cfg))
+    model = builder.load_for_training(cfg, plan, modeling.model_source(cfg))
     loss.align_dtypes(model, plan)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=g).cuda()
@@ -120,8 +122,11 @@ def test_liger_fused_loss_equals_ours_on_cuda(ft_home):
 def test_varlen_kernel_on_cuda_gives_the_sdpa_masks_loss_and_gradients(recipe, ft_home):
     """torch's varlen flash kernel passes its self-check here, runs once per layer on a padding-free row (4-bit,
     the recipe's autocast) and gives the loss and LoRA gradients of SDPA over the block-diagonal mask."""
-    from common import attention, batching, config, io, modeling, training
     from conftest import step
+
+    from common.core import config, io
+    from common.model import modeling
+    from common.training import attention, batching, builder
 
     ok, why = attention.usable("cuda")
     assert ok and "self-check" in why, why
@@ -131,8 +136,8 @@ def test_varlen_kernel_on_cuda_gives_the_sdpa_masks_loss_and_gradients(recipe, f
     assert plan.padding_free and plan.varlen, plan
     source = modeling.model_source(cfg)
     tok = modeling.load_tokenizer(cfg, source)
-    ds = training.encode_split(cfg, tok, io.read_jsonl(paths.RunPaths(cfg.run).split("train"))[:6], "train")
-    model = training.load_for_training(cfg, plan, source).eval()
+    ds = builder.encode_split(cfg, tok, io.read_jsonl(paths.RunPaths(cfg.run).split("train"))[:6], "train")
+    model = builder.load_for_training(cfg, plan, source).eval()
     loss.align_dtypes(model, plan)
     free = batching.collate(ds, list(range(6)), tok.pad_token_id, True, "cuda")
     active, calls = attention._ACTIVE[0], []

@@ -11,11 +11,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
-from common import gpucheck
-from common import gpucheck_parts as gparts
-from common.gpucheck_report import last_error_line
 from conftest import REPO
+
+from common.measurement import gpucheck
+from common.measurement import gpucheck_parts as gparts
+from common.measurement.gpucheck_report import last_error_line
 from scripts import gpu_carry
 
 pytestmark = pytest.mark.e2e  # trains models or runs pipeline steps (make test-fast leaves it out)
@@ -99,15 +99,17 @@ def test_the_error_line_is_the_exception_that_ended_the_part():
     assert last("03:01 step\nerror: AttributeError: foo (unexpected)\nmake: *** [Makefile:83: x] Error 1") == \
         "error: AttributeError: foo (unexpected)"
     flat = "Makefile:49: *** Traceback (most recent call last):   File \"c.py\", line 2   raise ConfigError(e)   " \
-           "common.config.ConfigError: bad key.  Stop."
-    assert last(flat) == "common.config.ConfigError: bad key.  Stop."
+           "common.core.config.ConfigError: bad key.  Stop."
+    assert last(flat) == "common.core.config.ConfigError: bad key.  Stop."
     assert last("") == "no output"
 
 
 def test_the_bench_rows_are_ours_trl_defaults_and_one_per_gpu_switch(monkeypatch):
     """On a GPU plan every variant that flips a switch of docs/gpu.md is picked, and nothing else but ours,
     plain TRL defaults and generation."""
-    from common import bench_rows, config, plan
+    from common.core import config
+    from common.measurement import bench_rows
+    from common.training import plan
 
     real = plan.resolve
 

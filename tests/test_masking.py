@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from common import gguf_tokenizer, modeling, prompts, standins, templates
+from common.data import prompts, templates
+from common.model import gguf_tokenizer, modeling, standins
 
 IGNORE = prompts.IGNORE
 
@@ -130,7 +131,7 @@ def real_tok(llama_tokenizers):
 
 
 def test_recipes_name_the_real_tokenizers():
-    from common import config
+    from common.core import config
 
     got = {}
     for name in ("llama3-alpaca", "llama3-sharegpt", "tinyllama", "mistral-xauusd"):
@@ -199,7 +200,7 @@ def test_generation_stops_on_the_tokenizers_eos(name, real_tok, model_cache, mon
     import torch
     from transformers import AutoModelForCausalLM
 
-    from common import arch
+    from common.model import arch
 
     monkeypatch.setenv("FT_CACHE", str(model_cache))
     tiny_template = None if name == "llama-bpe" else "zephyr"  # the llama3-alpaca and tinyllama stand-ins

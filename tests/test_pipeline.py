@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, make, ran_steps
 
 # llama: TinyLlama's 4-bit QLoRA with lm_head/embed_tokens trained, SentencePiece, zephyr template, fp16 plan;
@@ -30,7 +29,7 @@ def test_recipe_end_to_end_tiny(recipe, tiny_run):
     assert info["recipe"] == recipe and info["global_step"] == 4 and info["git_commit"] is not None
     assert (out / "adapter/adapter_model.safetensors").stat().st_size > 0
     cfg = json.loads((out / "adapter/adapter_config.json").read_text())
-    from common import config
+    from common.core import config
 
     recipe_cfg = config.load(recipe)
     want = recipe_cfg.lora.target_modules

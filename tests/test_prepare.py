@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import step
 
-from common import data, paths
+from common.core import paths
+from common.data import readers
 
 GOOD = [{"uid": f"U{i}", "title": f"Acme Widget {i}", "content": f"A sturdy widget number {i} for the kitchen and home.",
          "target_ind": [i], "target_rel": [1.0]} for i in range(40)]
@@ -34,8 +34,8 @@ def report(ft_home, run="smollm2") -> dict:
 
 
 def test_clean_text_unescapes_entities_and_whitespace():
-    assert data.clean_text("It&#8217;s  a\n\t&quot;great&quot;  gift &amp;amp; more ") == "It’s a \"great\" gift & more"
-    assert data.clean_text("   ") == ""
+    assert readers.clean_text("It&#8217;s  a\n\t&quot;great&quot;  gift &amp;amp; more ") == "It’s a \"great\" gift & more"
+    assert readers.clean_text("   ") == ""
 
 
 def test_cleaning_drops_by_reason(ft_home, tmp_path):

@@ -10,8 +10,11 @@ import math
 
 import pytest
 
-from common import arch, config, io, modeling, paths, prompts, training
-from common import plan as run_plan
+from common.core import config, io, paths
+from common.data import prompts
+from common.model import arch, modeling
+from common.training import builder
+from common.training import plan as run_plan
 
 pytestmark = pytest.mark.e2e  # trains a model (make test-fast leaves it out)
 
@@ -48,8 +51,8 @@ def test_recipe_prepares_encodes_and_trains_one_step(recipe, ft_home, tmp_path):
             f"the answer does not end on the end-of-turn token: {tok.decode(labels[answer[-1] - 3:])!r}"
     assert whole, "every example was cut by train.max_length"
     plan = run_plan.resolve(cfg)
-    ds = training.encode_split(cfg, tok, rows, "train")
-    trainer = training.make_trainer(cfg, plan, training.load_for_training(cfg, plan, source), tok, ds, ds.select([]),
+    ds = builder.encode_split(cfg, tok, rows, "train")
+    trainer = builder.make_trainer(cfg, plan, builder.load_for_training(cfg, plan, source), tok, ds, ds.select([]),
                                     str(tmp_path))
     result = trainer.train()
     assert trainer.state.global_step == 1 and math.isfinite(result.training_loss) and result.training_loss > 0

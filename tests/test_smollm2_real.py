@@ -5,9 +5,7 @@ import csv
 import json
 
 import pytest
-
 from conftest import make, ran_steps
-
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -29,7 +27,7 @@ def test_smollm2_short_real_run(ft_home):
     make(ft_home, "export", "RECIPE=smollm2", f"ARGS={SHORT}")
     files = json.loads((out / "export/export_report.json").read_text())["files"]
     assert files["f16"]["answer_match"] == 1.0 and files["f16"]["token_agreement"] == 1.0
-    from common import config
+    from common.core import config
 
     e = config.load("smollm2").export
     assert files["q8_0"]["answer_match"] >= e.q8_0_min_answer_match

@@ -8,10 +8,14 @@ import subprocess
 from types import SimpleNamespace
 
 import pytest
-
-from common import config, data, metrics, standins, tasks
-from common.tasks import xauusd_forecast as xau
 from conftest import REPO
+
+from common import tasks
+from common.core import config
+from common.data import readers
+from common.evaluation import metrics
+from common.model import standins
+from common.tasks import xauusd_forecast as xau
 
 GOLD = {"6h": {"direction": "up", "magnitude": 1.0}, "12h": {"direction": "down", "magnitude": 2.0},
         "24h": {"direction": "flat", "magnitude": 0.0}, "48h": {"direction": "up", "magnitude": 4.0}}
@@ -88,10 +92,10 @@ def test_product_records_drop_reasons_by_value(ft_home, tmp_path):
             {"uid": 4, "title": 5, "content": "A number for a title."}]
     f = tmp_path / "trn.json"
     f.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
-    rep = data.Report()
+    rep = readers.Report()
     task = tasks.get("product_description")
     cfg = cfg_for("smollm2", "data.min_content_chars=10")
-    got = data.collect(task.records(f, cfg, rep), None, 0, rep, task.duplicate_reason)
+    got = readers.collect(task.records(f, cfg, rep), None, 0, rep, task.duplicate_reason)
     assert [r["uid"] for r in got] == ["1"] and rep.read == 5
     assert rep.dropped == {"duplicate_title": 1, "short_content": 1, "non_string_title": 1, "bad_json": 1}
     assert rep.where["bad_json"] == [5] and rep.where["short_content"] == [3]
@@ -104,9 +108,9 @@ def test_forecast_duplicates_are_headlines_and_kept_by_default(ft_home, tmp_path
     f.write_text("\n".join([head, row, row]) + "\n")
     task = tasks.get("xauusd_forecast")
     for dedupe, kept, dropped in (("false", 2, {}), ("true", 1, {"duplicate_headline": 1})):
-        rep = data.Report()
+        rep = readers.Report()
         cfg = cfg_for("smollm2-xauusd", f"data.dedupe_headlines={dedupe}")
-        got = data.collect(task.records(f, cfg, rep), None, 0, rep, task.duplicate_reason)
+        got = readers.collect(task.records(f, cfg, rep), None, 0, rep, task.duplicate_reason)
         assert len(got) == kept and dict(rep.dropped) == dropped
 
 
@@ -115,7 +119,7 @@ def test_forecast_duplicates_are_headlines_and_kept_by_default(ft_home, tmp_path
     (100, (0.8, 0.1, 0.1), [80, 10, 10]), (632, (480, 32, 120), [480, 32, 120]),
 ])
 def test_split_sizes_never_leave_train_empty(n, want, got):
-    counts, note = data.sizes(n, SimpleNamespace(train_size=want[0], val_size=want[1], test_size=want[2]))
+    counts, note = readers.sizes(n, SimpleNamespace(train_size=want[0], val_size=want[1], test_size=want[2]))
     assert counts == got and sum(counts) <= n and (note is None) == (n >= 632 or isinstance(want[0], float))
 
 
@@ -152,7 +156,7 @@ def test_generate_reports_which_answers_stopped_on_eos():
     import torch
     from transformers import AutoTokenizer
 
-    from common import arch, modeling
+    from common.model import arch, modeling
 
     tok = AutoTokenizer.from_pretrained(standins.smollm2_tokenizer_dir())
     eos, word = tok.eos_token_id, tok("hello", add_special_tokens=False).input_ids[0]

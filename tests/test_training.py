@@ -9,17 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from common import batching, config, io, modeling, paths, training
-from common import plan as run_plan
-from common import loss
 from conftest import make, step
+
+from common.core import config, io, paths
+from common.model import modeling
+from common.training import batching, builder, loss
+from common.training import plan as run_plan
 
 
 def tiny_lora(ft_home, *sets: str):
     cfg = config.load("smollm2", list(sets), tiny=True)
     plan = run_plan.resolve(cfg)
-    return cfg, plan, training.load_for_training(cfg, plan, modeling.model_source(cfg))
+    return cfg, plan, builder.load_for_training(cfg, plan, modeling.model_source(cfg))
 
 
 def batch_with_masked_prompts(vocab: int, seed: int = 0) -> dict:
@@ -53,7 +54,7 @@ def test_answer_only_loss_and_gradients_equal_the_models_own(ft_home):
 
 def test_cheap_dropout_drops_at_rate_p_and_scales_like_torch():
     torch.manual_seed(0)
-    d = training.cheap_dropout_class()(0.05)
+    d = builder.cheap_dropout_class()(0.05)
     x = torch.ones(1000, 1000, requires_grad=True)
     y = d(x)
     dropped = (y == 0).float().mean().item()
@@ -70,7 +71,7 @@ def test_cheap_dropout_drops_at_rate_p_and_scales_like_torch():
 
 def test_lora_layers_get_cheap_dropout_on_cpu_and_not_when_switched_off(ft_home):
     _, _, model = tiny_lora(ft_home)
-    cls = training.cheap_dropout_class().__name__
+    cls = builder.cheap_dropout_class().__name__
     drops = [d for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)
              for d in m.lora_dropout.values()]
     assert drops and all(type(d).__name__ == cls and d.p == 0.05 for d in drops)
@@ -123,7 +124,7 @@ def test_bench_measures_every_variant_and_writes_its_tables(ft_home):
 
 def test_bench_times_the_steps_after_the_warm_up():
     """Step k lasts ends[k] - ends[k-1]: without a warm-up the first step has no start and is not timed."""
-    from common import bench_measure as bench
+    from common.measurement import bench_measure as bench
 
     assert bench.timed_steps(warmup=1, steps=4) == [1, 2, 3, 4]
     assert bench.timed_steps(warmup=0, steps=5) == [1, 2, 3, 4]
@@ -133,8 +134,8 @@ def test_bench_times_the_steps_after_the_warm_up():
 def test_profile_summary_counts_issued_operators_and_merges_overlapping_kernels():
     """By value: top-level ATen operators only (addmm inside linear is not issued again); GPU busy time is the union
     of kernel intervals over the step's span; without device events the top list is by operator self time."""
-    from common import profiling
-    from common.profiling import Event
+    from common.measurement import profiling
+    from common.measurement.profiling import Event
 
     assert profiling.busy_us([(20, 25), (0, 10), (5, 15), (12, 14)]) == 20 and profiling.busy_us([]) == 0
     host = [Event("ProfilerStep", False, -5, 35, 1), Event("aten::linear", False, 0, 9, 2, "ProfilerStep"),
@@ -184,11 +185,11 @@ def test_tensorboard_tracking_logs_the_losses_under_the_run(ft_home):
 
 
 def test_a_tracker_that_is_not_installed_is_replaced_with_a_note(ft_home):
-    from common import config
+    from common.core import config
 
     cfg = config.load("smollm2", ["runtime.report_to=[tensorboard, mlflow]"], tiny=True)
     plan = run_plan.resolve(cfg)
-    got = training.trackers(cfg, plan, ft_home / "tb")
+    got = builder.trackers(cfg, plan, ft_home / "tb")
     assert got == ["tensorboard"] and any("report_to mlflow -> none" in n for n in plan.notes)
     with pytest.raises(config.ConfigError, match="runtime.report_to must be none or a list of"):
         config.load("smollm2", ["runtime.report_to=neptune"])
@@ -240,13 +241,15 @@ def test_padding_free_rows_give_the_padded_batches_loss_without_cross_contaminat
     plan = run_plan.resolve(cfg)
     source = modeling.model_source(cfg)
     tok = modeling.load_tokenizer(cfg, source)
-    ds = training.encode_split(cfg, tok, io.read_jsonl(paths.RunPaths(cfg.run).split("train"))[:3], "train")
-    model = training.load_for_training(cfg, plan, source).eval()
+    ds = builder.encode_split(cfg, tok, io.read_jsonl(paths.RunPaths(cfg.run).split("train"))[:3], "train")
+    model = builder.load_for_training(cfg, plan, source).eval()
     idx = [0, 1, 2]
     assert len({len(ds[i]["input_ids"]) for i in idx}) > 1  # different lengths: the padded batch has padding
     padded = batching.collate(ds, idx, tok.pad_token_id, False, "cpu")
     free = batching.collate(ds, idx, tok.pad_token_id, True, "cpu")
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling  # what training uses: the probe matches it
+    from trl.trainer.sft_trainer import (
+        DataCollatorForLanguageModeling,  # what training uses: the probe matches it
+    )
 
     trl_free = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)([ds[i] for i in idx])
     for k in ("input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k"):
@@ -264,14 +267,14 @@ def test_padding_free_rows_give_the_padded_batches_loss_without_cross_contaminat
 
 
 def test_varlen_kernel_adapter_computes_block_diagonal_causal_attention_by_value():
-    """common/attention.py: the reference kernel (the CPU's stand-in for torch's varlen flash kernel, with its
+    """common/training/attention.py: the reference kernel (the CPU's stand-in for torch's varlen flash kernel, with its
     signature) equals SDPA over the block-diagonal causal mask, grouped KV heads and a sliding window included;
     call_kernel speaks both torch signatures; the installed torch's kernel has the parameters it relies on."""
     import inspect
 
     import torch.nn.functional as F
 
-    from common import attention
+    from common.training import attention
 
     g = torch.Generator().manual_seed(0)
     cu = torch.tensor([0, 3, 7, 12], dtype=torch.int32)
@@ -337,7 +340,7 @@ def test_varlen_kernel_adapter_computes_block_diagonal_causal_attention_by_value
 def test_bench_on_a_gpu_has_an_ablation_row_for_each_gpu_choice_in_use(ft_home):
     """The GPU rows flip one choice each: varlen attention on -> ours-sdpa-mask, off (the default) -> ours-varlen;
     a quantized model's frozen weights in fp32 -> a row with them in the mixed precision's dtype, and back."""
-    from common import bench_rows as bench
+    from common.measurement import bench_rows as bench
 
     cfg = config.load("tinyllama")
     plan = run_plan.Plan("cuda", "fp16", 4, "adamw_torch", padding_free=True, varlen=True)
@@ -360,7 +363,7 @@ def test_varlen_attention_gives_the_padded_batches_loss_and_gradients(recipe, ft
     """runtime.varlen_attention: a padding-free row goes through the varlen kernel (once per decoder layer, the
     reference kernel standing in on the CPU) and gives the padded batch's loss and LoRA gradients; Mistral's
     sliding window, shrunk below the examples' lengths, is applied as transformers' own mask applies it."""
-    from common import attention
+    from common.training import attention
 
     step("01_prepare", "--recipe", recipe, "--tiny")
     cfg = config.load(recipe, ["lora.dropout=0", "runtime.padding_free=true", "runtime.varlen_attention=true"],
@@ -369,8 +372,8 @@ def test_varlen_attention_gives_the_padded_batches_loss_and_gradients(recipe, ft
     assert plan.varlen and plan.padding_free and "reference" in plan.varlen_why
     source = modeling.model_source(cfg)
     tok = modeling.load_tokenizer(cfg, source)
-    ds = training.encode_split(cfg, tok, io.read_jsonl(paths.RunPaths(cfg.run).split("train"))[:3], "train")
-    model = training.load_for_training(cfg, plan, source).eval()
+    ds = builder.encode_split(cfg, tok, io.read_jsonl(paths.RunPaths(cfg.run).split("train"))[:3], "train")
+    model = builder.load_for_training(cfg, plan, source).eval()
     assert model.config._attn_implementation == attention.NAME
     idx = [0, 1, 2]
     padded = batching.collate(ds, idx, tok.pad_token_id, False, "cpu")
@@ -419,7 +422,7 @@ def test_varlen_attention_gives_the_padded_batches_loss_and_gradients(recipe, ft
 def test_gpu_ratio_checks_ask_more_of_ours_against_plain_trl():
     """On a GPU ours must beat the faster plain-TRL row by 2.5x (2x on a CPU); per-recipe absolute figures are not
     checked by the bench (they are this project's acceptance figures, in docs/performance.md)."""
-    from common import bench_report
+    from common.measurement import bench_report
 
     row = {"tokens_per_s": 3000.0, "examples_per_s": 15.0, "mfu": 0.12, "micro_batch": 4, "grad_accum": 4}
     res = {"machine": {"gpu": "NVIDIA H200"}, "shape": "full",

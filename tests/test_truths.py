@@ -8,10 +8,12 @@ import json
 import shutil
 
 import pytest
-
-from common import arch, config, modeling, paths, prompts, schema, stamps, standins
-from common import plan as run_plan
 from conftest import REPO, make
+
+from common.core import config, paths, schema, stamps
+from common.data import prompts
+from common.model import arch, modeling, standins
+from common.training import plan as run_plan
 
 RUN = "outputs/smollm2-tiny"
 
@@ -66,7 +68,7 @@ def test_the_merge_gate_checks_the_merged_model_as_eval_loads_it(sagemaker_run, 
     the bf16 one: neither the merge's working dtype nor the saved file's."""
     import torch
 
-    from common import parity
+    from common.shipping import parity
 
     home = sagemaker_run[0]
     monkeypatch.setenv("FT_HOME", str(home))
@@ -93,7 +95,7 @@ def tok(model_cache):
 
     os.environ.setdefault("FT_CACHE", str(model_cache))
     t = AutoTokenizer.from_pretrained(standins.smollm2_tokenizer_dir())
-    from common.templates import TEMPLATES
+    from common.data.templates import TEMPLATES
 
     t.chat_template = TEMPLATES["chatml"]
     return t
@@ -166,7 +168,7 @@ def test_the_bench_reference_row_uses_none_of_our_speed_choices(recipe, ft_home,
     CheapDropout), frozen float weights in fp32, every example padded to 512 tokens, loss on every token."""
     import torch
 
-    from common import bench_rows as bench
+    from common.measurement import bench_rows as bench
 
     cfg = config.load(recipe, ["lora.dropout=0.1"], tiny=True)
     plan = run_plan.resolve(cfg)

@@ -10,12 +10,15 @@ import statistics
 from types import SimpleNamespace
 
 import pytest
+from conftest import make
 
-from common import cards, config, evaluation, forgetting, metrics, modeling, paths, report
+from common.core import config, paths
+from common.evaluation import compare, forgetting, metrics
+from common.model import modeling
+from common.shipping import cards, report
 from common.tasks import Task
 from common.tasks import product_description as prod
 from common.tasks import xauusd_forecast as xau
-from conftest import make
 
 ND = "not distinguishable"
 
@@ -166,9 +169,9 @@ def test_base_answers_come_from_the_weights_the_tuned_model_is_built_on(ft_home,
     _stub_models(monkeypatch, loaded)
     cfg = config.load("llama3-alpaca", [f"eval.use={use}"])
     assert cfg.quantization.prequantized and cfg.model.full_precision_name_or_path
-    base = evaluation.base_generations(cfg, paths.RunPaths(cfg.run), None, [[1], [2]], "fp32", None, ["a b"])
+    base = compare.base_generations(cfg, paths.RunPaths(cfg.run), None, [[1], [2]], "fp32", None, ["a b"])
     assert loaded == [want] and base.texts == [f"{want}:[1]", f"{want}:[2]"] and base.general == [1.0]
-    assert evaluation.base_source(cfg)[0] == want
+    assert compare.base_source(cfg)[0] == want
 
 
 def test_tuned_answers_are_cached_by_the_tuned_weights(ft_home, monkeypatch):
@@ -178,12 +181,12 @@ def test_tuned_answers_are_cached_by_the_tuned_weights(ft_home, monkeypatch):
     rp = paths.RunPaths(cfg.run)
     rp.adapter.mkdir(parents=True)
     (rp.adapter / "adapter_model.safetensors").write_bytes(b"weights v1")
-    first = evaluation.tuned_generations(cfg, rp, None, [[1]], "fp32", None, ["a b"])
-    again = evaluation.tuned_generations(cfg, rp, None, [[1]], "fp32", None, ["a b"])
+    first = compare.tuned_generations(cfg, rp, None, [[1]], "fp32", None, ["a b"])
+    again = compare.tuned_generations(cfg, rp, None, [[1]], "fp32", None, ["a b"])
     assert loaded == ["tuned-adapter"] and again == first  # the second call loaded nothing
     (rp.adapter / "adapter_model.safetensors").write_bytes(b"weights v2")  # trained again
-    evaluation.tuned_generations(cfg, rp, None, [[1]], "fp32", None, ["a b"])
-    evaluation.tuned_generations(cfg, rp, None, [[1]], "fp32", None, ["a b", "c d"])  # another general-text set
+    compare.tuned_generations(cfg, rp, None, [[1]], "fp32", None, ["a b"])
+    compare.tuned_generations(cfg, rp, None, [[1]], "fp32", None, ["a b", "c d"])  # another general-text set
     assert loaded == ["tuned-adapter"] * 3
 
 
@@ -208,8 +211,8 @@ def test_a_point_ahead_with_a_ci_spanning_zero_is_not_distinguishable_everywhere
              "completion": [{"role": "assistant", "content": "y"}]} for i in range(100)]
     tuned = ["y" if 25 <= i < 76 else "n" for i in range(100)]  # 51 right: 26 the rule misses, 25 it gets
     general = [2.0, 2.2, 1.8, 2.1]
-    m, side = evaluation.compare(cfg, _Exact(), rows, evaluation.Answers(["n"] * 100, [True] * 100, general),
-                                 evaluation.Answers(tuned, [True] * 100, [g + 0.01 for g in general]), [])
+    m, side = compare.compare(cfg, _Exact(), rows, compare.Answers(["n"] * 100, [True] * 100, general),
+                                 compare.Answers(tuned, [True] * 100, [g + 0.01 for g in general]), [])
     v = m["verdict"]
     assert m["strongest_baseline"] == "rule" and v["against"] == "rule" and v["mean"] == pytest.approx(0.01)
     assert v["ci_low"] < 0 < v["ci_high"] and v["verdict"] == ND
@@ -218,7 +221,7 @@ def test_a_point_ahead_with_a_ci_spanning_zero_is_not_distinguishable_everywhere
     assert m["comparison"]["verdict"] == "better" and m["vs_baselines"]["weak"]["verdict"] == "better"
     assert side[25]["rule"] == "y" and side[25]["rule_hit"] == 1.0
     m["base_weights"] = {"source": "the-base", "why": "test"}
-    evaluation.write(cfg, rp, m, side, [], {})
+    compare.write(cfg, rp, m, side, [], {})
     saved = json.loads((rp.eval / "metrics.json").read_text())
     assert saved["verdict"]["verdict"] == ND and saved["forgetting"]["verdict"] in ("worse", ND)
     md = (rp.eval / "report.md").read_text()

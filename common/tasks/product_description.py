@@ -1,7 +1,7 @@
 """Product title -> product description, from the AmazonTitles-1.3MM `trn.json` format.
 
 Records: JSON lines with uid, title, content (target_ind and target_rel are ignored); also a JSON array, CSV, or
-any of them gzipped (common/data.py reads them). Cleaning: HTML entities unescaped, whitespace normalised; a
+any of them gzipped (common/data/readers.py reads them). Cleaning: HTML entities unescaped, whitespace normalised; a
 record is dropped (and counted by reason) when a field is missing, not text, empty, too short or too long, or
 when its title repeats an earlier one (data.dedupe_titles).
 Scores: ROUGE-1/2/L, sacreBLEU, chrF, length ratio, empty and degenerate shares; the CI is on ROUGE-L.
@@ -16,8 +16,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
-from common import data, metrics, prompts
-from common.schema import F
+from common.core.schema import F
+from common.data import prompts, readers
+from common.evaluation import metrics
 from common.tasks import Task
 
 
@@ -44,13 +45,13 @@ class ProductDescription(Task):
     demo_field = "title"
     answer_fields = ("content",)
 
-    def records(self, path: Path, cfg: Any, rep: data.Report) -> Iterator[tuple[str | None, dict]]:
+    def records(self, path: Path, cfg: Any, rep: readers.Report) -> Iterator[tuple[str | None, dict]]:
         d = cfg.data
-        for where, rec in data.iter_records(path, d.format, rep):
-            title = data.text_field(rec, "title", rep, where)
+        for where, rec in readers.iter_records(path, d.format, rep):
+            title = readers.text_field(rec, "title", rep, where)
             if title is None:
                 continue
-            content = data.text_field(rec, "content", rep, where)
+            content = readers.text_field(rec, "content", rep, where)
             if content is None:
                 continue
             if not title:

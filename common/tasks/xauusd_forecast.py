@@ -20,9 +20,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
-from common import data, metrics, prompts
-from common.schema import F
-from common.io import UserError
+from common.core.io import UserError
+from common.core.schema import F
+from common.data import prompts, readers
+from common.evaluation import metrics
 from common.tasks import Task
 
 log = logging.getLogger("ft")
@@ -51,16 +52,16 @@ class XauusdForecast(Task):
     demo_field = "generated_headline"
     answer_fields = ("target_json",)
 
-    def records(self, path: Path, cfg: Any, rep: data.Report) -> Iterator[tuple[str | None, dict]]:
+    def records(self, path: Path, cfg: Any, rep: readers.Report) -> Iterator[tuple[str | None, dict]]:
         first = True
-        for where, row in data.iter_records(path, "csv", rep):
+        for where, row in readers.iter_records(path, "csv", rep):
             if first:
                 missing = [c for c in CONTEXT + TARGETS if c not in row]
                 if missing:
                     raise UserError(f"{path}: missing required column(s) {', '.join(missing)}; "
                                     f"found: {', '.join(k for k in row if k)}")
                 first = False
-            fields = {k: data.clean_text(row[k] or "") for k in CONTEXT}
+            fields = {k: readers.clean_text(row[k] or "") for k in CONTEXT}
             if not fields["generated_headline"]:
                 rep.drop("empty_headline", where)
                 continue

@@ -1,0 +1,75 @@
+"""Make's view of a run: which settings each step depends on (per-step stamps) and the run's paths as variables.
+
+    python -m common.core.stamps --recipe NAME [--tiny] [--set k=v ...] [--write]
+
+validates the recipe and prints the run's paths as Make variables (KEY=path lines), or one line `error: ...`;
+with --write it also writes one small JSON per step into the run's .stamps/ folder, rewriting a file only when
+its content changed, so Make re-runs exactly the steps whose settings changed. The `runtime` section is in no
+stamp: changing how a run executes never re-runs a step.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from common.core import config, paths
+
+# Which settings each step depends on (Make re-runs a step when its stamp changes; training's stamp is also the
+# key that decides whether an interrupted run's checkpoints still apply).
+STEP_KEYS = {
+    "prepare": ["task", "data", "prompt", "model.name_or_path", "model.gguf_file", "model.family", "model.arch",
+                "tiny", "train.max_length", "train.max_target_length"],
+    "train": ["model", "quantization", "lora", "train", "eval.baseline_samples", "tiny"],
+    "merge": ["merge", "model.full_precision_name_or_path"],
+    "eval": ["eval", "card.base_model", "card.license", "card.tags"],
+    "export": ["export", "card.license"],
+}
+
+
+# What a step writes, by format: bumped when a step's outputs change shape, so Make re-runs it for runs made by an
+# older version (eval 2: verdicts against the baselines, the forgetting check).
+FORMATS = {"eval": 2}
+
+
+def step_settings(cfg: config.Config, step: str) -> dict:
+    out = {}
+    for key in STEP_KEYS[step]:
+        node: Any = cfg
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node
+    return out
+
+
+def write(cfg: config.Config) -> Path:
+    d = paths.RunPaths(cfg.run).stamps
+    d.mkdir(parents=True, exist_ok=True)
+    for step in STEP_KEYS:
+        f = d / f"{step}.json"
+        stamp = {**step_settings(cfg, step), **({"format": FORMATS[step]} if step in FORMATS else {})}
+        text = json.dumps(stamp, indent=1, sort_keys=True, default=str)
+        if not f.exists() or f.read_text() != text:
+            f.write_text(text)
+    return d
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = config.recipe_parser("Validate a recipe, print its paths as Make variables, write stamps.")
+    ap.add_argument("--write", action="store_true", help="write the per-step stamps Make depends on")
+    args, _ = ap.parse_known_args(argv)
+    try:
+        cfg = config.load(args.recipe, args.sets, args.tiny)
+        if args.write:
+            write(cfg)
+    except (config.ConfigError, ValueError) as e:
+        print(f"error: {e}")
+        return 2
+    for key, path in paths.RunPaths(cfg.run).targets().items():
+        print(f"{key}={path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

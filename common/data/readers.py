@@ -1,0 +1,260 @@
+"""Raw data in, processed splits out: file readers, the report of dropped rows, sampling and splitting.
+
+Readers: JSON lines (streamed), a JSON array, CSV (streamed), any of them gzipped (detected by content); a BOM
+and CRLF line ends are handled; rows that are not valid UTF-8, not JSON or not an object are counted by reason
+with their first line numbers instead of stopping the run. What a record must contain is the task's business
+(common/tasks/); turning a record into a prompt and answer is the architecture's (common/model/arch.py).
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import html
+import io
+import json
+import logging
+import random
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Iterator
+
+from common.core import paths
+from common.core.io import UserError
+
+log = logging.getLogger("ft")
+MAX_EXAMPLES = 5  # line numbers kept per drop reason
+
+
+class Report:
+    """Rows read and rows dropped, by reason, with the first few locations of each."""
+
+    def __init__(self) -> None:
+        self.read = 0
+        self.dropped: Counter = Counter()
+        self.where: dict[str, list] = defaultdict(list)
+
+    def drop(self, reason: str, where: Any) -> None:
+        self.dropped[reason] += 1
+        if len(self.where[reason]) < MAX_EXAMPLES:
+            self.where[reason].append(where)
+
+
+# --------------------------------------------------------------------------- reading
+def resolve(path_setting: str) -> Path:
+    """data.path as a checked file: relative paths are tried against the repository first."""
+    path = Path(path_setting).expanduser()
+    if not path.is_absolute():
+        path = (paths.REPO / path) if (paths.REPO / path).exists() else path.resolve()
+    if not path.exists():
+        raise UserError(f"data file {path} does not exist; set DATA_PATH in .env or --set data.path=FILE")
+    if path.is_dir():
+        raise UserError(f"data path {path} is a folder; point data.path at the file itself (e.g. {path}/trn.json)")
+    if path.stat().st_size == 0:
+        raise UserError(f"data file {path} is empty")
+    return path
+
+
+def _open_binary(path: Path) -> tuple[io.BufferedIOBase, Any]:
+    raw = open(path, "rb")
+    if raw.read(2) == b"\x1f\x8b":  # gzip magic, whatever the file is called
+        raw.seek(0)
+        return gzip.GzipFile(fileobj=raw), raw
+    raw.seek(0)
+    return raw, raw
+
+
+def _lines(path: Path, rep: Report) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line) for each non-empty line; BOM and CRLF handled, invalid UTF-8 counted."""
+    from tqdm.auto import tqdm
+
+    f, raw = _open_binary(path)
+    with f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"reading {path.name}",
+                 leave=False) as bar:
+        last = 0
+        for n, b in enumerate(f, 1):
+            if n % 2000 == 0:
+                pos = raw.tell()
+                bar.update(pos - last)
+                last = pos
+            if n == 1 and b.startswith(b"\xef\xbb\xbf"):
+                b = b[3:]
+            try:
+                line = b.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                rep.read += 1
+                rep.drop("invalid_utf8", n)
+                continue
+            if line.strip():
+                yield n, line
+
+
+def detect_format(path: Path, fmt: str = "auto") -> str:
+    """csv, json (an array) or jsonl; 'auto' looks at the suffix (under .gz) and, for .json, the first byte."""
+    if fmt != "auto":
+        return fmt
+    suffixes = [s for s in path.suffixes if s != ".gz"]
+    ext = suffixes[-1].lower() if suffixes else ""
+    if ext == ".csv":
+        return "csv"
+    if ext == ".json":  # trn.json is JSON lines; a file starting with '[' is a JSON array
+        f, _ = _open_binary(path)
+        with f:
+            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        return "json" if head.startswith(b"[") else "jsonl"
+    return "jsonl"
+
+
+def iter_records(path: Path, fmt: str, rep: Report) -> Iterator[tuple[Any, dict]]:
+    """(location, record dict) from JSON lines, a JSON array or CSV; row-level faults are counted, not raised."""
+    fmt = detect_format(path, fmt)
+    if fmt == "csv":
+        line_no = {"n": 0}
+
+        def text() -> Iterator[str]:
+            for n, line in _lines(path, rep):
+                line_no["n"] = n
+                yield line
+
+        for row in csv.DictReader(text()):
+            rep.read += 1
+            if None in row:  # more cells than the header has columns
+                rep.drop("extra_columns", line_no["n"])
+                continue
+            yield line_no["n"], row
+        return
+    if fmt == "json":
+        f, _ = _open_binary(path)
+        try:
+            with f:
+                items = json.loads(f.read().decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{path}: not a valid JSON array ({e}); for JSON lines use --set data.format=jsonl") from None
+        if not isinstance(items, list):
+            raise UserError(f"{path}: expected a JSON array of records or JSON lines, found a {type(items).__name__}")
+        for i, rec in enumerate(items):
+            rep.read += 1
+            if isinstance(rec, dict):
+                yield f"item {i}", rec
+            else:
+                rep.drop("not_an_object", f"item {i}")
+        return
+    for n, line in _lines(path, rep):
+        rep.read += 1
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rep.drop("bad_json", n)
+            continue
+        if isinstance(rec, dict):
+            yield n, rec
+        else:
+            rep.drop("not_an_object", n)
+
+
+def clean_text(s: str) -> str:
+    """Unescape HTML entities (also double-escaped ones such as &amp;#8217;) and normalise whitespace."""
+    for _ in range(2):
+        if "&" not in s:
+            break
+        s = html.unescape(s)
+    return re.sub(r"\s+", " ", s).strip()
+
+
+def text_field(rec: dict, key: str, rep: Report, where: Any) -> str | None:
+    """The cleaned text of rec[key] ('' for null); None (and a counted drop) when missing or not text."""
+    if key not in rec:
+        rep.drop(f"missing_{key}", where)
+        return None
+    v = rec[key]
+    if v is None:
+        return ""
+    if not isinstance(v, str):
+        rep.drop(f"non_string_{key}", where)
+        return None
+    return clean_text(v)
+
+
+# --------------------------------------------------------------------------- sampling and splitting
+def sizes(n: int, d: Any) -> tuple[list[int], str | None]:
+    """Train/val/test counts for n clean records. When the recipe asks for more than there is, the counts are
+    scaled down; train keeps at least one record, then test and val each get one while records remain."""
+    if n < 1:
+        raise UserError("no clean record to split")
+    want = [d.train_size, d.val_size, d.test_size]
+    counts = [int(x) if isinstance(x, int) else int(round(x * n)) for x in want]
+    if sum(counts) <= n and counts[0] >= 1:
+        return counts, None
+    scale = n / max(1, sum(counts))
+    scaled = [int(c * scale) for c in counts]
+    scaled[0] += n - sum(scaled)  # what rounding left over goes to train
+    for i in (2, 1):  # a split that was asked for gets one record, as long as train keeps one
+        if counts[i] > 0 and scaled[i] == 0 and scaled[0] > 1:
+            scaled[0] -= 1
+            scaled[i] = 1
+    return scaled, f"asked for {counts} train/val/test but only {n} clean records: scaled to {scaled}"
+
+
+def collect(records: Iterator[tuple[str | None, dict]], keep: int | None, seed: int, rep: Report,
+            duplicate_reason: str) -> list[dict]:
+    """Drop repeated keys (None = no check), then a seeded reservoir sample of `keep` records (all when None)."""
+    rng = random.Random(seed)
+    seen: set[int] = set()
+    out: list[dict] = []
+    n = 0
+    for key, fields in records:
+        if key is not None:
+            h = hash(key)
+            if h in seen:
+                rep.drop(duplicate_reason, fields["uid"])
+                continue
+            seen.add(h)
+        n += 1
+        if keep is None or len(out) < keep:
+            out.append(fields)
+        else:
+            j = rng.randrange(n)
+            if j < keep:
+                out[j] = fields
+    return out
+
+
+def split_records(cfg: Any, task: Any, path: Path, rep: Report) -> tuple[dict[str, list[dict]], str | None]:
+    """Clean records of `task` from `path`, sampled (data.sample), shuffled and split by the recipe's sizes."""
+    d = cfg.data
+    keep = d.sample
+    if keep is None and all(isinstance(x, int) for x in (d.train_size, d.val_size, d.test_size)):
+        keep = d.train_size + d.val_size + d.test_size
+    share = keep if isinstance(keep, float) else None
+    records = collect(task.records(path, cfg, rep), None if share else keep, d.seed, rep, task.duplicate_reason)
+    if share is not None and 0 < share < 1:  # a subset fraction (flan-t5's --train_subset)
+        records = random.Random(d.seed).sample(records, max(1, int(len(records) * share)))
+    if not records:
+        reasons = ", ".join(f"{k} {v}" for k, v in rep.dropped.most_common(4)) or "no rows"
+        raise UserError(f"{path}: no usable record out of {rep.read} read ({reasons}); task {task.name} expects "
+                        f"{task.expects}")
+    random.Random(d.seed).shuffle(records)
+    (n_tr, n_va, n_te), note = sizes(len(records), d)
+    if note:
+        log.warning(note)
+    return {"train": records[:n_tr], "val": records[n_tr:n_tr + n_va],
+            "test": records[n_tr + n_va:n_tr + n_va + n_te]}, note
+
+
+def to_examples(cfg: Any, task: Any, architecture: Any, records: list[dict], seed: int, extend: bool) -> list[dict]:
+    """Processed examples; with prompt.conversation_extension=k each chains k-1 other random records before it."""
+    rng = random.Random(seed)
+    k = cfg.prompt.conversation_extension if extend else 1
+    out = []
+    for i, fields in enumerate(records):
+        others = [j for j in rng.sample(range(len(records)), min(k, len(records))) if j != i][: k - 1] if k > 1 else []
+        ex = architecture.build(cfg, fields, [records[j] for j in others])
+        out.append({"id": fields["uid"], **ex, **task.example_extra(fields)})
+    return out
+
+
+def percentiles(lengths: list[int], max_length: int) -> dict:
+    lengths = sorted(lengths)
+    pct = {f"p{p}": lengths[min(len(lengths) - 1, int(len(lengths) * p / 100))] for p in (50, 90, 99)}
+    return {**pct, "max": lengths[-1], "mean": round(sum(lengths) / len(lengths), 1),
+            "over_max_length": sum(x > max_length for x in lengths)}

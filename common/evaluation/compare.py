@@ -1,0 +1,260 @@
+"""Base vs tuned on the eval split: cached base generations, the task's scores, the paired CI, the result files.
+
+The task (common/tasks/) scores answers; this module compares the two models and writes what a reader opens:
+side_by_side.csv, improved_examples.csv, fixed_prompts.csv (when the task has extra prompts), report.md and,
+last, metrics.json, all inside one atomically replaced eval/ folder.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+from common.core import io, metadata, paths
+from common.data import prompts
+from common.evaluation import forgetting, metrics
+from common.model import modeling
+
+log = logging.getLogger("ft")
+
+
+@dataclass
+class Answers:
+    """One model's answers to the eval prompts, whether each stopped on EOS, and its general-text losses."""
+
+    texts: list[str]
+    stops: list[bool]
+    general: list[float]
+
+
+def base_source(cfg: Any) -> tuple[str, str]:
+    """(where the base model is loaded from, why): the weights the tuned model is built on, so base and tuned differ
+    only by the tuning; for a pre-quantized recipe the full-precision copy, which the merge uses and the adapter is
+    put on for evaluation (modeling.load_tuned)."""
+    full = bool(cfg.model.full_precision_name_or_path)
+    why = ("model.full_precision_name_or_path: the weights the tuned model is built on" if full
+           else "model.name_or_path: the weights the tuned model is built on")
+    return modeling.model_source(cfg, full_precision=full), why
+
+
+def tuned_weights_key(cfg: Any, rp: paths.RunPaths) -> str:
+    """A hash of what the tuned model is: the adapter files and, evaluated merged, the merge report."""
+    h = hashlib.sha256(cfg.eval.use.encode())
+    files = [rp.adapter / "adapter_config.json", rp.adapter / "adapter_model.safetensors"]
+    for f in files + ([rp.merge_report] if cfg.eval.use == "merged" else []):
+        h.update(f.read_bytes() if f.exists() else b"-")
+    return h.hexdigest()[:16]
+
+
+def _generate(cfg: Any, cache: Path, key: str, label: str, load: Any, tok: Any, ids: list[list[int]],
+              precision: str, architecture: Any, general: list[str]) -> Answers:
+    """Answers from `cache` when its key matches; otherwise load the model once, generate, score the general
+    text, and write the cache."""
+    if cache.exists():
+        cached = io.read_jsonl(cache)
+        if cached and cached[0].get("key") == key:
+            log.info("%s generations: reusing %d cached answers (%s)", label, len(cached) - 2, cache.name)
+            return Answers([r["answer"] for r in cached[2:]], [r["stopped"] for r in cached[2:]],
+                           cached[1]["general_losses"])
+    model = load()
+    stops: list[bool] = []
+    texts = modeling.generate(model, tok, ids, cfg.eval.max_new_tokens, architecture, cfg.eval.batch_size,
+                              f"{label} model", precision, stops)
+    t0 = time.perf_counter()
+    losses = forgetting.token_losses(model, tok, general)
+    log.info("%s model: general-text loss %.4f on %d passages (%.1f s)", label, sum(losses) / max(1, len(losses)),
+             len(losses), time.perf_counter() - t0)
+    io.write_jsonl(cache, [{"key": key}, {"general_losses": losses}] +
+                   [{"answer": a, "stopped": s} for a, s in zip(texts, stops)])
+    return Answers(texts, stops, losses)
+
+
+def head(a: Answers, n: int) -> Answers:
+    """The first n answers (the eval rows; the rest answer the task's extra prompts)."""
+    return Answers(a.texts[:n], a.stops[:n], a.general)
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def base_generations(cfg: Any, rp: paths.RunPaths, tok: Any, ids: list[list[int]], precision: str,
+                     architecture: Any, general: list[str]) -> Answers:
+    """The base model's answers, cached in outputs/<run>/base_generations.jsonl by weights, prompts, settings and
+    general-text set, so re-running eval after more training does not regenerate them."""
+    source, _ = base_source(cfg)
+    key = _key(source, cfg.model.revision, cfg.model.trust_remote_code, ids, cfg.eval.max_new_tokens, precision,
+               forgetting.fingerprint(general), "base")
+    return _generate(cfg, rp.base_cache, key, "base",
+                     lambda: modeling.load_model(cfg, source, 0, modeling.inference_dtype()),
+                     tok, ids, precision, architecture, general)
+
+
+def tuned_generations(cfg: Any, rp: paths.RunPaths, tok: Any, ids: list[list[int]], precision: str,
+                      architecture: Any, general: list[str]) -> Answers:
+    """The tuned model's answers, cached in outputs/<run>/tuned_generations.jsonl by the tuned weights (adapter
+    files, merge report), prompts, settings and general-text set: a card-only change does not regenerate them."""
+    key = _key(tuned_weights_key(cfg, rp), ids, cfg.eval.max_new_tokens, precision,
+               forgetting.fingerprint(general), "tuned")
+    return _generate(cfg, rp.tuned_cache, key, "tuned", lambda: modeling.load_tuned(cfg, rp, cfg.eval.use),
+                     tok, ids, precision, architecture, general)
+
+
+STOP_RATE_FLAG = 0.9  # a tuned model whose answers end on EOS less often than this is flagged in the report
+
+
+def strongest(task: Any, scores: dict[str, dict]) -> str | None:
+    """The baseline with the highest aggregate primary metric (the first declared on a tie); None when none."""
+    best = None
+    for name, agg in scores.items():
+        if best is None or agg[task.primary] > scores[best][task.primary]:
+            best = name
+    return best
+
+
+def compare(cfg: Any, task: Any, rows: list[dict], base: Answers, tuned: Answers, train: list[dict]
+            ) -> tuple[dict, list[dict]]:
+    """(metrics.json content without meta, side-by-side rows) for base and tuned answers to `rows` and the task's
+    baselines; every comparison is paired on the same examples. stop_rate is the share of answers that ended on
+    EOS before eval.max_new_tokens."""
+    refs = [prompts.reference(r) for r in rows]
+    key, n_boot = task.per_example, cfg.eval.bootstrap
+    m: dict[str, Any] = {"n_examples": len(rows), "task": task.name, "primary_metric": task.primary}
+    m["base"], per_b = task.score(base.texts, refs)
+    m["tuned"], per_t = task.score(tuned.texts, refs)
+    for name, a in (("base", base), ("tuned", tuned)):
+        m[name]["stop_rate"] = sum(a.stops) / max(1, len(a.stops))
+    m["tuned_does_not_stop"] = m["tuned"]["stop_rate"] < STOP_RATE_FLAG
+    ours = [t[key] for t in per_t]
+    m["comparison"] = {"metric": task.primary, "per_example": key, "against": "base",
+                       **metrics.paired(ours, [b[key] for b in per_b], n_boot)}
+    answers = task.baselines(train, rows)
+    m["baselines"], m["vs_baselines"], per_base = {}, {}, {}
+    for name, preds in answers.items():
+        m["baselines"][name], per_base[name] = task.score(preds, refs)
+        m["vs_baselines"][name] = {"metric": task.primary, "per_example": key, "against": name,
+                                   **metrics.paired(ours, [p[key] for p in per_base[name]], n_boot)}
+    best = strongest(task, m["baselines"])
+    m["verdict"] = m["vs_baselines"][best] if best else m["comparison"]
+    m["strongest_baseline"] = best
+    m["forgetting"] = {"set": str(paths.GENERAL_TEXT.relative_to(paths.REPO)),
+                       **forgetting.compare(base.general, tuned.general, n_boot)}
+    side = []
+    for i, (r, ref) in enumerate(zip(rows, refs)):
+        row = {"id": r["id"], "prompt": prompts.prompt_text(r), "reference": ref, "base": base.texts[i],
+               "tuned": tuned.texts[i], f"base_{key}": round(per_b[i][key], 4), f"tuned_{key}": round(per_t[i][key], 4)}
+        for name, preds in answers.items():
+            row[name] = preds[i]
+            row[f"{name}_{key}"] = round(per_base[name][i][key], 4)
+        side.append(row)
+    return m, side
+
+
+def verdict_line(c: dict, n: int, who: str) -> str:
+    """One sentence: the paired difference on the primary metric, its CI, and what it says."""
+    line = (f"tuned - {who} on {c['metric']}: {c['mean']:+.4f}, 95% CI [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]"
+            f" (paired bootstrap over the same {n} examples) — the tuned model is "
+            f"**{metrics.VERDICT_WORDS[c['verdict']]} {who}**.")
+    return line + resolve_hint(c, n, "test examples")
+
+
+def resolve_hint(c: dict, n: int, what: str) -> str:
+    """For a not-distinguishable difference: roughly how many examples would resolve one of the observed size."""
+    if c["verdict"] != "not distinguishable":
+        return ""
+    need = c.get("examples_to_resolve")
+    if need is None:
+        return f" No difference was observed, so more {what} would not make one appear."
+    return (f" A difference of this size would need roughly {need:,} {what} to resolve (this run has {n}).")
+
+
+def forgetting_lines(f: dict) -> list[str]:
+    """The forgetting check in report.md: mean losses, the paired change, and a warning when it is worse."""
+    lines = [f"General-text loss per token (`{f['set']}`, {f['passages']} passages; lower is better): base "
+             f"{f['base_loss']:.4f}, tuned {f['tuned_loss']:.4f}; change {f['mean']:+.4f}, 95% CI "
+             f"[{f['ci_low']:+.4f}, {f['ci_high']:+.4f}] — on general text the tuned model is "
+             f"**{metrics.VERDICT_WORDS[f['verdict']]} the base model**." + resolve_hint(f, f["passages"], "passages")]
+    if f["verdict"] == "worse":
+        lines += ["", "**Warning: the tuned model forgot some general ability** (its loss on general text is higher "
+                     "beyond the CI); a lower learning rate, fewer steps or a smaller LoRA rank usually costs less."]
+    return lines
+
+
+def to_csv(rows: list[dict]) -> str:
+    buf = StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return buf.getvalue()
+
+
+def base_weights_note(m: dict) -> str:
+    w = m.get("base_weights")
+    return f" Base answers from `{w['source']}` ({w['why']})." if w else ""
+
+
+def report_md(cfg: Any, m: dict, examples: list[dict], notes: list[str]) -> str:
+    names = list(m["baselines"])
+    n = m["n_examples"]
+    lines = [f"# Evaluation: {cfg.name}", "",
+             f"Base model `{cfg.model.name_or_path}`, tuned with recipe `{cfg.name}` ({n} `{cfg.eval.split}` "
+             f"examples, greedy, max_new_tokens={cfg.eval.max_new_tokens})." + base_weights_note(m), ""]
+    v, best = m["verdict"], m["strongest_baseline"]
+    who = f"the strongest baseline, `{best}`" if best else "the base model (the task declares no baselines)"
+    lines += [f"**Verdict against {who}: the tuned model is {metrics.VERDICT_WORDS[v['verdict']]} it** on "
+              f"{v['metric']} ({v['mean']:+.4f}, 95% CI [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]).", ""]
+    lines += ["| metric | base | tuned |" + "".join(f" {b} |" for b in names), "|---|---|---|" + "---|" * len(names)]
+    for k, val in m["tuned"].items():
+        cells = "".join(f" {m['baselines'][b][k]:.4f} |" if k in m["baselines"][b] else " - |" for b in names)
+        lines.append(f"| {k} | {m['base'][k]:.4f} | {val:.4f} |" + cells)
+    lines += ["", "Every comparison is paired on the same examples:", "",
+              "- " + verdict_line(m["comparison"], n, "the base model")]
+    lines += ["- " + verdict_line(m["vs_baselines"][b], n, f"baseline `{b}`") for b in names]
+    lines += [""] + forgetting_lines(m["forgetting"])
+    if m.get("n_prompts_truncated"):
+        lines.append(f"**{m['n_prompts_truncated']} of {n} eval prompts were longer than train.max_length="
+                     f"{cfg.train.max_length}** and were truncated (their user content cut); raise train.max_length "
+                     "to evaluate them whole.")
+    if m.get("tuned_does_not_stop"):
+        lines.append(f"**Warning: the tuned model does not stop.** Only {m['tuned']['stop_rate']:.0%} of its answers "
+                     f"ended on EOS within max_new_tokens={cfg.eval.max_new_tokens} (base: {m['base']['stop_rate']:.0%})"
+                     "; check that the training answers end with the EOS token (prompt.template) or raise "
+                     "eval.max_new_tokens.")
+    if notes:
+        lines += ["", "Settings replaced on this machine: " + "; ".join(notes)]
+    lines += ["", "## Examples", ""]
+    flat = lambda s: " ".join(str(s).split())  # noqa: E731 (one line per answer in Markdown)
+    for ex in examples[:3]:
+        lines += [f"**Prompt:** {flat(ex['prompt'])}", "", f"- reference: {flat(ex['reference'])}",
+                  f"- base: {flat(ex['base'])}", f"- tuned: {flat(ex['tuned'])}"]
+        lines += [f"- {b}: {flat(ex[b])}" for b in names if b in ex] + [""]
+    return "\n".join(lines) + "\n"
+
+
+def meta(cfg: Any, rp: paths.RunPaths, info: dict) -> dict:
+    """metrics.json's self-description."""
+    return metadata.describe(cfg, "eval", tuned_model=str(rp.merged if cfg.eval.use == "merged" else rp.adapter),
+                             replaced=info.get("plan", {}).get("replaced", []),
+                             generation_precision=info.get("plan", {}).get("precision", "fp32"))
+
+
+def write(cfg: Any, rp: paths.RunPaths, m: dict, side: list[dict], extra: list[dict], info: dict) -> None:
+    """The eval/ folder, replaced whole; metrics.json is written last inside it."""
+    key = m["comparison"]["per_example"]
+    improved = sorted((s for s in side if s[f"tuned_{key}"] > s[f"base_{key}"]),
+                      key=lambda s: s[f"base_{key}"] - s[f"tuned_{key}"])
+    m.setdefault("meta", meta(cfg, rp, info))
+    with io.atomic_dir(rp.eval) as tmp:
+        io.atomic_write_text(tmp / "side_by_side.csv", to_csv(side))
+        io.atomic_write_text(tmp / "improved_examples.csv", to_csv(improved))
+        if extra:
+            io.atomic_write_text(tmp / "fixed_prompts.csv", to_csv(extra))
+        io.atomic_write_text(tmp / "report.md", report_md(cfg, m, improved or side, info.get("plan", {}).get("replaced", [])))
+        io.atomic_write_json(tmp / "metrics.json", m)

@@ -1,0 +1,162 @@
+"""The architecture seam: decoder-only (causal) vs encoder-decoder (seq2seq, T5), decided here and nowhere else.
+
+An `Arch` knows the model class, the PEFT task type, how a record's fields become a prompt and an answer, how a
+training example and a generation prompt are encoded (both within train.max_length: a training example is cut at
+the end and dropped when no answer token is left; a generation prompt keeps its whole chat framing and loses the
+end of its user content, so the model is still asked to answer), and the padding side for batched generation.
+Train, merge, eval, demo and bench call `arch.get(cfg)` and never test the name; the trainer of each architecture
+is the training stage's (common/training/trainers.py, keyed by `Arch.name`).
+
+Causal: chat messages rendered by the tokenizer's chat template (common/data/prompts.py: labels -100 on every
+prompt token, the answer and its EOS trained). Seq2seq: the prompt text is the encoder input, the answer text the
+labels. T5 overflows in fp16 (loss 0/NaN), so fp16 is replaced for it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from common.core.io import UserError
+from common.data import prompts
+from common.data.templates import TEMPLATES
+
+
+def fill(template: str, fields: dict, where: str) -> str:
+    """template.format_map(fields), with a one-line error naming the setting when a field is unknown."""
+    try:
+        return template.format_map(fields)
+    except KeyError as e:
+        raise UserError(f"{where} uses {{{e.args[0]}}}, which this record does not have; fields: "
+                        f"{', '.join(sorted(fields))}") from None
+
+
+class Arch:
+    name = ""
+    peft_task_type = ""
+    fp16_safe = True
+    padding_side = "left"  # batched generation
+    echoes_prompt = True  # generate() returns prompt + answer (decoder-only) or the answer alone (seq2seq)
+    chat_baselines = True  # make bench compares with plain TRL SFT and the padded reference (decoder-only setups)
+
+    def model_class(self) -> Any:
+        raise NotImplementedError
+
+    def load_kwargs(self, cfg: Any) -> dict:
+        return {}
+
+    def prepare_tokenizer(self, cfg: Any, tok: Any, source: str) -> None:
+        """Give the tokenizer what the recipe asks (e.g. a chat template)."""
+
+    def build(self, cfg: Any, fields: dict, history: list[dict] | None = None) -> dict:
+        """{'prompt', 'completion'} of one processed example from a record's fields (history: earlier records)."""
+        raise NotImplementedError
+
+    def encode_train(self, cfg: Any, tok: Any, ex: dict) -> tuple[list[int], list[int]] | None:
+        """(input ids, labels) of a training example; None when truncation leaves no answer token."""
+        raise NotImplementedError
+
+    def encode_prompt(self, cfg: Any, tok: Any, ex: dict) -> list[int]:
+        """The ids generation starts from, within train.max_length."""
+        raise NotImplementedError
+
+    def prompt_truncated(self, cfg: Any, tok: Any, ex: dict) -> bool:
+        """Whether encode_prompt had to shorten this example's prompt to fit train.max_length."""
+        raise NotImplementedError
+
+    def length(self, tok: Any, ex: dict) -> int:
+        """Untruncated tokens of prompt + answer (prepare's length statistics)."""
+        raise NotImplementedError
+
+    def forward_inputs(self, cfg: Any, tok: Any, ex: dict) -> dict:
+        """Model inputs for a whole example (prompt and answer): the merge check compares logits on these."""
+        raise NotImplementedError
+
+
+class Causal(Arch):
+    name = "causal"
+    peft_task_type = "CAUSAL_LM"
+
+    def model_class(self) -> Any:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
+
+    def load_kwargs(self, cfg: Any) -> dict:
+        return {"attn_implementation": cfg.model.attn_implementation}
+
+    def prepare_tokenizer(self, cfg: Any, tok: Any, source: str) -> None:
+        name = cfg.prompt.template
+        if name != "native":
+            if name not in TEMPLATES:
+                raise UserError(f"prompt.template '{name}' is unknown; choose native or one of {', '.join(TEMPLATES)}")
+            tok.chat_template = TEMPLATES[name]
+        elif not tok.chat_template:
+            raise UserError(f"{source} has no chat template; set prompt.template (e.g. chatml or alpaca)")
+
+    def build(self, cfg: Any, fields: dict, history: list[dict] | None = None) -> dict:
+        p = cfg.prompt
+        msgs: list[dict] = [{"role": "system", "content": p.system}] if p.system else []
+        for h in history or []:
+            msgs += [{"role": "user", "content": fill(p.user, h, "prompt.user")},
+                     {"role": "assistant", "content": fill(p.target, h, "prompt.target")}]
+        msgs.append({"role": "user", "content": fill(p.user, fields, "prompt.user")})
+        return {"prompt": msgs, "completion": [{"role": "assistant", "content": fill(p.target, fields, "prompt.target")}]}
+
+    def encode_train(self, cfg: Any, tok: Any, ex: dict) -> tuple[list[int], list[int]] | None:
+        return prompts.encode_chat(tok, ex["prompt"], ex["completion"], cfg.train.max_length,
+                                   all_turns=cfg.train.loss_on == "assistant_turns")
+
+    def encode_prompt(self, cfg: Any, tok: Any, ex: dict) -> list[int]:
+        return prompts.fit_prompt(tok, ex["prompt"], cfg.train.max_length)[0]
+
+    def prompt_truncated(self, cfg: Any, tok: Any, ex: dict) -> bool:
+        return prompts.fit_prompt(tok, ex["prompt"], cfg.train.max_length)[1]
+
+    def length(self, tok: Any, ex: dict) -> int:
+        enc = prompts.encode_chat(tok, ex["prompt"], ex["completion"], None, True)
+        return len(enc[0]) if enc else 0
+
+    def forward_inputs(self, cfg: Any, tok: Any, ex: dict) -> dict:
+        enc = prompts.encode_chat(tok, ex["prompt"], ex["completion"], cfg.train.max_length, True)
+        return {"input_ids": enc[0]} if enc else {}
+
+
+class Seq2Seq(Arch):
+    name = "seq2seq"
+    peft_task_type = "SEQ_2_SEQ_LM"
+    fp16_safe = False  # T5 overflows in fp16: loss 0/NaN
+    padding_side = "right"  # the encoder reads the prompt; the decoder starts fresh
+    echoes_prompt = False
+    chat_baselines = False
+
+    def model_class(self) -> Any:
+        from transformers import AutoModelForSeq2SeqLM
+
+        return AutoModelForSeq2SeqLM
+
+    def build(self, cfg: Any, fields: dict, history: list[dict] | None = None) -> dict:
+        return {"prompt": fill(cfg.prompt.user, fields, "prompt.user"),
+                "completion": fill(cfg.prompt.target, fields, "prompt.target")}
+
+    def encode_train(self, cfg: Any, tok: Any, ex: dict) -> tuple[list[int], list[int]] | None:
+        return prompts.encode_seq2seq(tok, ex["prompt"], ex["completion"], cfg.train.max_length,
+                                      cfg.train.max_target_length)
+
+    def encode_prompt(self, cfg: Any, tok: Any, ex: dict) -> list[int]:
+        return tok(ex["prompt"], max_length=cfg.train.max_length, truncation=True).input_ids  # keeps the EOS
+
+    def prompt_truncated(self, cfg: Any, tok: Any, ex: dict) -> bool:
+        return len(tok(ex["prompt"]).input_ids) > cfg.train.max_length
+
+    def length(self, tok: Any, ex: dict) -> int:
+        return len(tok(ex["prompt"]).input_ids) + len(tok(text_target=ex["completion"]).input_ids)
+
+    def forward_inputs(self, cfg: Any, tok: Any, ex: dict) -> dict:
+        src, tgt = self.encode_train(cfg, tok, ex)
+        return {"input_ids": src, "labels": tgt}
+
+
+ARCHS: dict[str, Arch] = {"causal": Causal(), "seq2seq": Seq2Seq()}
+
+
+def get(cfg: Any) -> Arch:
+    return ARCHS[cfg.model.arch]

@@ -1,0 +1,224 @@
+"""GGUF files and an Ollama Modelfile from the merged model, with the `gguf` package (pure Python, no C++ build).
+
+What llama.cpp, Ollama and LM Studio need is written the way llama.cpp's own converter writes it for the Llama
+architecture (Mistral models are "llama" in GGUF, with "mistral" in general.name so readers can tell):
+
+- tensors under llama.cpp's names (gguf.TensorNameMap), q_proj/k_proj rows permuted to llama.cpp's rotary layout,
+  norms in f32, matrices in f16 or q8_0 (gguf.quants);
+- the tokenizer the model was tuned and evaluated with: every token with its type (special tokens as CONTROL, so
+  `<|im_end|>` stays one token), the merges, the special ids, add_bos, the pre-tokenizer name read off
+  tokenizer.json, and the recipe's chat template (what makes a chat app format prompts as in training);
+- a Modelfile whose TEMPLATE is derived from that same chat template (ollama_template), with the stop strings.
+
+The tokenizer's part is common/model/gguf_tokenizer.py. Seq2seq models stop with one line saying so.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+from common.core import schema
+from common.core.io import UserError
+from common.data import prompts
+from common.model.gguf_tokenizer import Unsupported
+
+GGUF_ARCH = {"llama": "llama", "mistral": "llama"}  # transformers model_type -> GGUF architecture
+QUANTS = schema.GGUF_QUANTS
+def check_supported(config: Any) -> None:
+    mt = getattr(config, "model_type", None)
+    if mt not in GGUF_ARCH:
+        raise Unsupported(f"GGUF export supports Llama- and Mistral-family causal models; this model is '{mt}' "
+                          "(seq2seq models such as T5 are not run by llama.cpp/Ollama: use merged/ with transformers)")
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind != "default":
+        raise Unsupported(f"GGUF export does not write rope scaling '{kind}' yet; use merged/ with transformers")
+
+
+def rope_theta(config: Any) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0)
+
+
+# --------------------------------------------------------------------------- tokenizer
+# --------------------------------------------------------------------------- tensors
+def permute_rope(w: Any, n_head: int) -> Any:
+    """HF's q/k row order -> llama.cpp's (the inverse of what transformers applies when it reads a GGUF)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_tensors(folder: Path) -> Iterator[tuple[str, Any]]:
+    """(name, float32 numpy array) of every tensor in a saved model folder, one at a time."""
+    import torch
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder} has no .safetensors weights; run make merge")
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
+                yield name, st.get_tensor(name).to(torch.float32).numpy()
+
+
+def gguf_tensors(folder: Path, config: Any) -> Iterator[tuple[str, Any]]:
+    """(llama.cpp name, float32 array) for every weight of the merged model, q/k permuted."""
+    import gguf
+
+    names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    for name, w in read_tensors(folder):
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        base = name.removesuffix(".weight")
+        new = names.get_name(base)
+        if new is None:
+            raise Unsupported(f"tensor {name} of {folder} has no llama.cpp name; GGUF export supports plain "
+                              "Llama/Mistral weights")
+        if base.endswith("q_proj"):
+            w = permute_rope(w, n_head)
+        elif base.endswith("k_proj"):
+            w = permute_rope(w, n_kv)
+        yield new + ".weight", w
+
+
+def write_gguf(path: Path, folder: Path, config: Any, tok_meta: dict, quant: str, describe: dict) -> dict:
+    """One GGUF file (f16 or q8_0) of the merged model in `folder`; returns what was written."""
+    import gguf
+    import numpy as np
+
+    if quant not in QUANTS:
+        raise UserError(f"export.quantizations: '{quant}' is not one of {', '.join(QUANTS)}")
+    w = gguf.GGUFWriter(str(path), GGUF_ARCH[config.model_type])
+    w.add_name(describe["name"])
+    w.add_description(describe["description"])
+    if describe.get("license"):
+        w.add_license(describe["license"])
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
+    w.add_rope_dimension_count(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    w.add_rope_freq_base(rope_theta(config))
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_vocab_size(config.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if quant == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_tokenizer_model(tok_meta["model"])
+    w.add_tokenizer_pre(tok_meta["pre"])
+    w.add_token_list(tok_meta["tokens"])
+    w.add_token_types(tok_meta["token_types"])
+    if tok_meta.get("scores") is not None:
+        w.add_token_scores(tok_meta["scores"])
+    if tok_meta.get("merges"):
+        w.add_token_merges(tok_meta["merges"])
+    for key, tid in tok_meta["ids"].items():
+        if tid is not None:
+            getattr(w, {"pad": "add_pad_token_id", "unk": "add_unk_token_id"}.get(key, f"add_{key}_token_id"))(tid)
+    w.add_add_bos_token(tok_meta["add_bos"])
+    if "add_space_prefix" in tok_meta:
+        w.add_add_space_prefix(tok_meta["add_space_prefix"])
+    w.add_add_eos_token(tok_meta["add_eos"])
+    if tok_meta.get("chat_template"):
+        w.add_chat_template(tok_meta["chat_template"])
+    counts = {"f32": 0, "f16": 0, "q8_0": 0}
+    for name, arr in gguf_tensors(folder, config):
+        if arr.ndim == 1:
+            w.add_tensor(name, arr.astype(np.float32))
+            counts["f32"] += 1
+        elif quant == "q8_0" and arr.shape[-1] % 32 == 0:
+            q = gguf.quants.quantize(arr.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            counts["q8_0"] += 1
+        else:
+            w.add_tensor(name, arr.astype(np.float16))
+            counts["f16"] += 1
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return {"file": path.name, "bytes": path.stat().st_size, "tensors_by_type": counts}
+
+
+# --------------------------------------------------------------------------- Ollama
+_SYS, _USR = "\x00SYSTEM\x00", "\x00PROMPT\x00"
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def ollama_template(tok: Any) -> str:
+    """The tokenizer's chat template (one user turn, optional system message, generation prompt) in Ollama's
+    Go-template syntax: rendered with placeholders, with and without a system message, and the difference
+    becomes `{{ if .System }}...{{ else }}...{{ end }}`. A BOS the tokenizer adds itself is left out (llama.cpp
+    adds it too)."""
+    def render(msgs: list[dict]) -> str:
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        bos = tok.bos_token
+        if bos and prompts.adds_bos(tok) and text.startswith(bos):
+            text = text[len(bos):]
+        return text
+
+    user = {"role": "user", "content": _USR}
+    without = render([user])
+    try:
+        with_sys = render([{"role": "system", "content": _SYS}, user])
+    except Exception:  # noqa: BLE001 (templates that reject a system role raise their own exception types)
+        with_sys = without
+    if _SYS not in with_sys:
+        body = without
+    else:
+        p = _common_prefix(with_sys, without)
+        while p and with_sys[p - 1] != "\n":  # the system block starts a line (a turn), not mid-token
+            p -= 1
+        s = _common_prefix(with_sys[p:][::-1], without[p:][::-1])
+        mid_sys, mid_none = with_sys[p:len(with_sys) - s], without[p:len(without) - s]
+        body = (with_sys[:p] + "{{ if .System }}" + mid_sys + ("{{ else }}" + mid_none if mid_none else "")
+                + "{{ end }}" + with_sys[len(with_sys) - s:])
+    for raw, go in ((_SYS, "{{ .System }}"), (_USR, "{{ .Prompt }}")):
+        body = body.replace(raw, go)
+    if "{{ .Prompt }}" not in body:
+        raise Unsupported("the chat template does not place the user message; cannot write an Ollama TEMPLATE")
+    return body
+
+
+def render_ollama(template: str, system: str | None, prompt: str) -> str:
+    """Ollama's rendering of the subset ollama_template writes (if/else/end on .System, .System, .Prompt)."""
+    def branch(m: re.Match) -> str:
+        return m.group(1) if system else (m.group(2) or "")
+
+    out = re.sub(r"\{\{ if \.System \}\}(.*?)(?:\{\{ else \}\}(.*?))?\{\{ end \}\}", branch, template, flags=re.S)
+    return out.replace("{{ .System }}", system or "").replace("{{ .Prompt }}", prompt)
+
+
+def stop_strings(tok: Any, template: str) -> list[str]:
+    """What ends an answer: EOS and the end-of-turn special tokens the template writes."""
+    stops = [tok.eos_token] if tok.eos_token else []
+    for t in tok.added_tokens_decoder.values():
+        if t.special and t.content in template and t.content not in stops and t.content != tok.bos_token:
+            if re.search(r"end|eot|/s>|\|im_end", t.content):
+                stops.append(t.content)
+    return stops
+
+
+def modelfile(gguf_name: str, tok: Any, system: str | None, max_length: int) -> tuple[str, str, list[str]]:
+    """(Modelfile text, TEMPLATE, stops) for `ollama create NAME -f Modelfile` next to the GGUF file."""
+    template = ollama_template(tok)
+    stops = stop_strings(tok, template)
+    lines = [f"# ollama create <name> -f Modelfile   (in this folder; runs {gguf_name})",
+             f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    lines += ["# greedy, as the model was evaluated; raise for more varied answers", "PARAMETER temperature 0",
+              f"PARAMETER num_ctx {max(2048, max_length)}"]
+    return "\n".join(lines) + "\n", template, stops

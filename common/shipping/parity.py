@@ -1,0 +1,81 @@
+"""Parity gates: does what leaves the repo (merged model, GGUF file) answer like the model it was made from?
+
+Two measures, both on validation examples, both recorded in merge_report.json / export_report.json:
+
+- token agreement: teacher-forced next-token argmax on whole examples (prompt + answer), the share of positions
+  where the two models pick the same token, plus the largest logit difference. Robust: hundreds of positions,
+  each independent of the others' rounding.
+- answer match: the share of greedy answers (eval.max_new_tokens) that are identical. What a user sees; one
+  near-tie early in an answer changes all that follows, so its threshold is lower except where the weights are
+  bit-identical (f16 GGUF of an fp16 merge).
+
+A gate below its recipe threshold raises ParityError: the step fails and its target is not written.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from common.core.io import UserError
+from common.model import arch, modeling
+
+
+class ParityError(UserError):
+    """The exported artifact does not answer like the model that was evaluated."""
+
+
+def teacher_forced(model: Any, inputs: list[dict]) -> list[Any]:
+    """Float32 CPU logits of each whole example."""
+    import torch
+
+    dev = next(model.parameters()).device
+    outs = []
+    with torch.inference_mode():
+        for x in inputs:
+            kw = {k: torch.tensor([v], device=dev) for k, v in x.items()}
+            outs.append(model(**kw).logits.float().cpu()[0])
+    return outs
+
+
+def agreement(ref: list[Any], got: list[Any]) -> dict:
+    """Next-token argmax agreement and logit differences between two models' logits on the same inputs."""
+    same = total = 0
+    diffs = []
+    for a, b in zip(ref, got):
+        same += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += a.shape[0]
+        diffs.append(float((a - b).abs().max()))
+    return {"positions": total, "token_agreement": same / max(1, total),
+            "max_abs_logit_diff": max(diffs, default=None), "per_example_max_abs_logit_diff": diffs,
+            "max_abs_logit": max((float(a.abs().max()) for a in ref), default=None)}
+
+
+def greedy(cfg: Any, model: Any, tok: Any, rows: list[dict], desc: str, precision: str = "fp32"
+           ) -> tuple[list[list[int]], list[str]]:
+    """(prompt ids, greedy answers) of `rows`, encoded with this tokenizer and its chat template, decoded as eval
+    decodes (`precision`: the training plan's, run_info.json plan.precision)."""
+    a = arch.get(cfg)
+    ids = [a.encode_prompt(cfg, tok, ex) for ex in rows]
+    return ids, modeling.generate(model, tok, ids, cfg.eval.max_new_tokens, a, cfg.eval.batch_size, desc, precision)
+
+
+def answer_match(ref: list[str], got: list[str]) -> dict:
+    same = [r == g for r, g in zip(ref, got)]
+    first = next((i for i, s in enumerate(same) if not s), None)
+    out: dict[str, Any] = {"answers": len(same), "answer_match": sum(same) / max(1, len(same))}
+    if first is not None:
+        out["first_difference"] = {"index": first, "reference": ref[first], "got": got[first]}
+    return out
+
+
+def gate(name: str, figures: dict, min_tokens: float, min_answers: float, fix: str) -> None:
+    """Raise ParityError when the figures fall below the thresholds (one line, naming the recipe keys)."""
+    bad = []
+    if figures["token_agreement"] < min_tokens:
+        bad.append(f"next-token agreement {figures['token_agreement']:.3f} < {min_tokens}")
+    if figures["answer_match"] < min_answers:
+        bad.append(f"identical greedy answers {figures['answer_match']:.2f} < {min_answers}")
+    if bad:
+        diff = figures.get("first_difference")
+        where = (f"; first different answer (#{diff['index']}): {diff['got'][:60]!r} vs {diff['reference'][:60]!r}"
+                 if diff else "")
+        raise ParityError(f"{name} does not answer like the model it was made from: {', '.join(bad)}{where}. {fix}")

@@ -1,0 +1,85 @@
+"""What training leaves to read: progress lines with an ETA, the time spent in training steps, train_log.csv, loss.png."""
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from io import StringIO
+from typing import Any
+
+from common.core.io import atomic_write_text
+from common.model import dtypes
+
+log = logging.getLogger("ft")
+
+
+def step_clock() -> Any:
+    """A callback adding up the time spent in training steps only (forward, backward, optimizer), not in the
+    evaluations, checkpoint saves and logging between them: run_info's training speed divides by this."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        seconds = 0.0
+        steps = 0
+
+        def on_step_begin(self, args, state, control, **kw):
+            self._t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if dtypes.cuda():
+                import torch
+
+                torch.cuda.synchronize()  # the step's queued kernels belong to the step
+            self.seconds += time.perf_counter() - self._t
+            self.steps += 1
+
+    return StepClock()
+
+
+def log_callback() -> Any:
+    """A callback mirroring the trainer's logs into our log file, with progress and an ETA."""
+    from transformers import TrainerCallback
+
+    class LogCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0, self.step0 = time.time(), state.global_step
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in (logs or {}).items()}
+            done = state.global_step - self.step0
+            eta = (time.time() - self.t0) / done * (state.max_steps - state.global_step) if done else 0
+            log.info("step %d/%d %s eta %.0fs", state.global_step, state.max_steps, logs, eta)
+
+    return LogCallback()
+
+
+def write_history(history: list[dict], out: Any) -> None:
+    """train_log.csv (every logged value by step) and loss.png (train and val loss), atomically."""
+    keys = ["step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "num_tokens"]
+    extra = sorted({k for h in history for k in h} - set(keys))
+    buf = StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys + extra, extrasaction="ignore")
+    w.writeheader()
+    for h in history:
+        w.writerow(h)
+    atomic_write_text(out / "train_log.csv", buf.getvalue())
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train loss"), ("eval_loss", "eval loss (val)")):
+        pts = [(h["step"], h[key]) for h in history if key in h]
+        if pts:
+            ax.plot(*zip(*pts), marker="o" if key == "eval_loss" else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out / ".loss.png.tmp"
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    tmp.replace(out / "loss.png")
