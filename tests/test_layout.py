@@ -146,3 +146,31 @@ def test_every_module_says_its_job_and_stays_short(path):
     assert doc and len(doc.splitlines()[0]) > 20, f"{path.name}: the first docstring line should say its one job"
     n = len(path.read_text().splitlines())
     assert n <= MAX_LINES, f"{path.relative_to(REPO)} has {n} lines (at most {MAX_LINES}): split it by concern"
+
+
+def unresolved_common_imports(source: str) -> list[str]:
+    """`from common... import name` lines in a code text whose module or name does not exist in the tree."""
+    bad = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "common":
+            folder = REPO.joinpath(*node.module.split("."))
+            if not (folder / "__init__.py").exists() and not folder.with_suffix(".py").exists():
+                bad.append(node.module)
+                continue
+            for a in node.names:
+                if not ((folder / f"{a.name}.py").exists() or (folder / a.name / "__init__.py").exists()
+                        or (folder.with_suffix(".py").exists() and f"def {a.name}" in folder.with_suffix(".py").read_text())):
+                    bad.append(f"{node.module}.{a.name}")
+    return bad
+
+
+def test_the_notebook_imports_modules_that_exist():
+    import json
+
+    for nb in (REPO / "notebooks").glob("*.ipynb"):
+        cells = json.loads(nb.read_text())["cells"]
+        code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+        code = "\n".join(line[:len(line) - len(line.lstrip())] + "pass" if line.lstrip().startswith(("!", "%")) else line
+                         for line in code.splitlines())
+        assert unresolved_common_imports(code) == [], nb.name
+    assert unresolved_common_imports("from common import config") == ["common.config"]
