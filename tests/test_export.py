@@ -16,7 +16,7 @@ import yaml
 from conftest import make
 
 from common.core import config
-from common.data import templates
+from common.data import prompts, templates
 from common.model import gguf_tokenizer, standins
 from common.shipping import export, report
 
@@ -285,6 +285,36 @@ def test_model_cards_match_what_was_evaluated(run):
     state = json.loads((out / "adapter/trainer_state.json").read_text())
     info = json.loads((out / "adapter/run_info.json").read_text())
     assert state["global_step"] == info["global_step"] and any("loss" in h for h in state["log_history"])
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("recipe", ["smollm2", "tinyllama", "mistral-xauusd"])  # no BOS; BOS added; BOS in template
+def test_the_cards_python_snippets_run_on_the_saved_model_with_the_tokens_eval_uses(recipe, tiny_run):
+    """The card's "How to use" code, executed as a user copies it (the hub id pointed at the saved folder): it
+    generates, from exactly the prompt ids eval feeds the model (one BOS where the tokenizer adds one)."""
+    import contextlib
+    import io as stdio
+
+    from transformers import AutoTokenizer
+
+    from common.model import arch
+
+    r = tiny_run(recipe)
+    cfg = config.load(recipe, tiny=True)
+    for kind in ("merged", "adapter"):
+        card = (r.out / kind / "README.md").read_text()
+        code = card.split("```python\n", 1)[1].split("```", 1)[0]
+        assert f'"<user>/{cfg.run}"' in code
+        code = code.replace(f'"<user>/{cfg.run}"', repr(str(r.out / kind)))
+        ns: dict = {}
+        with contextlib.redirect_stdout(stdio.StringIO()) as printed:
+            exec(compile(code, f"{kind}/README.md", "exec"), ns)  # noqa: S102 (the card's own code)
+        tok = AutoTokenizer.from_pretrained(r.out / "adapter")
+        want = arch.get(cfg).encode_prompt(cfg, tok, {"prompt": ns["messages"], "completion": []})
+        got = ns["inputs"]["input_ids"][0].tolist()
+        assert got == want, (kind, tok.convert_ids_to_tokens(got[:3]), tok.convert_ids_to_tokens(want[:3]))
+        assert (got[0] == tok.bos_token_id) == prompts.adds_bos(tok) and got.count(tok.bos_token_id) <= 1
+        assert ns["out"].shape[1] > len(got) and printed.getvalue().endswith("\n")  # it generated and printed
 
 
 class _Cells(HTMLParser):
