@@ -153,6 +153,46 @@ def test_sentencepiece_space_prefix_llama_cpp_cannot_write_is_refused():
                                                "pretokenizers": [{**meta, "prepend_scheme": "first"}]}})
 
 
+def test_the_parity_gate_fails_on_answers_alone_and_on_tokens_alone():
+    """Each half of the gate stops a step by itself: identical tokens with too few identical answers, and
+    identical answers with too little token agreement; at the thresholds it passes."""
+    from common.shipping import parity
+
+    fix = "lower merge.min_answer_match"
+    answers = parity.answer_match(["a", "b", "c", "d"], ["a", "x", "y", "z"])  # 1 of 4 identical
+    with pytest.raises(parity.ParityError, match=r"identical greedy answers 0.25 < 0.5; first different answer "
+                                                 r"\(#1\): 'x' vs 'b'\. lower merge"):
+        parity.gate("the merged model", {"token_agreement": 1.0, **answers}, 0.98, 0.5, fix)
+    with pytest.raises(parity.ParityError, match=r"next-token agreement 0.970 < 0.98\. "):
+        parity.gate("the merged model", {"token_agreement": 0.97, "answer_match": 1.0}, 0.98, 0.5, fix)
+    parity.gate("the merged model", {"token_agreement": 0.98, "answer_match": 0.5}, 0.98, 0.5, fix)
+
+
+@pytest.mark.e2e
+def test_a_merge_whose_answers_differ_fails_on_the_answer_threshold(in_run, monkeypatch, capsys):
+    """The merged model's next tokens agree (teacher-forced) but its greedy answers differ: the merge step fails on
+    merge.min_answer_match alone."""
+    from common.shipping import parity
+
+    _, out = in_run
+    report_before = (out / "merge_report.json").read_text()
+    (out / "merge_report.json").unlink()
+    real = parity.greedy
+
+    def differ(cfg, model, tok, rows, desc, precision="fp32"):
+        ids, answers = real(cfg, model, tok, rows, desc, precision)
+        return ids, [a + " (changed)" for a in answers] if desc == "merged model" else answers
+
+    monkeypatch.setattr(parity, "greedy", differ)
+    try:
+        assert _call("03_merge_fp16") == 2
+        err = capsys.readouterr().err
+        assert "identical greedy answers 0.00 < 0.5" in err and "next-token agreement" not in err, err[-2000:]
+        assert not (out / "merge_report.json").exists()
+    finally:
+        (out / "merge_report.json").write_text(report_before)
+
+
 # --------------------------------------------------------------------------- one tiny run, shared
 @pytest.fixture(scope="module")
 def run(tiny_run):
@@ -277,8 +317,9 @@ def test_model_cards_match_what_was_evaluated(run):
             assert f"| {k} | {report.fmt(m['base'][k])} | {report.fmt(v)} |" in text
         c = m["comparison"]
         assert f"95% CI [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]" in text
-        v, f = m["verdict"], m["forgetting"]
+        v, f = m["vs_baselines"][m["strongest_baseline"]], m["forgetting"]
         assert f"`{m['strongest_baseline']}`: {v['mean']:+.4f}, 95% CI [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]" in text
+        assert "there are too few to tell" in text  # 8 eval examples
         assert f"base {f['base_loss']:.4f}, tuned {f['tuned_loss']:.4f}, change {f['mean']:+.4f}" in text
         assert "Test run on a random-init stand-in" in text and "![training and validation loss](loss.png)" in text
         assert (out / kind / "loss.png").stat().st_size > 1000

@@ -52,6 +52,21 @@ def test_answer_only_loss_and_gradients_equal_the_models_own(ft_home):
             assert torch.allclose(p.grad, ref_grads[name], atol=1e-6, rtol=1e-4), name
 
 
+def test_trained_tokens_count_an_encoder_decoders_targets_and_a_decoders_inputs_once():
+    """T5 trains on its encoder input and its decoder's target: both count; a decoder-only model's labels are its
+    own inputs, counted once. Padding (mask 0, label -100) is never counted."""
+    from types import SimpleNamespace
+
+    inputs = {"input_ids": torch.ones(2, 5, dtype=torch.long),
+              "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
+              "labels": torch.tensor([[7, 8, -100, -100], [7, 8, 9, -100]])}
+    t5 = SimpleNamespace(config=SimpleNamespace(is_encoder_decoder=True))
+    llama = SimpleNamespace(config=SimpleNamespace(is_encoder_decoder=False))
+    assert int(loss.batch_tokens(t5, inputs)) == 8 + 5
+    assert int(loss.batch_tokens(llama, inputs)) == 8
+    assert int(loss.batch_tokens(llama, {"input_ids": torch.ones(3, 4, dtype=torch.long)})) == 12
+
+
 def test_cheap_dropout_drops_at_rate_p_and_scales_like_torch():
     torch.manual_seed(0)
     d = builder.cheap_dropout_class()(0.05)
