@@ -19,7 +19,8 @@ On SageMaker (SM_MODEL_DIR set) the adapter is also copied to SM_MODEL_DIR; data
 SM_CHANNEL_TRAINING channel (common/core/config.py). HF_TOKEN is read from the environment by the hub client only.
 
 An interrupted run resumes from its last checkpoint (outputs/<run>/checkpoints/) when started again with the same
-train-defining settings and data (a changed runtime.* setting keeps the checkpoints; anything else starts fresh).
+train-defining settings, data and encoded tokens (checkpoint_key: a changed runtime.* setting keeps the checkpoints;
+anything else, a changed chat template included, starts fresh); a checkpoint at the schedule's end is never resumed.
 
 Writes outputs/<run>/: checkpoints/, train_log.csv, loss.png, baseline_samples.jsonl (when eval.baseline_samples
 > 0), tensorboard/ (when runtime.report_to has tensorboard; wandb, trackio and mlflow log to their own places), and,

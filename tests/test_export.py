@@ -354,7 +354,8 @@ def test_the_cards_python_snippets_run_on_the_saved_model_with_the_tokens_eval_u
         want = arch.get(cfg).encode_prompt(cfg, tok, {"prompt": ns["messages"], "completion": []})
         got = ns["inputs"]["input_ids"][0].tolist()
         assert got == want, (kind, tok.convert_ids_to_tokens(got[:3]), tok.convert_ids_to_tokens(want[:3]))
-        assert (got[0] == tok.bos_token_id) == prompts.adds_bos(tok) and got.count(tok.bos_token_id) <= 1
+        if prompts.adds_bos(tok):  # one BOS, as training and eval have it (not none, not two)
+            assert got[0] == tok.bos_token_id != got[1], tok.convert_ids_to_tokens(got[:3])
         assert ns["out"].shape[1] > len(got) and printed.getvalue().endswith("\n")  # it generated and printed
 
 
