@@ -193,7 +193,15 @@ def test_a_changed_chat_template_or_a_finished_checkpoint_never_resumes(ft_home)
     other = config.load("smollm2", ["prompt.template=zephyr"], tiny=True)
     assert stamps.step_settings(other, "train") == stamps.step_settings(cfg, "train")  # Make's prepare stamp alone
     assert train.resumable_checkpoint(other, rp, key(other)) is None and not (rp.checkpoints / "checkpoint-2").exists()
+    # the same settings, and a tokenizer that renders otherwise (a native chat template updated in place): fresh
     checkpoint(2, 4)
+    tok = modeling.load_tokenizer(other, modeling.model_source(other))
+    tok.chat_template = tok.chat_template.replace("<|assistant|>", "<|bot|>")
+    moved = builder.encode_split(other, tok, rows, "train")
+    assert train.resumable_checkpoint(other, rp, train.checkpoint_key(other, rp, moved, moved)) is None
+    assert train.resumable_checkpoint(other, rp, key(other)) is None  # a run of these settings starts
+    checkpoint(2, 4)
+    assert train.resumable_checkpoint(other, rp, key(other)) == str(rp.checkpoints / "checkpoint-2")
     last = checkpoint(4, 4)  # the finished run's last save
     assert train.resumable_checkpoint(other, rp, key(other)) is None and not (rp.checkpoints / "checkpoint-4").exists()
     assert not (rp.checkpoints / "checkpoint-2").exists() and not (rp.checkpoints / last).exists()
