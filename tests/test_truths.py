@@ -164,8 +164,9 @@ def test_runtime_settings_keep_the_checkpoints_and_train_settings_discard_them(f
 
 def test_a_changed_chat_template_or_a_finished_checkpoint_never_resumes(ft_home):
     """The splits hold messages, so a changed prompt.template leaves them as they were: the checkpoint key holds
-    the encoded tokens too, and the run starts fresh. A checkpoint at the schedule's end (HF saves one at the
-    last step) is not resumed either: resuming it would train 0 steps."""
+    prepare's settings and the encoded tokens (a template changed inside the tokenizer too), and the run starts
+    fresh. A checkpoint at the schedule's end (HF saves one at the last step) is not resumed either: resuming it
+    would train 0 steps."""
     from common.training import builder
 
     train = importlib.import_module("scripts.02_sft_qlora")
