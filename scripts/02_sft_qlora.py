@@ -19,7 +19,8 @@ On SageMaker (SM_MODEL_DIR set) the adapter is also copied to SM_MODEL_DIR; data
 SM_CHANNEL_TRAINING channel (common/core/config.py). HF_TOKEN is read from the environment by the hub client only.
 
 An interrupted run resumes from its last checkpoint (outputs/<run>/checkpoints/) when started again with the same
-train-defining settings and data (a changed runtime.* setting keeps the checkpoints; anything else starts fresh).
+train-defining settings, data and encoded tokens (checkpoint_key: a changed runtime.* setting keeps the checkpoints;
+anything else, a changed chat template included, starts fresh); a checkpoint at the schedule's end is never resumed.
 
 Writes outputs/<run>/: checkpoints/, train_log.csv, loss.png, baseline_samples.jsonl (when eval.baseline_samples
 > 0), tensorboard/ (when runtime.report_to has tensorboard; wandb, trackio and mlflow log to their own places), and,
@@ -89,10 +90,11 @@ def body(ctx: run.Context) -> None:
     plan.batching = batching.choose(cfg, plan, model, train_ds, tok.pad_token_id, capacity, dist.world())
     report_to = builder.trackers(cfg, plan, rp.tensorboard)  # may add a note: before the plan is logged
     log.info("%s", plan.table())
-    last = resumable_checkpoint(cfg, rp) if dist.is_main() else None  # before the trainer creates the folder
+    key = checkpoint_key(cfg, rp, train_ds, val_ds)
+    last = resumable_checkpoint(cfg, rp, key) if dist.is_main() else None  # before the trainer creates the folder
     dist.barrier()  # rank 0 has removed stale or incomplete checkpoints: the others read the same last one
     if not dist.is_main():
-        last = resumable_checkpoint(cfg, rp, clean=False)
+        last = resumable_checkpoint(cfg, rp, key, clean=False)
     trainer = builder.make_trainer(cfg, plan, model, tok, train_ds, val_ds, str(rp.checkpoints), plan.schedule,
                                     report_to, plan.batching)
     trainer.add_callback(history.log_callback())
@@ -103,13 +105,13 @@ def body(ctx: run.Context) -> None:
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=last)
     seconds = time.time() - t0
+    tokens = dist.total(trainer.trained_tokens)  # every process's micro-batches (each calls it)
     dist.barrier()
     if not dist.is_main():  # rank 0 writes every artifact
         return
     logged = trainer.state.log_history
     history.write_history(logged, rp.out)
     evals = [h["eval_loss"] for h in logged if "eval_loss" in h]
-    tokens = int(trainer.trained_tokens) * dist.world()  # this process's micro-batches, times the processes
     ran = trainer.state.global_step - (int(Path(last).name.rsplit("-", 1)[-1]) if last else 0)
     info = metadata.describe(cfg, "train", plan=plan.describe(),
                         distributed={"engine": dist.engine(), "world_size": dist.world()}, resumed_from=last, train_seconds=round(seconds, 1), steps_this_process=ran,
@@ -134,17 +136,29 @@ def body(ctx: run.Context) -> None:
              result.training_loss, evals[-1] if evals else "n/a", rp.adapter)
 
 
-def resumable_checkpoint(cfg: Any, rp: Any, clean: bool = True) -> str | None:
-    """The last checkpoint of an interrupted run with the same settings and data; stale ones are removed (clean;
-    in a multi-process run rank 0 cleans, the others only read). A checkpoint holds the whole training state, so
-    it resumes with any process count."""
+def checkpoint_key(cfg: Any, rp: Any, *encoded: Any) -> str:
+    """What an interrupted run's checkpoints must match to be resumed: every setting that defines the trained
+    result (train's and prepare's stamps, runtime left out), the processed splits, and the encoded splits'
+    tokens and labels (builder.fingerprint: a changed chat template or tokenizer changes them, the splits do
+    not: they hold messages)."""
+    settings = {k: v for step in ("prepare", "train") for k, v in stamps.step_settings(cfg, step).items()
+                if k != "eval.baseline_samples"}
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for split in ("train", "val"):
+        h.update(rp.split(split).read_bytes())
+    h.update(builder.fingerprint(*encoded).encode())
+    return h.hexdigest()
+
+
+def resumable_checkpoint(cfg: Any, rp: Any, key: str, clean: bool = True) -> str | None:
+    """The last checkpoint of an interrupted run with the same checkpoint_key; stale ones are removed (clean; in
+    a multi-process run rank 0 cleans, the others only read). A checkpoint at or past its schedule's end is never
+    resumed (resuming it trains 0 steps): the run starts fresh. A checkpoint holds the whole training state, so it
+    resumes with any process count."""
     from transformers.trainer_utils import get_last_checkpoint
 
     if not clean:
         return get_last_checkpoint(str(rp.checkpoints)) if rp.checkpoints.is_dir() else None
-    settings = {k: v for k, v in stamps.step_settings(cfg, "train").items() if k != "eval.baseline_samples"}
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()
-                         + rp.split("train").read_bytes() + rp.split("val").read_bytes()).hexdigest()
     marker = rp.checkpoints / "settings.sha256"
     if rp.checkpoints.is_dir() and (not marker.exists() or marker.read_text() != key):
         log.info("training settings or data changed since the last checkpoints: starting fresh")
@@ -153,11 +167,20 @@ def resumable_checkpoint(cfg: Any, rp: Any, clean: bool = True) -> str | None:
     io.atomic_write_text(marker, key)
     while (last := get_last_checkpoint(str(rp.checkpoints))) is not None:
         try:  # the trainer writes trainer_state.json last: without it the save was cut short
-            json.loads((Path(last) / "trainer_state.json").read_text())
-            return last
+            state = json.loads((Path(last) / "trainer_state.json").read_text())
         except (OSError, ValueError):
             log.warning("removing %s: incomplete (the run was killed while saving it)", last)
             shutil.rmtree(last)
+            continue
+        end = state.get("max_steps") or 0
+        if end > 0 and state.get("global_step", 0) >= end:
+            log.info("%s is at the end of its schedule (step %d of %d): starting fresh", last, state["global_step"],
+                     end)
+            shutil.rmtree(rp.checkpoints)
+            rp.checkpoints.mkdir(parents=True)
+            io.atomic_write_text(marker, key)
+            return None
+        return last
     return None
 
 

@@ -11,9 +11,11 @@ re-running eval after more training keeps the base answers and a card-only chang
 
 The recipe's task scores the answers (common/tasks/<task>.py) and declares its simple baselines (the majority
 forecast and a sentiment rule; a retrieval answer and the title itself), scored like a model. Tuned vs base and
-tuned vs each baseline get a paired 95% bootstrap CI on the task's per-example score; the verdict is against the
-strongest baseline: better, worse or not distinguishable, with roughly how many test examples would resolve a
-difference of the observed size. The forgetting check scores base and tuned on the general-text set
+tuned vs each baseline get a paired 95% bootstrap CI on the task's per-example score. The strongest baseline is
+chosen on the val split; the headline verdict is against the strongest alternative (that baseline or the base
+model, whichever scores higher on test): better, worse or not distinguishable, with roughly how many test examples
+would resolve a difference of the observed size, or "too few examples to tell" below 30 paired examples (or 6
+that differ; common/evaluation/metrics.py says why). The forgetting check scores base and tuned on the general-text set
 data/general/passages.txt (common/evaluation/forgetting.py), paired over passages. stop_rate is the share of answers that
 ended on EOS before eval.max_new_tokens; the report warns when the tuned model does not stop (below 90%).
 
@@ -56,7 +58,9 @@ def body(ctx: run.Context) -> None:
     tuned = compare.tuned_generations(cfg, rp, tok, ids, precision, a, general)
     n = len(rows)
     train = io.read_jsonl(rp.split("train"))
-    m, side = compare.compare(cfg, task, rows, compare.head(base, n), compare.head(tuned, n), train)
+    held_out = cfg.eval.split != "val" and rp.split("val").exists()  # picks the strongest baseline
+    val = io.read_jsonl(rp.split("val")) if held_out else []
+    m, side = compare.compare(cfg, task, rows, compare.head(base, n), compare.head(tuned, n), train, val)
     m["base_weights"] = {"source": source, "why": why}
     m["n_prompts_truncated"] = sum(a.prompt_truncated(cfg, tok, ex) for ex in rows)
     answers = [{"prompt": label, "base": b, "tuned": t}

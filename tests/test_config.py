@@ -192,8 +192,10 @@ def sched(recipe: str, n_train: int, has_val: bool = True, *sets: str):
 def test_epoch_cap_scales_steps_to_the_data_without_rounding_down_to_an_evaluation(ft_home):
     s = sched("smollm2", 480)  # 60 steps x 8 = one pass: unchanged
     assert (s.max_steps, s.notes, s.load_best) == (60, [], True)
-    s = sched("smollm2", 129)  # 60 x 8 would be 3.7 passes over 129: 3 passes = 49 steps (not 40, an eval step)
-    assert s.max_steps == 49 and "train.max_steps 60 -> 49" in s.notes[0] and "3.7 passes" in s.notes[0]
+    # 60 x 8 would be 3.7 passes over 129; a pass is 17 steps (16 of 8 and a short one of 1, as the trainer's
+    # epochs end): 3 passes = 51 steps (not 49 = 2.88 passes, nor 40, an eval step)
+    s = sched("smollm2", 129)
+    assert s.max_steps == 51 and "train.max_steps 60 -> 51" in s.notes[0] and "3.7 passes" in s.notes[0]
     s = sched("smollm2", 129, True, "train.max_epochs=null")
     assert s.max_steps == 60 and s.notes == []
     s = sched("mistral-xauusd", 100, True, "train.epochs=5")

@@ -47,6 +47,8 @@ def test_two_processes_train_the_same_curve_and_write_the_same_files(ft_home, tm
     assert files(ft_home) == files(one), files(ft_home) ^ files(one)
     info = json.loads((ft_home / RUN / "adapter/run_info.json").read_text())
     assert info["distributed"] == {"engine": "ddp", "world_size": 2}
+    # the same examples trained: every process's tokens summed, not rank 0's times the processes
+    assert info["trained_tokens"] == json.loads((one / RUN / "adapter/run_info.json").read_text())["trained_tokens"]
     b = info["plan"]["batching"]
     assert (b["effective"], b["processes"], b["micro_batch"] * b["grad_accum"] * b["processes"]) == (8, 2, 8), b
     log = (ft_home / RUN / "logs/train.log").read_text()

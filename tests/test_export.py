@@ -16,7 +16,7 @@ import yaml
 from conftest import make
 
 from common.core import config
-from common.data import templates
+from common.data import prompts, templates
 from common.model import gguf_tokenizer, standins
 from common.shipping import export, report
 
@@ -153,6 +153,47 @@ def test_sentencepiece_space_prefix_llama_cpp_cannot_write_is_refused():
                                                "pretokenizers": [{**meta, "prepend_scheme": "first"}]}})
 
 
+def test_the_parity_gate_fails_on_answers_alone_and_on_tokens_alone():
+    """Each half of the gate stops a step by itself: identical tokens with too few identical answers, and
+    identical answers with too little token agreement; at the thresholds it passes."""
+    from common.shipping import parity
+
+    fix = "lower merge.min_answer_match"
+    answers = parity.answer_match(["a", "b", "c", "d"], ["a", "x", "y", "z"])  # 1 of 4 identical
+    with pytest.raises(parity.ParityError, match=r"identical greedy answers 0.25 < 0.5; first different answer "
+                                                 r"\(#1\): 'x' vs 'b'\. lower merge"):
+        parity.gate("the merged model", {"token_agreement": 1.0, **answers}, 0.98, 0.5, fix)
+    with pytest.raises(parity.ParityError, match=r"next-token agreement 0.970 < 0.98\. "):
+        parity.gate("the merged model", {"token_agreement": 0.97, "answer_match": 1.0}, 0.98, 0.5, fix)
+    parity.gate("the merged model", {"token_agreement": 0.98, "answer_match": 0.5}, 0.98, 0.5, fix)
+
+
+@pytest.mark.e2e
+def test_a_merge_whose_answers_differ_fails_on_the_answer_threshold(in_run, monkeypatch, capsys):
+    """The merged model's next tokens agree (teacher-forced) but its greedy answers differ: the merge step fails on
+    merge.min_answer_match alone."""
+    from common.shipping import parity
+
+    _, out = in_run
+    report_before = (out / "merge_report.json").read_text()
+    (out / "merge_report.json").unlink()
+    real = parity.greedy
+
+    def differ(cfg, model, tok, rows, desc, precision="fp32"):
+        ids, answers = real(cfg, model, tok, rows, desc, precision)
+        return ids, [a + " (changed)" for a in answers] if desc == "merged model" else answers
+
+    monkeypatch.setattr(parity, "greedy", differ)
+    try:
+        assert _call("03_merge_fp16") == 2
+        err = capsys.readouterr().err
+        line = next(x for x in err.splitlines() if x.startswith("error:"))  # the gate's one line
+        assert "identical greedy answers 0.00 < 0.5" in line and "next-token agreement" not in line, line
+        assert not (out / "merge_report.json").exists()
+    finally:
+        (out / "merge_report.json").write_text(report_before)
+
+
 # --------------------------------------------------------------------------- one tiny run, shared
 @pytest.fixture(scope="module")
 def run(tiny_run):
@@ -277,14 +318,46 @@ def test_model_cards_match_what_was_evaluated(run):
             assert f"| {k} | {report.fmt(m['base'][k])} | {report.fmt(v)} |" in text
         c = m["comparison"]
         assert f"95% CI [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]" in text
-        v, f = m["verdict"], m["forgetting"]
+        v, f = m["vs_baselines"][m["strongest_baseline"]], m["forgetting"]
         assert f"`{m['strongest_baseline']}`: {v['mean']:+.4f}, 95% CI [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]" in text
+        assert "there are too few to tell" in text  # 8 eval examples
         assert f"base {f['base_loss']:.4f}, tuned {f['tuned_loss']:.4f}, change {f['mean']:+.4f}" in text
         assert "Test run on a random-init stand-in" in text and "![training and validation loss](loss.png)" in text
         assert (out / kind / "loss.png").stat().st_size > 1000
     state = json.loads((out / "adapter/trainer_state.json").read_text())
     info = json.loads((out / "adapter/run_info.json").read_text())
     assert state["global_step"] == info["global_step"] and any("loss" in h for h in state["log_history"])
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("recipe", ["smollm2", "tinyllama", "mistral-xauusd"])  # no BOS; BOS added; BOS in template
+def test_the_cards_python_snippets_run_on_the_saved_model_with_the_tokens_eval_uses(recipe, tiny_run):
+    """The card's "How to use" code, executed as a user copies it (the hub id pointed at the saved folder): it
+    generates, from exactly the prompt ids eval feeds the model (one BOS where the tokenizer adds one)."""
+    import contextlib
+    import io as stdio
+
+    from transformers import AutoTokenizer
+
+    from common.model import arch
+
+    r = tiny_run(recipe)
+    cfg = config.load(recipe, tiny=True)
+    for kind in ("merged", "adapter"):
+        card = (r.out / kind / "README.md").read_text()
+        code = card.split("```python\n", 1)[1].split("```", 1)[0]
+        assert f'"<user>/{cfg.run}"' in code
+        code = code.replace(f'"<user>/{cfg.run}"', repr(str(r.out / kind)))
+        ns: dict = {}
+        with contextlib.redirect_stdout(stdio.StringIO()) as printed:
+            exec(compile(code, f"{kind}/README.md", "exec"), ns)  # noqa: S102 (the card's own code)
+        tok = AutoTokenizer.from_pretrained(r.out / "adapter")
+        want = arch.get(cfg).encode_prompt(cfg, tok, {"prompt": ns["messages"], "completion": []})
+        got = ns["inputs"]["input_ids"][0].tolist()
+        assert got == want, (kind, tok.convert_ids_to_tokens(got[:3]), tok.convert_ids_to_tokens(want[:3]))
+        if prompts.adds_bos(tok):  # one BOS, as training and eval have it (not none, not two)
+            assert got[0] == tok.bos_token_id != got[1], tok.convert_ids_to_tokens(got[:3])
+        assert ns["out"].shape[1] > len(got) and printed.getvalue().endswith("\n")  # it generated and printed
 
 
 class _Cells(HTMLParser):

@@ -12,6 +12,8 @@ import sys
 import pytest
 from conftest import REPO, make, ran_steps
 
+from common.evaluation.metrics import MIN_PAIRS, TOO_FEW
+
 # llama: TinyLlama's 4-bit QLoRA with lm_head/embed_tokens trained, SentencePiece, zephyr template, fp16 plan;
 # mistral: 4-bit, SentencePiece, the forecast task, best checkpoint kept; t5: seq2seq, 8-bit, baseline samples.
 # smollm2 (byte-level BPE) runs the same way in conftest.tiny_run for tests/test_export.py and the tests below.
@@ -62,8 +64,12 @@ def test_recipe_end_to_end_tiny(recipe, tiny_run):
         assert {"rougeL", "sacrebleu", "chrf", "degenerate_share"} <= set(metrics["tuned"])
         assert set(metrics["baselines"]) == {"retrieval", "title"}
     for c in [metrics["comparison"], *metrics["vs_baselines"].values()]:  # paired, each with its CI and verdict
-        assert c["verdict"] == ("better" if c["ci_low"] > 0 else "worse" if c["ci_high"] < 0 else "not distinguishable")
-    assert metrics["verdict"] == metrics["vs_baselines"][metrics["strongest_baseline"]]
+        word = "better" if c["ci_low"] > 0 else "worse" if c["ci_high"] < 0 else "not distinguishable"
+        assert c["verdict"] == (TOO_FEW if metrics["n_examples"] < MIN_PAIRS else word)  # 8 examples: too few
+    best, key = metrics["strongest_baseline"], metrics["primary_metric"]
+    assert metrics["strongest_baseline_chosen_on"] == "val (16 examples)"
+    base_leads = metrics["base"][key] > metrics["baselines"][best][key]  # the headline: the strongest alternative
+    assert metrics["verdict"] == (metrics["comparison"] if base_leads else metrics["vs_baselines"][best])
     forgot = metrics["forgetting"]  # the forgetting check, for every architecture
     assert forgot["passages"] >= 150 and forgot["base_loss"] > 0 and forgot["tuned_loss"] > 0, forgot
     assert f"base {forgot['base_loss']:.4f}, tuned {forgot['tuned_loss']:.4f}" in (out / "eval/report.md").read_text()

@@ -52,6 +52,21 @@ def test_answer_only_loss_and_gradients_equal_the_models_own(ft_home):
             assert torch.allclose(p.grad, ref_grads[name], atol=1e-6, rtol=1e-4), name
 
 
+def test_trained_tokens_count_an_encoder_decoders_targets_and_a_decoders_inputs_once():
+    """T5 trains on its encoder input and its decoder's target: both count; a decoder-only model's labels are its
+    own inputs, counted once. Padding (mask 0, label -100) is never counted."""
+    from types import SimpleNamespace
+
+    inputs = {"input_ids": torch.ones(2, 5, dtype=torch.long),
+              "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
+              "labels": torch.tensor([[7, 8, -100, -100], [7, 8, 9, -100]])}
+    t5 = SimpleNamespace(config=SimpleNamespace(is_encoder_decoder=True))
+    llama = SimpleNamespace(config=SimpleNamespace(is_encoder_decoder=False))
+    assert int(loss.batch_tokens(t5, inputs)) == 8 + 5
+    assert int(loss.batch_tokens(llama, inputs)) == 8
+    assert int(loss.batch_tokens(llama, {"input_ids": torch.ones(3, 4, dtype=torch.long)})) == 12
+
+
 def test_cheap_dropout_drops_at_rate_p_and_scales_like_torch():
     torch.manual_seed(0)
     d = builder.cheap_dropout_class()(0.05)
@@ -457,19 +472,21 @@ def test_eval_batch_size_auto_fits_the_kv_cache_in_half_the_free_gpu_memory(monk
 
 @pytest.mark.e2e
 def test_small_data_trains_the_capped_budget_and_the_last_weights_compete_for_best(ft_home):
-    """118 train examples, batch 8, train.max_epochs=3: 45 steps (3 passes), not rounded down to the evaluation
-    interval (25); the trainer evaluates at the last step too, so the best checkpoint is chosen among 25 and 45."""
-    sets = ("--set data.sample=150 --set data.train_size=118 --set data.val_size=16 --set data.test_size=16 "
+    """129 train examples, batch 8, train.max_epochs=3: 51 steps, 3 whole passes as the trainer counts them (its
+    epochs end on a short batch: 17 steps each; 49 steps would be 2.88), not rounded down to the evaluation
+    interval (25); the trainer evaluates at the last step too, so the best checkpoint is chosen among 25, 50, 51."""
+    sets = ("--set data.sample=161 --set data.train_size=129 --set data.val_size=16 --set data.test_size=16 "
             "--set train.batch_size=8 --set train.max_steps=100 --set train.eval_steps=25 --set train.save_steps=25 "
             "--set train.max_epochs=3")
     make(ft_home, "train", "RECIPE=smollm2", "TINY=1", f"ARGS={sets}")
     out = ft_home / "outputs/smollm2-tiny"
     info = json.loads((out / "adapter/run_info.json").read_text())
     sched = info["plan"]["schedule"]
-    assert info["train_examples"] == 118 and info["global_step"] == sched["max_steps"] == 45, info
-    assert "train.max_steps 100 -> 45" in sched["notes"][0]
+    assert info["train_examples"] == 129 and info["global_step"] == sched["max_steps"] == 51, info
+    assert "train.max_steps 100 -> 51" in sched["notes"][0]
     state = json.loads((out / "adapter/trainer_state.json").read_text())
+    assert state["epoch"] == pytest.approx(3.0), state["epoch"]
     evals = {h["step"]: h["eval_loss"] for h in state["log_history"] if "eval_loss" in h}
-    assert sorted(evals) == [25, 45], evals
+    assert sorted(evals) == [25, 50, 51], evals
     best = min(evals, key=evals.get)
     assert info["best_checkpoint"].endswith(f"checkpoint-{best}") and info["best_eval_loss"] == evals[best]

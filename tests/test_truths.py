@@ -147,7 +147,8 @@ def test_runtime_settings_keep_the_checkpoints_and_train_settings_discard_them(f
     rp.data.mkdir(parents=True)
     for split in ("train", "val"):
         rp.split(split).write_text('{"id": 1}\n')
-    assert train.resumable_checkpoint(cfg, rp) is None
+    ck = train.checkpoint_key
+    assert train.resumable_checkpoint(cfg, rp, ck(cfg, rp)) is None
     ckpt = rp.checkpoints / "checkpoint-2"
     ckpt.mkdir()
     (ckpt / "trainer_state.json").write_text("{}")
@@ -155,10 +156,56 @@ def test_runtime_settings_keep_the_checkpoints_and_train_settings_discard_them(f
         changed = config.load("smollm2", [f"runtime.{key}={json.dumps(value)}"], tiny=True)
         assert changed.runtime[key] != cfg.runtime[key], key
         assert stamps.step_settings(changed, "train") == stamps.step_settings(cfg, "train"), key
-        assert train.resumable_checkpoint(changed, rp) == str(ckpt), key
+        assert train.resumable_checkpoint(changed, rp, ck(changed, rp)) == str(ckpt), key
     lr = config.load("smollm2", ["train.learning_rate=0.123"], tiny=True)
     assert stamps.step_settings(lr, "train") != stamps.step_settings(cfg, "train")
-    assert train.resumable_checkpoint(lr, rp) is None and not ckpt.exists()
+    assert train.resumable_checkpoint(lr, rp, ck(lr, rp)) is None and not ckpt.exists()
+
+
+def test_a_changed_chat_template_or_a_finished_checkpoint_never_resumes(ft_home):
+    """The splits hold messages, so a changed prompt.template leaves them as they were: the checkpoint key holds
+    prepare's settings and the encoded tokens (a template changed inside the tokenizer too), and the run starts
+    fresh. A checkpoint at the schedule's end (HF saves one at the last step) is not resumed either: resuming it
+    would train 0 steps."""
+    from common.training import builder
+
+    train = importlib.import_module("scripts.02_sft_qlora")
+    cfg = config.load("smollm2", tiny=True)
+    rp = paths.RunPaths(cfg.run)
+    rp.data.mkdir(parents=True)
+    rows = [arch.get(cfg).build(cfg, {"title": "Steel pan", "content": "A pan."})]
+    for split in ("train", "val"):
+        rp.split(split).write_text(json.dumps(rows[0]) + "\n")
+
+    def key(c):
+        tok = modeling.load_tokenizer(c, modeling.model_source(c))
+        enc = builder.encode_split(c, tok, rows, "train")
+        return train.checkpoint_key(c, rp, enc, enc)
+
+    def checkpoint(step: int, end: int):
+        d = rp.checkpoints / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        (d / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": end}))
+        return str(d)
+
+    assert train.resumable_checkpoint(cfg, rp, key(cfg)) is None
+    ckpt = checkpoint(2, 4)
+    assert train.resumable_checkpoint(cfg, rp, key(cfg)) == ckpt
+    other = config.load("smollm2", ["prompt.template=zephyr"], tiny=True)
+    assert stamps.step_settings(other, "train") == stamps.step_settings(cfg, "train")  # Make's prepare stamp alone
+    assert train.resumable_checkpoint(other, rp, key(other)) is None and not (rp.checkpoints / "checkpoint-2").exists()
+    # the same settings, and a tokenizer that renders otherwise (a native chat template updated in place): fresh
+    checkpoint(2, 4)
+    tok = modeling.load_tokenizer(other, modeling.model_source(other))
+    tok.chat_template = tok.chat_template.replace("<|assistant|>", "<|bot|>")
+    moved = builder.encode_split(other, tok, rows, "train")
+    assert train.resumable_checkpoint(other, rp, train.checkpoint_key(other, rp, moved, moved)) is None
+    assert train.resumable_checkpoint(other, rp, key(other)) is None  # a run of these settings starts
+    checkpoint(2, 4)
+    assert train.resumable_checkpoint(other, rp, key(other)) == str(rp.checkpoints / "checkpoint-2")
+    last = checkpoint(4, 4)  # the finished run's last save
+    assert train.resumable_checkpoint(other, rp, key(other)) is None and not (rp.checkpoints / "checkpoint-4").exists()
+    assert not (rp.checkpoints / "checkpoint-2").exists() and not (rp.checkpoints / last).exists()
 
 
 # --------------------------------------------------------------------------- the bench's reference row

@@ -28,19 +28,50 @@ def test_verdict_words_follow_the_ci_only():
     assert metrics.verdict(0.01, 0.2) == "better" and metrics.verdict(-0.2, -0.01) == "worse"
     assert metrics.verdict(-0.01, 0.2) == ND and metrics.verdict(0.0, 0.2) == ND
     assert metrics.verdict(float("nan"), float("nan")) == ND
-    up = metrics.paired([1.0, 1.0, 1.0], [0.0, 0.0, 0.0], 100)
+    up = metrics.paired([1.0] * 30, [0.0] * 30, 100)
     assert (up["mean"], up["ci_low"], up["ci_high"], up["verdict"]) == (1.0, 1.0, 1.0, "better")
-    assert metrics.paired([1.0] * 3, [0.0] * 3, 100, higher_is_better=False)["verdict"] == "worse"  # a loss
+    assert metrics.paired([1.0] * 30, [0.0] * 30, 100, higher_is_better=False)["verdict"] == "worse"  # a loss
     with pytest.raises(ValueError, match="same examples"):
         metrics.paired([1.0], [1.0, 2.0], 10)
 
 
-def test_examples_to_resolve_by_value():
-    diffs = [0.0, 0.02] * 50  # mean 0.01, sd 0.01005 -> (1.96 * 1.005)^2 = 3.88 -> 4
-    assert metrics.examples_to_resolve(diffs) == 4
-    diffs = [1.0, -1.0, 1.0, -1.0, 1.0]  # mean 0.2, sd 1.0954 -> (1.96 * 5.477)^2 = 115.2 -> 116
-    assert metrics.examples_to_resolve(diffs) == math.ceil((1.96 * statistics.stdev(diffs) / 0.2) ** 2) == 116
+def test_a_verdict_needs_enough_paired_examples():
+    """The percentile bootstrap called 3 examples, and 3 wins + 5 ties out of 8 (exact sign test p = 0.25),
+    "better"; below 30 pairs, or 6 that differ, the verdict is "too few examples to tell", with how many would do."""
+    few = metrics.paired([.1, .2, .3], [0, 0, 0], 1000)
+    assert few["ci_low"] > 0 and few["verdict"] == metrics.TOO_FEW == "too few examples to tell"
+    ties = metrics.paired([1, 1, 1, 0, 0, 0, 0, 0], [0] * 8, 1000)
+    assert ties["ci_low"] > 0 and ties["verdict"] == metrics.TOO_FEW and ties["pairs_differing"] == 3
+    assert ties["examples_to_resolve"] >= 30  # and at least 6 * 8 / 3 = 16 for six differing pairs
+    five = metrics.paired([1] * 5 + [0] * 95, [0] * 100, 1000)  # 100 pairs, 5 differ: sign test p = 0.0625
+    assert five["verdict"] == metrics.TOO_FEW and five["examples_to_resolve"] >= math.ceil(6 * 100 / 5)
+    six = metrics.paired([1] * 6 + [0] * 24, [0] * 30, 1000)  # the minimum: 30 pairs, 6 differ, all one way
+    assert six["verdict"] == "better"
+    hint = compare.resolve_hint(ties, 8, "test examples")
+    assert "Too few examples to tell" in hint and "at least 30 paired test examples of which 6 differ" in hint
+    assert "this run has 8, 3 differ" in hint and f"roughly {ties['examples_to_resolve']:,} would do" in hint
+
+
+def test_examples_to_resolve_plans_for_80_percent_power():
+    import numpy as np
+
+    diffs = [1.0, -1.0, 1.0, -1.0, 1.0]  # mean 0.2, sd 1.0954 -> ((1.96 + 0.8416) * 5.477)^2 = 235.5 -> 236
+    assert metrics.examples_to_resolve(diffs) == math.ceil((2.8016 * statistics.stdev(diffs) / 0.2) ** 2) == 236
+    assert metrics.examples_to_resolve([0.0, 0.02] * 50) == 30  # 8 by the formula; a verdict needs 30 pairs
     assert metrics.examples_to_resolve([0.5, -0.5]) is None and metrics.examples_to_resolve([0.3]) is None
+    # the promise by simulation: at that many examples a true difference of that size is resolved ~80% of the
+    # time (the old (1.96 sd / mean)^2 gave about 50%)
+    rng = np.random.default_rng(0)
+    n = metrics.examples_to_resolve(rng.normal(0.2, 1.0, 100_000))
+    d = rng.normal(0.2, 1.0, (4000, n))
+    resolved = (d.mean(1) - 1.96 * d.std(1, ddof=1) / math.sqrt(n)) > 0
+    assert 0.77 < resolved.mean() < 0.83, (n, resolved.mean())
+    # a mean of exactly 0 gives no size to plan for, and the report does not claim more data would not help
+    c = {"verdict": ND, "examples_to_resolve": None}
+    hint = compare.resolve_hint(c, 100, "test examples")
+    assert "no size to plan for" in hint and "would not" not in hint
+    c = {"verdict": ND, "examples_to_resolve": 100}  # enough for 80% power, and still unresolved: said so
+    assert "may well be smaller than observed" in compare.resolve_hint(c, 100, "test examples")
 
 
 # --------------------------------------------------------------------------- baselines
@@ -77,8 +108,6 @@ def test_product_baselines_retrieval_and_title_by_value():
     got = prod.TASK.baselines(train, rows)
     assert got["retrieval"] == ["A blue frying pan.", "A black fountain pen.", "A steel chef knife."]
     assert got["title"] == ["Zephyr Pan, Red", "Fountain Pen, Gold", "Nothing shared"]
-    # "acme" is in two train titles, "knife" in one: the rarer word decides
-    assert prod.nearest(["acme knife"], ["Acme Fountain Pen", "Knife Block, Acme"]) == [1]
 
 
 # --------------------------------------------------------------------------- forgetting loss
@@ -147,7 +176,7 @@ def test_forgetting_seq2seq_scores_the_decoder_on_the_continuation():
 
 
 def test_forgetting_compare_says_worse_when_the_loss_rises_beyond_the_ci():
-    f = forgetting.compare([2.0, 2.1, 1.9, 2.0], [2.5, 2.6, 2.4, 2.5], 200)
+    f = forgetting.compare([2.0, 2.1, 1.9, 2.0] * 8, [2.5, 2.6, 2.4, 2.5] * 8, 200)  # 32 passages
     assert (f["base_loss"], f["tuned_loss"], f["verdict"]) == (2.0, 2.5, "worse") and f["mean"] == pytest.approx(0.5)
     assert len(forgetting.passages()) >= 150
 
@@ -190,6 +219,27 @@ def test_tuned_answers_are_cached_by_the_tuned_weights(ft_home, monkeypatch):
     assert loaded == ["tuned-adapter"] * 3
 
 
+def test_tuned_answers_with_the_adapter_are_cached_by_the_base_weights_it_is_put_on(ft_home, monkeypatch):
+    """eval.use=adapter puts the adapter on model.full_precision_name_or_path: other base weights, other tuned
+    answers (base and tuned from the same weights), while the merged model's own files already say what it is."""
+    loaded: list = []
+    _stub_models(monkeypatch, loaded)
+    monkeypatch.setattr(modeling, "model_source", lambda cfg, full_precision=False:
+                        (full_precision and cfg.model.full_precision_name_or_path) or cfg.model.name_or_path)
+    for use in ("adapter", "merged"):
+        loaded.clear()
+        cfg = config.load("llama3-alpaca", [f"eval.use={use}"])
+        rp = paths.RunPaths(cfg.run)
+        rp.adapter.mkdir(parents=True, exist_ok=True)
+        (rp.adapter / "adapter_model.safetensors").write_bytes(b"weights")
+        compare.tuned_generations(cfg, rp, None, [[1]], "fp32", None, ["a b"])
+        other = config.load("llama3-alpaca", [f"eval.use={use}", "model.full_precision_name_or_path=/other/bf16"])
+        compare.tuned_generations(other, rp, None, [[1]], "fp32", None, ["a b"])
+        compare.tuned_generations(other, rp, None, [[1]], "fp32", None, ["a b"])
+        assert loaded == [f"tuned-{use}"] * (2 if use == "adapter" else 1), (use, loaded)
+        rp.tuned_cache.unlink()
+
+
 # --------------------------------------------------------------------------- a point ahead, CI spanning zero
 class _Exact(Task):
     name, primary, per_example = "exact", "acc", "hit"
@@ -210,13 +260,13 @@ def test_a_point_ahead_with_a_ci_spanning_zero_is_not_distinguishable_everywhere
     rows = [{"id": str(i), "prompt": [{"role": "user", "content": f"q{i}"}],
              "completion": [{"role": "assistant", "content": "y"}]} for i in range(100)]
     tuned = ["y" if 25 <= i < 76 else "n" for i in range(100)]  # 51 right: 26 the rule misses, 25 it gets
-    general = [2.0, 2.2, 1.8, 2.1]
+    general = [2.0, 2.2, 1.8, 2.1] * 8
     m, side = compare.compare(cfg, _Exact(), rows, compare.Answers(["n"] * 100, [True] * 100, general),
                                  compare.Answers(tuned, [True] * 100, [g + 0.01 for g in general]), [])
     v = m["verdict"]
     assert m["strongest_baseline"] == "rule" and v["against"] == "rule" and v["mean"] == pytest.approx(0.01)
     assert v["ci_low"] < 0 < v["ci_high"] and v["verdict"] == ND
-    assert v["examples_to_resolve"] == math.ceil((1.96 * statistics.stdev([1] * 26 + [-1] * 25 + [0] * 49)
+    assert v["examples_to_resolve"] == math.ceil((2.8016 * statistics.stdev([1] * 26 + [-1] * 25 + [0] * 49)
                                                   / 0.01) ** 2)
     assert m["comparison"]["verdict"] == "better" and m["vs_baselines"]["weak"]["verdict"] == "better"
     assert side[25]["rule"] == "y" and side[25]["rule_hit"] == 1.0
@@ -225,8 +275,9 @@ def test_a_point_ahead_with_a_ci_spanning_zero_is_not_distinguishable_everywhere
     saved = json.loads((rp.eval / "metrics.json").read_text())
     assert saved["verdict"]["verdict"] == ND and saved["forgetting"]["verdict"] in ("worse", ND)
     md = (rp.eval / "report.md").read_text()
-    assert "**Verdict against the strongest baseline, `rule`: the tuned model is not distinguishable from it**" in md
-    assert f"roughly {v['examples_to_resolve']:,} test examples to resolve (this run has 100)" in md
+    assert ("**Verdict against the strongest alternative, baseline `rule` (chosen on the evaluated rows: no separate "
+            "val split): the tuned model is not distinguishable from it**") in md
+    assert f"roughly {v['examples_to_resolve']:,} test examples to resolve 4 times in 5 (80% power; this run has 100)" in md
     assert "Base answers from `the-base`" in md
     card = cards.render(cfg, rp, "adapter", metrics=saved)
     assert "Against the strongest simple baseline, `rule`: +0.0100" in card and f"{ND} from it" in card
@@ -235,6 +286,68 @@ def test_a_point_ahead_with_a_ci_spanning_zero_is_not_distinguishable_everywhere
     assert f'data-key="vs_baselines.rule.verdict">{ND}</td>' in page
     row = next(csv.DictReader(text.splitlines()))
     assert row["verdict"] == ND and row["strongest_baseline"] == "rule" and row["vs_base"] == "better"
+
+
+class _Coded(Task):
+    """Each row's prompt says which answers are right: "<id> <rule hit> <weak hit>" (1 = right)."""
+    name, primary, per_example = "coded", "acc", "hit"
+
+    def score(self, preds, refs):
+        per = [{"hit": float(p == r)} for p, r in zip(preds, refs)]
+        return {"acc": sum(x["hit"] for x in per) / max(1, len(per))}, per
+
+    def baselines(self, train, rows):
+        hit = lambda r, k: "y" if r["prompt"][0]["content"].split()[k] == "1" else "n"  # noqa: E731
+        return {"weak": [hit(r, 2) for r in rows], "rule": [hit(r, 1) for r in rows]}
+
+
+def _coded(n: int, rule: int, weak: int) -> list[dict]:
+    return [{"id": str(i), "prompt": [{"role": "user", "content": f"{i} {int(i < rule)} {int(i < weak)}"}],
+             "completion": [{"role": "assistant", "content": "y"}]} for i in range(n)]
+
+
+def _answers(texts: list[str]) -> compare.Answers:
+    return compare.Answers(texts, [True] * len(texts), [1.0, 1.0])
+
+
+def test_the_strongest_baseline_is_chosen_on_val_and_compared_on_test(ft_home):
+    """On test `weak` scores 60, `rule` 50; on val `rule` wins: it is the strongest baseline, chosen where the
+    test rows had no say, and the report names where it was chosen."""
+    cfg = config.load("smollm2")
+    test, val = _coded(100, rule=50, weak=60), _coded(40, rule=30, weak=10)
+    m, _ = compare.compare(cfg, _Coded(), test, _answers(["n"] * 100), _answers(["y"] * 70 + ["n"] * 30), [], val)
+    assert m["baselines"]["weak"]["acc"] == 0.6 > m["baselines"]["rule"]["acc"] == 0.5
+    assert m["strongest_baseline"] == "rule" and m["strongest_baseline_chosen_on"] == "val (40 examples)"
+    assert m["baselines_val_acc"] == {"weak": 0.25, "rule": 0.75}
+    assert m["verdict"] == m["vs_baselines"]["rule"] and m["verdict"]["against"] == "rule"
+    md = compare.report_md(cfg, m, [], [])
+    assert "Verdict against the strongest alternative, baseline `rule` (chosen on val (40 examples))" in md
+
+
+def test_the_headline_is_against_the_base_model_when_it_beats_every_baseline(ft_home):
+    """A tuned model worse than the untuned base is not headlined "better" because it beats a weak baseline."""
+    cfg = config.load("smollm2")
+    test = _coded(100, rule=40, weak=20)
+    base, tuned = ["y"] * 90 + ["n"] * 10, ["y"] * 60 + ["n"] * 40
+    m, _ = compare.compare(cfg, _Coded(), test, _answers(base), _answers(tuned), [], _coded(40, 30, 10))
+    assert m["vs_baselines"]["rule"]["verdict"] == "better"  # 60 vs 40
+    assert m["verdict"]["against"] == "base" and m["verdict"]["verdict"] == "worse"
+    md = compare.report_md(cfg, m, [], [])
+    assert ("Verdict against the strongest alternative, the base model (it scores above the strongest baseline, "
+            "`rule`): the tuned model is worse than it") in md
+    assert any("the headline is against the base model" in x for x in cards.evaluation_section(cfg, m))
+
+
+def test_a_baseline_reads_only_the_fields_the_prompt_shows(ft_home):
+    """sentiment_rule reads the label: offered when prompt.user shows it, left out when it does not."""
+    train = [_row("bullish", _forecast("up", 1.0)), _row("bearish", _forecast("down", 2.0))]
+    rows = [_row("bullish", _forecast("up", 1.0)), _row("bearish", _forecast("down", 1.0))]
+    shows = config.load("smollm2-xauusd")
+    assert "{label}" in shows.prompt.user
+    assert set(xau.TASK.baselines(train, compare.as_shown(shows, rows))) == {"majority", "sentiment_rule"}
+    hides = config.load("smollm2-xauusd", ["prompt.user=\"Headline: {generated_headline}\""])
+    assert compare.as_shown(hides, rows)[0] == {k: rows[0][k] for k in ("id", "prompt", "completion")}
+    assert set(xau.TASK.baselines(train, compare.as_shown(hides, rows))) == {"majority"}
 
 
 # --------------------------------------------------------------------------- one tiny run

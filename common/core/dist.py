@@ -61,6 +61,20 @@ def barrier() -> None:
         td.barrier()
 
 
+def total(value: int) -> int:
+    """The sum of `value` over every process (each must call it); the value itself in a single process."""
+    import torch.distributed as td
+
+    if not (td.is_available() and td.is_initialized()):
+        return int(value)
+    import torch
+
+    device = torch.device("cuda", local_rank()) if td.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    td.all_reduce(t)
+    return int(t.item())
+
+
 def start(device: str) -> None:
     """In a multi-process run: bind to the launcher's lifetime and start the process group (gloo on a CPU, NCCL
     on GPUs) before any model loads, so every rank sees the same files and the right device."""

@@ -29,8 +29,9 @@ STEP_KEYS = {
 
 
 # What a step writes, by format: bumped when a step's outputs change shape, so Make re-runs it for runs made by an
-# older version (eval 2: verdicts against the baselines, the forgetting check).
-FORMATS = {"eval": 2}
+# older version (eval 2: verdicts against the baselines, the forgetting check; eval 3: the strongest baseline chosen
+# on val, the headline against the strongest alternative, "too few examples to tell").
+FORMATS = {"eval": 3}
 
 
 def step_settings(cfg: config.Config, step: str) -> dict:

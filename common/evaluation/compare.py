@@ -44,8 +44,13 @@ def base_source(cfg: Any) -> tuple[str, str]:
 
 
 def tuned_weights_key(cfg: Any, rp: paths.RunPaths) -> str:
-    """A hash of what the tuned model is: the adapter files and, evaluated merged, the merge report."""
+    """A hash of what the tuned model is: the adapter files and, evaluated merged, the merge report; evaluated as
+    base + adapter, also the base weights the adapter is put on (as the base answers' key has them), so a changed
+    model.full_precision_name_or_path regenerates both models' answers."""
     h = hashlib.sha256(cfg.eval.use.encode())
+    if cfg.eval.use == "adapter":
+        h.update(json.dumps([modeling.model_source(cfg, full_precision=True), cfg.model.revision,
+                             cfg.model.trust_remote_code]).encode())
     files = [rp.adapter / "adapter_config.json", rp.adapter / "adapter_model.safetensors"]
     for f in files + ([rp.merge_report] if cfg.eval.use == "merged" else []):
         h.update(f.read_bytes() if f.exists() else b"-")
@@ -118,10 +123,37 @@ def strongest(task: Any, scores: dict[str, dict]) -> str | None:
     return best
 
 
-def compare(cfg: Any, task: Any, rows: list[dict], base: Answers, tuned: Answers, train: list[dict]
-            ) -> tuple[dict, list[dict]]:
+def as_shown(cfg: Any, rows: list[dict]) -> list[dict]:
+    """Eval rows as a baseline may read them: id, prompt, completion and only the record fields prompt.user shows
+    the model (a rule must not read what the model cannot see, e.g. a sentiment label the prompt leaves out)."""
+    import string
+
+    shown = {n.split(".")[0].split("[")[0] for _, n, _, _ in string.Formatter().parse(cfg.prompt.user or "") if n}
+    keep = shown | {"id", "prompt", "completion"}
+    return [{k: v for k, v in r.items() if k in keep} for r in rows]
+
+
+def choose_baseline(cfg: Any, task: Any, train: list[dict], val: list[dict], test_scores: dict[str, dict]
+                    ) -> tuple[str | None, str, dict]:
+    """(the strongest baseline, where it was chosen, its val scores): chosen on the validation split, so the test
+    rows it is then compared on did not pick it (picking the best of several on test favours it by chance);
+    on the evaluated rows only when there is no separate val split, and said so."""
+    if len(test_scores) <= 1:
+        return next(iter(test_scores), None), "the only baseline", {}
+    if not val:
+        return strongest(task, test_scores), "the evaluated rows: no separate val split", {}
+    refs = [prompts.reference(r) for r in val]
+    val_scores = {name: task.score(preds, refs)[0] for name, preds in task.baselines(train, as_shown(cfg, val)).items()
+                  if name in test_scores}
+    return strongest(task, val_scores), f"val ({len(val)} examples)", {k: v[task.primary] for k, v in val_scores.items()}
+
+
+def compare(cfg: Any, task: Any, rows: list[dict], base: Answers, tuned: Answers, train: list[dict],
+            val: list[dict] | None = None) -> tuple[dict, list[dict]]:
     """(metrics.json content without meta, side-by-side rows) for base and tuned answers to `rows` and the task's
-    baselines; every comparison is paired on the same examples. stop_rate is the share of answers that ended on
+    baselines; every comparison is paired on the same examples. The strongest baseline is chosen on `val`
+    (choose_baseline); the headline (`verdict`) is against the stronger on test of the base model and that
+    baseline, so a "better" headline means better than both. stop_rate is the share of answers that ended on
     EOS before eval.max_new_tokens."""
     refs = [prompts.reference(r) for r in rows]
     key, n_boot = task.per_example, cfg.eval.bootstrap
@@ -134,15 +166,18 @@ def compare(cfg: Any, task: Any, rows: list[dict], base: Answers, tuned: Answers
     ours = [t[key] for t in per_t]
     m["comparison"] = {"metric": task.primary, "per_example": key, "against": "base",
                        **metrics.paired(ours, [b[key] for b in per_b], n_boot)}
-    answers = task.baselines(train, rows)
+    answers = task.baselines(train, as_shown(cfg, rows))
     m["baselines"], m["vs_baselines"], per_base = {}, {}, {}
     for name, preds in answers.items():
         m["baselines"][name], per_base[name] = task.score(preds, refs)
         m["vs_baselines"][name] = {"metric": task.primary, "per_example": key, "against": name,
                                    **metrics.paired(ours, [p[key] for p in per_base[name]], n_boot)}
-    best = strongest(task, m["baselines"])
-    m["verdict"] = m["vs_baselines"][best] if best else m["comparison"]
-    m["strongest_baseline"] = best
+    best, where, val_scores = choose_baseline(cfg, task, train, val or [], m["baselines"])
+    m["strongest_baseline"], m["strongest_baseline_chosen_on"] = best, where
+    if val_scores:
+        m["baselines_val_" + task.primary] = val_scores
+    base_leads = best is None or m["base"][task.primary] > m["baselines"][best][task.primary]
+    m["verdict"] = m["comparison"] if base_leads else m["vs_baselines"][best]
     m["forgetting"] = {"set": str(paths.GENERAL_TEXT.relative_to(paths.REPO)),
                        **forgetting.compare(base.general, tuned.general, n_boot)}
     side = []
@@ -165,13 +200,22 @@ def verdict_line(c: dict, n: int, who: str) -> str:
 
 
 def resolve_hint(c: dict, n: int, what: str) -> str:
-    """For a not-distinguishable difference: roughly how many examples would resolve one of the observed size."""
+    """For a comparison without a better/worse verdict: why, and roughly how many examples would settle one."""
+    need = c.get("examples_to_resolve")
+    if c["verdict"] == metrics.TOO_FEW:
+        return (f" Too few examples to tell: a verdict needs at least {metrics.MIN_PAIRS} paired {what} of which "
+                f"{metrics.MIN_DIFFERING} differ (this run has {n}, {c.get('pairs_differing', '?')} differ)"
+                + (f"; roughly {need:,} would do for a difference of this size." if need else "."))
     if c["verdict"] != "not distinguishable":
         return ""
-    need = c.get("examples_to_resolve")
     if need is None:
-        return f" No difference was observed, so more {what} would not make one appear."
-    return (f" A difference of this size would need roughly {need:,} {what} to resolve (this run has {n}).")
+        return (f" The mean difference is 0, so this run gives no size to plan for; a difference within the CI "
+                f"cannot be ruled out, and more {what} would narrow it.")
+    if need <= n:
+        return (f" {n} {what} would resolve a difference of the observed size 4 times in 5 (80% power) and did not "
+                "here: the true difference may well be smaller than observed.")
+    return (f" A difference of this size would need roughly {need:,} {what} to resolve 4 times in 5 (80% power; "
+            f"this run has {n}).")
 
 
 def forgetting_lines(f: dict) -> list[str]:
@@ -200,16 +244,26 @@ def base_weights_note(m: dict) -> str:
     return f" Base answers from `{w['source']}` ({w['why']})." if w else ""
 
 
+def headline_who(m: dict) -> str:
+    """Whom the headline verdict is against: the strongest alternative, the base model included."""
+    best, where = m.get("strongest_baseline"), m.get("strongest_baseline_chosen_on", "test")
+    if m["verdict"]["against"] != "base":
+        return f"the strongest alternative, baseline `{best}` (chosen on {where})"
+    if best:
+        return f"the strongest alternative, the base model (it scores above the strongest baseline, `{best}`)"
+    return "the base model (the task declares no baselines)"
+
+
 def report_md(cfg: Any, m: dict, examples: list[dict], notes: list[str]) -> str:
     names = list(m["baselines"])
     n = m["n_examples"]
     lines = [f"# Evaluation: {cfg.name}", "",
              f"Base model `{cfg.model.name_or_path}`, tuned with recipe `{cfg.name}` ({n} `{cfg.eval.split}` "
              f"examples, greedy, max_new_tokens={cfg.eval.max_new_tokens})." + base_weights_note(m), ""]
-    v, best = m["verdict"], m["strongest_baseline"]
-    who = f"the strongest baseline, `{best}`" if best else "the base model (the task declares no baselines)"
-    lines += [f"**Verdict against {who}: the tuned model is {metrics.VERDICT_WORDS[v['verdict']]} it** on "
-              f"{v['metric']} ({v['mean']:+.4f}, 95% CI [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]).", ""]
+    v = m["verdict"]
+    lines += [f"**Verdict against {headline_who(m)}: the tuned model is {metrics.VERDICT_WORDS[v['verdict']]} it** "
+              f"on {v['metric']} ({v['mean']:+.4f}, 95% CI [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}])."
+              + resolve_hint(v, n, "test examples"), ""]
     lines += ["| metric | base | tuned |" + "".join(f" {b} |" for b in names), "|---|---|---|" + "---|" * len(names)]
     for k, val in m["tuned"].items():
         cells = "".join(f" {m['baselines'][b][k]:.4f} |" if k in m["baselines"][b] else " - |" for b in names)

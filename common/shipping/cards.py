@@ -11,7 +11,7 @@ import shutil
 from typing import Any
 
 from common.core import io, paths
-from common.evaluation.metrics import VERDICT_WORDS
+from common.evaluation.metrics import MIN_DIFFERING, MIN_PAIRS, TOO_FEW, VERDICT_WORDS
 
 FRAMEWORK_TAG = "llm-finetune-recipes"
 
@@ -52,9 +52,16 @@ def evaluation_section(cfg: Any, m: dict) -> list[str]:
     lines += ["", f"**{c['metric']} difference (tuned - base): {c['mean']:+.4f}, 95% CI [{c['ci_low']:+.4f}, "
               f"{c['ci_high']:+.4f}]** (paired bootstrap, {c['bootstrap_resamples']} resamples): "
               f"{VERDICT_WORDS[c['verdict']]} the base model."]
-    if m.get("strongest_baseline"):
-        lines.append(f"**Against the strongest simple baseline, `{m['strongest_baseline']}`: {v['mean']:+.4f}, 95% CI "
-                     f"[{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]: {VERDICT_WORDS[v['verdict']]} it.**")
+    best = m.get("strongest_baseline")
+    if best:
+        b = m["vs_baselines"][best]
+        lines.append(f"**Against the strongest simple baseline, `{best}`: {b['mean']:+.4f}, 95% CI "
+                     f"[{b['ci_low']:+.4f}, {b['ci_high']:+.4f}]: {VERDICT_WORDS[b['verdict']]} it.**")
+        if v["against"] == "base":
+            lines.append("The base model scores above every baseline, so the headline is against the base model.")
+    if TOO_FEW in (c["verdict"], v["verdict"]):
+        lines.append(f"With {m['n_examples']} examples there are too few to tell (a verdict needs at least "
+                     f"{MIN_PAIRS} paired examples, {MIN_DIFFERING} of them different).")
     lines.append(f"General-text loss per token ({f['passages']} passages, lower is better): base {f['base_loss']:.4f}, "
                  f"tuned {f['tuned_loss']:.4f}, change {f['mean']:+.4f}, 95% CI [{f['ci_low']:+.4f}, "
                  f"{f['ci_high']:+.4f}]: on general text the tuned model is {VERDICT_WORDS[f['verdict']]} the base "
@@ -132,9 +139,12 @@ def render(cfg: Any, rp: paths.RunPaths, kind: str, metrics: dict | None = None,
     if cfg.model.arch == "causal":
         system = [{"role": "system", "content": cfg.prompt.system}] if cfg.prompt.system else []
         lines += [f"messages = {json.dumps(system + [{'role': 'user', 'content': cfg.prompt.user or '...'}], ensure_ascii=False)}",
-                  "ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt')",
-                  f"out = model.generate(ids, max_new_tokens={cfg.eval.max_new_tokens}, do_sample=False)",
-                  "print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))"]
+                  "text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)",
+                  "# one BOS, as in training: the tokenizer adds it unless the chat template wrote it",
+                  "bos = bool(tok.bos_token) and text.startswith(tok.bos_token)",
+                  "inputs = tok(text, add_special_tokens=not bos, return_tensors='pt')",
+                  f"out = model.generate(**inputs, max_new_tokens={cfg.eval.max_new_tokens}, do_sample=False)",
+                  "print(tok.decode(out[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True))"]
     lines += ["```", ""]
     if exp:
         names = ", ".join(f"`{f['file']}`" for f in exp.get("files", {}).values())

@@ -23,7 +23,7 @@ log = logging.getLogger("ft")
 
 COLUMNS = ["run", "recipe", "tiny_mode", "task", "base_model", "primary_metric", "base", "tuned", "difference",
            "ci_low", "ci_high", "vs_base", "strongest_baseline", "vs_baseline", "vs_baseline_ci_low",
-           "vs_baseline_ci_high", "verdict", "general_loss_base", "general_loss_tuned", "forgetting",
+           "vs_baseline_ci_high", "verdict", "headline_against", "general_loss_base", "general_loss_tuned", "forgetting",
            "base_stop_rate", "tuned_stop_rate", "n_examples", "train_seconds",
            "train_tokens_per_s", "peak_rss_mb", "peak_gpu_mb", "device", "git_commit", "evaluated"]
 PAGE_COLUMNS = COLUMNS[:COLUMNS.index("forgetting") + 1]  # the overview table; summary.csv has them all
@@ -46,12 +46,13 @@ def summary_row(run: Path) -> dict:
     info = io.read_json(run / "adapter" / "run_info.json", {})
     meta, c, key = m.get("meta", {}), m["comparison"], m["primary_metric"]
     v, f, best = m["verdict"], m["forgetting"], m.get("strongest_baseline")
+    b = m["vs_baselines"][best] if best else {}
     return {"run": run.name, "recipe": meta.get("recipe"), "tiny_mode": meta.get("tiny_mode"), "task": m.get("task"),
             "base_model": meta.get("base_model"), "primary_metric": key, "base": m["base"][key],
             "tuned": m["tuned"][key], "difference": c["mean"], "ci_low": c["ci_low"], "ci_high": c["ci_high"],
             "vs_base": c["verdict"], "strongest_baseline": m.get("strongest_baseline"),
-            "vs_baseline": v["mean"] if best else None, "vs_baseline_ci_low": v["ci_low"] if best else None,
-            "vs_baseline_ci_high": v["ci_high"] if best else None, "verdict": v["verdict"],
+            "vs_baseline": b.get("mean"), "vs_baseline_ci_low": b.get("ci_low"),
+            "vs_baseline_ci_high": b.get("ci_high"), "verdict": v["verdict"], "headline_against": v["against"],
             "general_loss_base": f["base_loss"], "general_loss_tuned": f["tuned_loss"], "forgetting": f["verdict"],
             "base_stop_rate": m["base"].get("stop_rate"), "tuned_stop_rate": m["tuned"].get("stop_rate"),
             "n_examples": m["n_examples"], "train_seconds": info.get("train_seconds"),
@@ -105,11 +106,12 @@ def _span(run: str, key: str, v: Any) -> str:
 
 
 def _verdict(run: str, m: dict) -> str:
-    """The headline: tuned against the strongest baseline (or the base model when the task has none)."""
+    """The headline: tuned against the strongest alternative (the strongest baseline or the base model)."""
     v, best = m["verdict"], m.get("strongest_baseline")
-    who = f"the strongest baseline, <code>{html.escape(best)}</code>" if best else "the base model"
-    return (f"<p><b>Verdict: the tuned model is {_span(run, 'verdict.verdict', v['verdict'])} "
-            f"{'than' if v['verdict'] != 'not distinguishable' else 'from'} {who}</b> on {html.escape(v['metric'])} "
+    who = (f"the strongest baseline, <code>{html.escape(best)}</code>" if v["against"] != "base" else
+           "the base model" + (f" (above every baseline, the strongest <code>{html.escape(best)}</code>)"
+                               if best else ""))
+    return (f"<p><b>Verdict, tuned vs {who}: {_span(run, 'verdict.verdict', v['verdict'])}</b> on {html.escape(v['metric'])} "
             f"({_span(run, 'verdict.mean', v['mean'])}, 95% CI [{_span(run, 'verdict.ci_low', v['ci_low'])}, "
             f"{_span(run, 'verdict.ci_high', v['ci_high'])}])</p>")
 

@@ -9,7 +9,8 @@ horizon direction accuracy and macro-F1, magnitude MAE (an invalid answer is a w
 the CI is on the per-example share of correct directions. Baselines: `majority` (the train split's majority
 direction and mean magnitude per horizon, for every prompt) and `sentiment_rule` (the prompt's own sentiment label
 read as a direction, bullish -> up, bearish -> down, neutral -> flat, with that label's mean train magnitude per
-horizon; the majority answer for a label the rule does not know).
+horizon; the majority answer for a label the rule does not know; offered only when prompt.user shows the label:
+common/evaluation/compare.py gives a baseline the fields the model sees).
 """
 from __future__ import annotations
 
@@ -88,8 +89,9 @@ class XauusdForecast(Task):
             return {}
         majority = majority_forecast([g for _, g in gold])
         out = {"majority": [majority] * len(rows)}
-        if not any("label" in r for r in rows):  # prepared before the split rows kept the label
-            log.warning("baseline sentiment_rule skipped: the eval rows have no `label` field; re-run make prepare")
+        if not any("label" in r for r in rows):  # prompt.user does not show it (or an older prepare dropped it)
+            log.warning("baseline sentiment_rule skipped: the eval prompts do not show the sentiment label "
+                        "(prompt.user has no {label}), so a rule reading it would see more than the model")
             return out
         rule = sentiment_forecasts(gold)
         return {**out, "sentiment_rule": [rule.get(r.get("label", "").lower(), majority) for r in rows]}

@@ -31,6 +31,23 @@ def encode_split(cfg: Any, tok: Any, rows: list[dict], name: str) -> Any:
     return Dataset.from_dict({"input_ids": [e[0] for e in kept], "labels": [e[1] for e in kept]})
 
 
+def fingerprint(*splits: Any) -> str:
+    """A hash of encoded splits' token ids and labels: what training reads, whatever rendered it (the chat
+    template, the tokenizer, train.max_length, the masking)."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for ds in splits:
+        for col in ("input_ids", "labels"):
+            rows = ds[col]
+            h.update(np.asarray([len(r) for r in rows], dtype=np.int64).tobytes())
+            if rows:
+                h.update(np.concatenate([np.asarray(r, dtype=np.int64) for r in rows]).tobytes())
+    return h.hexdigest()
+
+
 def lora_config(cfg: Any) -> Any:
     from peft import LoraConfig
 

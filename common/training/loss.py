@@ -120,13 +120,23 @@ def align_dtypes(model: Any, plan: Any) -> dict[str, int]:
     return cast
 
 
+def batch_tokens(model: Any, inputs: dict) -> Any:
+    """Non-padding tokens a micro-batch trains on: the input tokens, and for an encoder-decoder model also the
+    target tokens its decoder reads (labels other than -100; a decoder-only model's labels are its inputs)."""
+    mask = inputs.get("attention_mask")
+    n = mask.sum() if mask is not None else inputs["input_ids"].numel()
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and inputs.get("labels") is not None:
+        n = n + (inputs["labels"] != IGNORE).sum()
+    return n
+
+
 def trainer_class(base: type, plan: Any, answer_only: bool) -> type:
     """A subclass of `base` whose loss runs under the plan's autocast; with answer_only, the loss is answer_loss
     (with Liger's fused kernel when plan.liger)."""
 
     class Trainer(base):
         _params: int | None = None  # the model's non-embedding parameter count (fixed while it trains)
-        trained_tokens: Any = 0  # non-padding input tokens of every training micro-batch (a tensor: no sync)
+        trained_tokens: Any = 0  # batch_tokens of every training micro-batch here (a tensor: no sync)
 
         def floating_point_ops(self, inputs):
             """HF's count (6 x tokens x non-embedding parameters), with the parameters counted once: HF walks every
@@ -140,9 +150,7 @@ def trainer_class(base: type, plan: Any, answer_only: bool) -> type:
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training:
-                mask = inputs.get("attention_mask")
-                self.trained_tokens = self.trained_tokens + (mask.sum() if mask is not None
-                                                             else inputs["input_ids"].numel())
+                self.trained_tokens = self.trained_tokens + batch_tokens(model, inputs)
             with autocast(plan):
                 if not answer_only:
                     return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

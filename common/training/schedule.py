@@ -29,9 +29,11 @@ def schedule(cfg: Any, n_train: int, has_val: bool) -> Schedule:
     cap = t.max_epochs
     if cap and n_train:
         if t.max_steps > 0 and t.max_steps * per_step > cap * n_train:
-            # the trainer evaluates and saves at the last step too (transformers' DefaultFlowCallback), so the last
-            # weights compete for the best checkpoint without rounding the steps down to an evaluation interval
-            steps = max(1, math.ceil(cap * n_train / per_step))
+            # a pass is ceil(n / per_step) steps: the trainer's epochs end on a short last batch (with any split
+            # into micro-batches, accumulation or processes), so cap passes take cap x that many steps; the trainer
+            # evaluates and saves at the last step too (transformers' DefaultFlowCallback), so the last weights
+            # compete for the best checkpoint without rounding the steps down to an evaluation interval
+            steps = max(1, math.ceil(cap * math.ceil(n_train / per_step)))
             s.notes.append(f"train.max_steps {t.max_steps} -> {steps}: {t.max_steps} steps x {per_step} examples "
                            f"would be {t.max_steps * per_step / n_train:.1f} passes over {n_train} train examples; "
                            f"train.max_epochs={cap:g} caps it")
