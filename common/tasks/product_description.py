@@ -5,20 +5,17 @@ any of them gzipped (common/data/readers.py reads them). Cleaning: HTML entities
 record is dropped (and counted by reason) when a field is missing, not text, empty, too short or too long, or
 when its title repeats an earlier one (data.dedupe_titles).
 Scores: ROUGE-1/2/L, sacreBLEU, chrF, length ratio, empty and degenerate shares; the CI is on ROUGE-L.
-Baselines: `retrieval` (the description of the most similar train title, TF-IDF cosine over title words) and
-`title` (the title itself as its description).
+Baselines: `retrieval` (the description of the most similar train title, TF-IDF cosine over title words,
+common/evaluation/retrieval.py, sparse) and `title` (the title itself as its description).
 """
 from __future__ import annotations
 
-import math
-import re
-from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
 from common.core.schema import F
 from common.data import prompts, readers
-from common.evaluation import metrics
+from common.evaluation import metrics, retrieval
 from common.tasks import Task
 
 
@@ -79,7 +76,7 @@ class ProductDescription(Task):
         titles = [_title(r) for r in rows]
         if not train:
             return {"title": titles}
-        best = nearest(titles, [_title(r) for r in train])
+        best = retrieval.nearest([_title(r) for r in train], titles)
         return {"retrieval": [prompts.reference(train[i]) for i in best], "title": titles}
 
     def extra_prompts(self, cfg: Any) -> list[tuple[str, dict]]:
@@ -88,30 +85,6 @@ class ProductDescription(Task):
 
 def _title(row: dict) -> str:
     return row.get("title") or prompts.prompt_text(row)
-
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
-
-
-def nearest(queries: list[str], docs: list[str]) -> list[int]:
-    """For each query, the index of the most similar doc by TF-IDF cosine (smoothed idf, l2-normalised; ties and
-    no shared word: the first doc)."""
-    import numpy as np
-
-    vocab = {w: i for i, w in enumerate(sorted({w for d in docs for w in _words(d)}))}
-    df = Counter(w for d in docs for w in set(_words(d)))
-    idf = np.array([math.log((1 + len(docs)) / (1 + df[w])) + 1 for w in vocab])
-
-    def matrix(texts: list[str]) -> "np.ndarray":
-        m = np.zeros((len(texts), len(vocab)))
-        for i, t in enumerate(texts):
-            for w, c in Counter(w for w in _words(t) if w in vocab).items():
-                m[i, vocab[w]] = c
-        m *= idf
-        return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
-
-    return [int(i) for i in (matrix(queries) @ matrix(docs).T).argmax(axis=1)]
 
 
 TASK = ProductDescription()
