@@ -71,9 +71,9 @@ def classify(rec: dict, m: Mapping) -> tuple[str, str] | None:
     found = _turn_list(rec, m)
     if found:
         col, turns = found
-        if all(m.col("role") in t for t in turns):
+        if any(m.col("role") in t for t in turns):
             return "messages", f"{col}/{m.col('role')}/{m.col('content')}"
-        if all(m.col("from") in t for t in turns):
+        if any(m.col("from") in t for t in turns):
             return "sharegpt", f"{col}/{m.col('from')}/{m.col('value')}"
     if m.col("instruction") in rec and m.col("output") in rec:
         return "alpaca", f"{m.col('instruction')}/{m.col('input')}/{m.col('output')}"
@@ -222,6 +222,9 @@ def unrenderable(tok: Any, messages: list[dict]) -> str | None:
         text = tok.apply_chat_template(messages, tokenize=False)
     except Exception:  # noqa: BLE001 (a Jinja raise_exception, a template that cannot take this role order)
         return "tool_turn_unsupported" if any(t["role"] == "tool" for t in messages) else "template_error"
-    if any(t["role"] == "tool" and t["content"] not in text for t in messages):
-        return "tool_turn_unsupported"
+    if any(t["role"] == "tool" for t in messages):  # each tool turn, marked, must show in the rendered text
+        marked = [dict(t, content=f"<tool-turn-{i}>") if t["role"] == "tool" else t for i, t in enumerate(messages)]
+        shown = tok.apply_chat_template(marked, tokenize=False)
+        if any(t["role"] == "tool" and f"<tool-turn-{i}>" not in shown for i, t in enumerate(messages)):
+            return "tool_turn_unsupported"
     return None

@@ -75,6 +75,10 @@ class Chat(Task):
             raise UserError(str(e)) from None
         rows = self._rows(path, cfg, rep)
         head = list(itertools.islice(rows, max(1, d.detect_records)))
+        if not head:
+            raise UserError(f"{path}: no readable record in its first {rep.read} rows "
+                            f"({', '.join(f'{k} {v}' for k, v in rep.dropped.most_common(3)) or 'no rows'}); expected "
+                            "JSON lines, a JSON array, Parquet or CSV of conversations (README: Your own data)")
         fmt, line = conversations.detect([r for _, r in head], mapping)
         if d.format != "auto":
             fmt, line = d.format, f"format: {d.format} (data.format); detected: {line}"
@@ -111,7 +115,8 @@ class Chat(Task):
         return {"retrieval": [prompts.reference(train[i]) for i in best]}
 
     def demo_fields(self, text: str, extra: dict[str, str]) -> dict:
-        return {"uid": "demo", "messages": [{"role": "user", "content": text}]}
+        """The typed message as the user turn the models answer (the empty answer turn is where the cut falls)."""
+        return {"uid": "demo", "messages": [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]}
 
 
 def nothing_usable(source: Any, fmt: str | None, rep: readers.Report) -> str:
