@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import step
+from conftest import make, step
 
 from common.core import config, paths
 from common.core.io import UserError
@@ -173,6 +173,19 @@ def test_bad_files_are_one_line(tmp_path, content, match):
     assert "\n" not in str(e.value)
 
 
+def test_an_empty_file_or_folder_without_data_is_one_line(tmp_path, monkeypatch):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    assert chat.TASK.source(str(empty)) is None  # a file: prepare resolves it as every task's file
+    with pytest.raises(UserError, match="is empty"):
+        readers.resolve(str(empty))
+    monkeypatch.setenv("FT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(UserError, match="could not load dataset") as e:
+        read(tmp_path / "nothing")
+    assert "\n" not in str(e.value)
+
+
 def test_duplicates_are_dropped_with_their_line(tmp_path):
     rows = [{"messages": [t(U, "q"), t(A, "a")]}] * 2 + [{"messages": [t(U, "q"), t(A, "b")]}]
     path = write(tmp_path / "d.jsonl", rows)
@@ -315,3 +328,19 @@ def test_held_out_answer_loss_is_paired_and_reported(ft_home):
     md = (rp.eval / "report.md").read_text()
     assert "Held-out answer loss per token (40 `test` reference answers; lower is better): base 3.1950, tuned 1.1950" \
         in md and "the tuned model is **better than the base model**" in md
+
+
+@pytest.mark.e2e
+def test_make_all_chat_reports_verdicts_and_the_held_out_loss_and_the_demo_answers_a_prompt(tiny_run):
+    run = tiny_run("chat")
+    rep = json.loads((run.data / "prepare_report.json").read_text())
+    assert rep["dropped"]["duplicate"] > 0 and rep["repaired"] and 0 < rep["trained_token_share"] < 1
+    m = json.loads((run.out / "eval" / "metrics.json").read_text())
+    assert m["task"] == "chat" and m["strongest_baseline"] == "retrieval" and m["verdict"]["against"] == "retrieval"
+    assert {"rougeL", "sacrebleu", "chrf", "len_ratio", "stop_rate"} <= set(m["tuned"])
+    h = m["answer_loss"]
+    assert h["examples"] == m["n_examples"] and h["ci_low"] <= h["mean"] <= h["ci_high"] and h["base_loss"] > 0
+    assert "Held-out answer loss per token" in (run.out / "eval" / "report.md").read_text()
+    demo = make(run.home, "demo", "RECIPE=chat", "TINY=1", "PROMPT=Where is my order TO-12345?")
+    head = next(line for line in demo.stdout.splitlines() if line.startswith("BASE"))
+    assert "TUNED (merged)" in head and demo.stdout.count("|") >= 2, demo.stdout[-2000:]
