@@ -219,7 +219,7 @@ def unrenderable(tok: Any, messages: list[dict]) -> str | None:
     """Why the tokenizer's chat template cannot train this conversation: `tool_turn_unsupported` when it raises on
     or leaves out a tool turn, `template_error` when it raises otherwise; None when it renders every turn."""
     try:
-        text = tok.apply_chat_template(messages, tokenize=False)
+        tok.apply_chat_template(messages, tokenize=False)
     except Exception:  # noqa: BLE001 (a Jinja raise_exception, a template that cannot take this role order)
         return "tool_turn_unsupported" if any(t["role"] == "tool" for t in messages) else "template_error"
     if any(t["role"] == "tool" for t in messages):  # each tool turn, marked, must show in the rendered text

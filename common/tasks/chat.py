@@ -102,9 +102,6 @@ class Chat(Task):
         if not kept:
             raise UserError(nothing_usable(path, fmt, rep))
 
-    def example_extra(self, fields: dict) -> dict:
-        return {}
-
     def score(self, preds: list[str], refs: list[str]) -> tuple[dict, list[dict]]:
         return metrics.text_scores(preds, refs)
 
