@@ -65,14 +65,16 @@ PROMPT_COMPLETION = [{"prompt": f"hi {i}", "completion": f"hello {i}"} for i in 
 WANT = [[t(U, f"hi {i}"), t(A, f"hello {i}")] for i in range(3)]
 
 
-@pytest.mark.parametrize("fmt,rows,keys", [
-    ("messages", MESSAGES, "messages/role/content"), ("sharegpt", SHAREGPT, "conversations/from/value"),
-    ("alpaca", ALPACA, "instruction/input/output"), ("prompt_completion", PROMPT_COMPLETION, "prompt/completion")])
-@pytest.mark.parametrize("suffix,gz", [(".jsonl", False), (".json", False), (".parquet", False), (".csv", False),
-                                       (".jsonl", True), (".json", True), (".parquet", True), (".csv", True)])
+FORMATS = [("messages", MESSAGES, "messages/role/content"), ("sharegpt", SHAREGPT, "conversations/from/value"),
+           ("alpaca", ALPACA, "instruction/input/output"), ("prompt_completion", PROMPT_COMPLETION, "prompt/completion")]
+FILES = [(".jsonl", False), (".json", False), (".parquet", False), (".csv", False), (".jsonl", True), (".json", True),
+         (".parquet", True), (".csv", True)]
+
+
+@pytest.mark.parametrize("fmt,rows,keys,suffix,gz", [
+    (*f, *x) for f in FORMATS for x in FILES if not (x[0] == ".csv" and f[0] in ("messages", "sharegpt"))])
 def test_every_format_from_every_file_type(tmp_path, fmt, rows, keys, suffix, gz, caplog):
-    if suffix == ".csv" and fmt in ("messages", "sharegpt"):
-        pytest.skip("CSV holds the flat formats only")
+    """CSV holds the flat formats (alpaca, prompt_completion) only."""
     path = write(tmp_path / f"data{suffix}", rows, gz)
     with caplog.at_level("INFO", logger="ft"):
         kept, rep = read(path)
