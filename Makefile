@@ -100,8 +100,8 @@ report: ## every evaluated run on one page -> outputs/summary.csv, outputs/repor
 push: $(EVALUATED) ## adapter or merged model + card to the hub (HF_TOKEN, card.repo_id); DRY_RUN=1 writes what would go
 	$(PY) scripts/08_push.py $(FLAGS) $(if $(DRY_RUN),--dry-run)
 
-demo: $(TRAINED) ## base vs tuned answers side by side: make demo TITLE="..."
-	$(PY) scripts/05_demo.py $(FLAGS) $(if $(TITLE),--title "$(TITLE)")
+demo: $(TRAINED) ## base vs tuned answers side by side: make demo TITLE="..." (chat: PROMPT="...")
+	$(PY) scripts/05_demo.py $(FLAGS) $(if $(TITLE),--title "$(TITLE)")$(if $(PROMPT), --prompt "$(PROMPT)")
 
 bench: $(PREPARED) ## speed: ours vs plain TRL vs the reference way; batched generation -> outputs/bench/ (BENCH="--steps 8")
 	$(PY) scripts/bench.py $(FLAGS) $(BENCH)

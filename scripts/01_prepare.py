@@ -5,11 +5,14 @@
 Reads data.path (DATA_PATH in .env or the shell replaces it) in the format of the recipe's task
 (common/tasks/<task>.py: AmazonTitles trn.json for product descriptions, a headline CSV for the XAU/USD forecast;
 JSON lines and CSV stream, so a 2 GB trn.json never sits in memory whole). Rows the task rejects are skipped and
-counted by reason with their first line numbers; a file with no usable row stops with one line saying why.
+counted by reason with their first line numbers; a file with no usable row stops with one line saying why. A
+causal recipe's example that its chat template cannot render, or that keeps no trained token within
+train.max_length, is dropped and counted too (never trained all-masked); the share of train tokens trained is logged.
+The chat task also reads a dataset folder or `hub:owner/name` (common/tasks/chat.py).
 
 Writes (atomically) data/processed/<run>/: train.jsonl, val.jsonl, test.jsonl (prompt/completion in the form the
 recipe's architecture takes: chat messages or plain text, common/model/arch.py) and, last, prepare_report.json (read,
-kept, dropped by reason, split sizes, token-length percentiles, recipe, git commit, time).
+kept, dropped by reason, repaired by kind, split sizes, trained-token share, token-length percentiles, recipe, git commit, time).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import sys
 
 from common import tasks
 from common.core import io, metadata, run
-from common.data import prompts, readers
+from common.data import conversations, prompts, readers
 from common.model import arch, modeling
 
 log = logging.getLogger("ft")
@@ -36,24 +39,61 @@ def token_stats(cfg, splits: dict[str, list[dict]]) -> dict:
             for name, rows in splits.items() if rows}
 
 
+def trained_only(cfg, splits: dict[str, list[dict]], rep: readers.Report) -> float | None:
+    """Drop (and count) each example the chat template cannot render or that keeps no trained token within
+    train.max_length (test: its last answer, the one evaluated); the share of train tokens trained (None without a
+    tokenizer or for a seq2seq recipe)."""
+    if cfg.model.arch != "causal":
+        return None
+    try:
+        tok = modeling.load_tokenizer(cfg, modeling.model_source(cfg))
+    except io.UserError:  # token_stats says why
+        return None
+    all_turns = cfg.train.loss_on == "assistant_turns"
+    trained = total = 0
+    for name, rows in splits.items():
+        keep = []
+        for ex in rows:
+            why = conversations.unrenderable(tok, [*ex["prompt"], *ex["completion"]])
+            enc = None if why else prompts.encode_chat(tok, ex["prompt"], ex["completion"], cfg.train.max_length,
+                                                       all_turns=all_turns and name != "test")
+            if enc is None:
+                rep.drop(why or "no_trained_token", ex["id"])
+                continue
+            keep.append(ex)
+            if name == "train":
+                trained += sum(x != prompts.IGNORE for x in enc[1])
+                total += len(enc[0])
+        splits[name] = keep
+    if not splits["train"]:
+        raise io.UserError(f"no training example keeps a trained token within train.max_length="
+                           f"{cfg.train.max_length} (dropped: {dict(rep.dropped.most_common(2))}); raise "
+                           "train.max_length or check prompt.template")
+    share = trained / max(1, total)
+    log.info("trained tokens: %.1f%% of %d train tokens (loss on %s)", 100 * share, total, cfg.train.loss_on)
+    return share
+
+
 def body(ctx: run.Context) -> None:
     cfg, rp = ctx.cfg, ctx.paths
     task, rep = tasks.get(cfg.task), readers.Report()
-    path = readers.resolve(cfg.data.path)
+    path = task.source(cfg.data.path) or readers.resolve(cfg.data.path)
     parts, note = readers.split_records(cfg, task, path, rep)
     splits = {name: readers.to_examples(cfg, task, arch.get(cfg), recs, cfg.data.seed + i, extend=name != "test")
               for i, (name, recs) in enumerate(parts.items())}
+    share = trained_only(cfg, splits, rep)
     stats = token_stats(cfg, splits)
     for name, rows in splits.items():
         io.write_jsonl(rp.split(name), rows)
     if cfg.data.export_formatted:
         io.atomic_write_json(rp.data / cfg.data.export_formatted, [
             {"id": ex["id"], "prompt": ex["prompt"], "response": prompts.reference(ex)} for ex in splits["train"]])
-    kept = sum(len(v) for v in parts.values())
+    kept = sum(len(v) for v in splits.values())
     io.atomic_write_json(rp.prepare_report, {
         "source": str(path), "read": rep.read, "kept": kept, "dropped": dict(rep.dropped.most_common()),
-        "dropped_first_lines": dict(rep.where), "splits": {k: len(v) for k, v in splits.items()},
-        "split_note": note, "token_lengths": stats, "meta": metadata.describe(cfg, "prepare")})
+        "dropped_first_lines": dict(rep.where), "repaired": dict(rep.repaired.most_common()),
+        "repaired_first_lines": dict(rep.repaired_where), "splits": {k: len(v) for k, v in splits.items()},
+        "split_note": note, "trained_token_share": share, "token_lengths": stats, "meta": metadata.describe(cfg, "prepare")})
     log.info("read %d, kept %d, dropped %s -> %s", rep.read, kept, dict(rep.dropped), rp.data)
     for name, s in stats.items():
         log.info("tokens %-5s p50=%s p90=%s max=%s over max_length=%s", name, s["p50"], s["p90"], s["max"],

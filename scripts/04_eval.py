@@ -15,9 +15,11 @@ tuned vs each baseline get a paired 95% bootstrap CI on the task's per-example s
 chosen on the val split; the headline verdict is against the strongest alternative (that baseline or the base
 model, whichever scores higher on test): better, worse or not distinguishable, with roughly how many test examples
 would resolve a difference of the observed size, or "too few examples to tell" below 30 paired examples (or 6
-that differ; common/evaluation/metrics.py says why). The forgetting check scores base and tuned on the general-text set
-data/general/passages.txt (common/evaluation/forgetting.py), paired over passages. stop_rate is the share of answers that
-ended on EOS before eval.max_new_tokens; the report warns when the tuned model does not stop (below 90%).
+that differ; common/evaluation/metrics.py says why). The forgetting check scores base and tuned on the general-text
+set data/general/passages.txt (common/evaluation/forgetting.py), paired over passages; a task with held_out_loss
+(chat) gets the same comparison on the eval rows' reference answers (loss per token, base vs tuned, paired CI).
+stop_rate is the share of answers that ended on EOS before eval.max_new_tokens; the report warns when the tuned
+model does not stop (below 90%).
 
 Writes outputs/<run>/eval/ atomically: side_by_side.csv, improved_examples.csv, fixed_prompts.csv (when the task
 has extra prompts, e.g. eval.fixed_prompts), report.md and metrics.json; then the model cards merged/README.md and
@@ -31,11 +33,21 @@ import sys
 
 from common import tasks
 from common.core import io, run
+from common.data import prompts
 from common.evaluation import compare, forgetting
 from common.model import arch
 from common.shipping import cards
 
 log = logging.getLogger("ft")
+
+
+def held_out(cfg, task, tok, rows: list[dict]) -> list:
+    """(input ids, labels) of each eval row's reference answer (its last assistant turn trained, nothing else) for a
+    task with held_out_loss; rows whose answer train.max_length cuts away are left out."""
+    if not task.held_out_loss:
+        return []
+    enc = [prompts.encode_chat(tok, ex["prompt"], ex["completion"], cfg.train.max_length) for ex in rows]
+    return [e for e in enc if e is not None]
 
 
 def body(ctx: run.Context) -> None:
@@ -54,12 +66,13 @@ def body(ctx: run.Context) -> None:
     examples = rows + [a.build(cfg, fields) for _, fields in extra]
     ids = [a.encode_prompt(cfg, tok, ex) for ex in examples]
     general = forgetting.passages()
-    base = compare.base_generations(cfg, rp, tok, ids, precision, a, general)
-    tuned = compare.tuned_generations(cfg, rp, tok, ids, precision, a, general)
+    scored = held_out(cfg, task, tok, rows)
+    base = compare.base_generations(cfg, rp, tok, ids, precision, a, general, scored)
+    tuned = compare.tuned_generations(cfg, rp, tok, ids, precision, a, general, scored)
     n = len(rows)
     train = io.read_jsonl(rp.split("train"))
-    held_out = cfg.eval.split != "val" and rp.split("val").exists()  # picks the strongest baseline
-    val = io.read_jsonl(rp.split("val")) if held_out else []
+    has_val = cfg.eval.split != "val" and rp.split("val").exists()  # picks the strongest baseline
+    val = io.read_jsonl(rp.split("val")) if has_val else []
     m, side = compare.compare(cfg, task, rows, compare.head(base, n), compare.head(tuned, n), train, val)
     m["base_weights"] = {"source": source, "why": why}
     m["n_prompts_truncated"] = sum(a.prompt_truncated(cfg, tok, ex) for ex in rows)
@@ -72,6 +85,9 @@ def body(ctx: run.Context) -> None:
     log.info("%s base %.4f -> tuned %.4f; tuned - %s %+.4f, 95%% CI [%+.4f, %+.4f]: %s; general-text loss %.4f -> "
              "%.4f (%s) -> %s", task.primary, m["base"][task.primary], m["tuned"][task.primary], v["against"],
              v["mean"], v["ci_low"], v["ci_high"], v["verdict"], f["base_loss"], f["tuned_loss"], f["verdict"], rp.eval)
+    if h := m.get("answer_loss"):
+        log.info("held-out answer loss %.4f -> %.4f, change %+.4f, 95%% CI [%+.4f, %+.4f]: %s", h["base_loss"],
+                 h["tuned_loss"], h["mean"], h["ci_low"], h["ci_high"], h["verdict"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,13 @@
 """Ask the base and the tuned model the same question and print the answers side by side.
 
     make demo TITLE="Acme Chef Knife, Black, Large"
+    make demo RECIPE=chat PROMPT="Where is my order TO-12345?"     # a typed message (task chat)
     python scripts/05_demo.py --recipe smollm2 --title "Acme Chef Knife, Black, Large"
     python scripts/05_demo.py --recipe smollm2-xauusd --title "Fed signals sharply rate cuts as inflation cools"
     python scripts/05_demo.py --recipe smollm2            # no title: asks interactively (empty line quits)
 
-The title is what the recipe's task asks a person for (a product title; for the forecast task, the headline);
+The title is what the recipe's task asks a person for (a product title; for the forecast task, the headline; for
+the chat task, a message: --prompt is the same option);
 other prompt fields can be given with --field key=value (missing ones read "unknown"). The prompt is encoded and
 truncated exactly as in evaluation (common/model/arch.py). --use adapter (default when no merged model exists) or --use merged picks the
 tuned model. Writes nothing.
@@ -24,7 +26,8 @@ from common.model import arch, modeling
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--title", help="what the task asks a person for (a product title, a headline)")
+    ap.add_argument("--title", "--prompt", dest="title",
+                    help="what the task asks a person for (a product title, a headline, a chat message)")
     ap.add_argument("--field", action="append", default=[], metavar="KEY=VALUE", help="extra prompt field")
     ap.add_argument("--use", choices=("adapter", "merged"), help="tuned model to load (default: merged if present)")
     ap.add_argument("--max-new-tokens", type=int)
@@ -60,7 +63,7 @@ def body(ctx: run.Context) -> None:
         return
     while True:
         try:
-            title = input("title (empty to quit)> ").strip()
+            title = input(f"{task.demo_field.replace('_', ' ')} (empty to quit)> ").strip()
         except EOFError:
             break
         if not title:

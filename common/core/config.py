@@ -127,7 +127,9 @@ def schema_for(task: str) -> dict:
 
 
 def _owner(section: str, key: str) -> str | None:
-    return next((t for t in tasks.names() if key in tasks.get(t).settings.get(section, {})), None)
+    """The task(s) that declare section.key ("chat and product_description" when several do), or None."""
+    owners = [t for t in tasks.names() if key in tasks.get(t).settings.get(section, {})]
+    return " and ".join(owners) or None
 
 
 def _merge_checked(cfg: dict, over: dict, schema: dict, task: str, where: str = "") -> None:
@@ -141,7 +143,7 @@ def _merge_checked(cfg: dict, over: dict, schema: dict, task: str, where: str = 
                 raise ConfigError(f"'train.{key}' is now runtime.{key} (how a run executes, apart from what defines "
                                   f"the result); move it to the runtime: section") from None
             owner = _owner(section, key) if key else None
-            if owner and owner != task:
+            if owner and task not in owner.split(" and "):
                 raise ConfigError(f"'{section}.{key}' is a setting of task {owner}; this recipe's task is {task}"
                                   f" (remove it)") from None
         raise

@@ -1,6 +1,7 @@
 """Raw data in, processed splits out: file readers, the report of dropped rows, sampling and splitting.
 
-Readers: JSON lines (streamed), a JSON array, CSV (streamed), any of them gzipped (detected by content); a BOM
+Readers: JSON lines (streamed), a JSON array, CSV (streamed), Parquet (streamed by row batch), any of them gzipped
+(detected by content), and a dataset folder or hub id through `datasets.load_dataset` (cached under FT_CACHE); a BOM
 and CRLF line ends are handled; rows that are not valid UTF-8, not JSON or not an object are counted by reason
 with their first line numbers instead of stopping the run. What a record must contain is the task's business
 (common/tasks/); turning a record into a prompt and answer is the architecture's (common/model/arch.py).
@@ -27,12 +28,19 @@ MAX_EXAMPLES = 5  # line numbers kept per drop reason
 
 
 class Report:
-    """Rows read and rows dropped, by reason, with the first few locations of each."""
+    """Rows read, rows dropped by reason and rows kept after a repair, each with the first few locations."""
 
     def __init__(self) -> None:
         self.read = 0
         self.dropped: Counter = Counter()
         self.where: dict[str, list] = defaultdict(list)
+        self.repaired: Counter = Counter()
+        self.repaired_where: dict[str, list] = defaultdict(list)
+
+    def repair(self, what: str, where: Any) -> None:
+        self.repaired[what] += 1
+        if len(self.repaired_where[what]) < MAX_EXAMPLES:
+            self.repaired_where[what].append(where)
 
     def drop(self, reason: str, where: Any) -> None:
         self.dropped[reason] += 1
@@ -90,9 +98,14 @@ def _lines(path: Path, rep: Report) -> Iterator[tuple[int, str]]:
 
 
 def detect_format(path: Path, fmt: str = "auto") -> str:
-    """csv, json (an array) or jsonl; 'auto' looks at the suffix (under .gz) and, for .json, the first byte."""
+    """csv, json (an array), jsonl or parquet; 'auto' looks at the suffix (under .gz), Parquet's magic bytes and,
+    for .json, the first byte."""
     if fmt != "auto":
         return fmt
+    f, _ = _open_binary(path)
+    with f:
+        if f.read(4) == b"PAR1":
+            return "parquet"
     suffixes = [s for s in path.suffixes if s != ".gz"]
     ext = suffixes[-1].lower() if suffixes else ""
     if ext == ".csv":
@@ -108,6 +121,9 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
 def iter_records(path: Path, fmt: str, rep: Report) -> Iterator[tuple[Any, dict]]:
     """(location, record dict) from JSON lines, a JSON array or CSV; row-level faults are counted, not raised."""
     fmt = detect_format(path, fmt)
+    if fmt == "parquet":
+        yield from _parquet(path, rep)
+        return
     if fmt == "csv":
         line_no = {"n": 0}
 
@@ -150,6 +166,48 @@ def iter_records(path: Path, fmt: str, rep: Report) -> Iterator[tuple[Any, dict]
             yield n, rec
         else:
             rep.drop("not_an_object", n)
+
+
+def _parquet(path: Path, rep: Report) -> Iterator[tuple[Any, dict]]:
+    """(row N, record) of a Parquet file, read one row batch at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f, _ = _open_binary(path)
+    with f:
+        try:
+            table = pq.ParquetFile(f)
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"{path}: not a readable Parquet file ({e})") from None
+        n = 0
+        for batch in table.iter_batches(batch_size=1024):
+            for rec in batch.to_pylist():
+                n += 1
+                rep.read += 1
+                yield f"row {n}", rec
+
+
+def _cache() -> Path:
+    """The model cache (FT_CACHE, else outputs/.cache), where downloaded datasets are kept too."""
+    import os
+
+    return Path(os.environ.get("FT_CACHE") or paths.cache_dir())
+
+
+def iter_dataset(source: str, split: str, rep: Report) -> Iterator[tuple[Any, dict]]:
+    """(row N, record) of a dataset folder or hub id through `datasets.load_dataset`, cached under FT_CACHE; a
+    failure to load is one line."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source, split=split, cache_dir=str(_cache() / "datasets"))
+    except Exception as e:  # noqa: BLE001 (no network, no such dataset or split, unreadable files: one line)
+        msg = " ".join(str(e).split())[:300]
+        raise UserError(f"could not load dataset '{source}' split '{split}' ({type(e).__name__}: {msg}); check "
+                        "the id or folder and data.split, or download the files and point data.path at one") from None
+    for n, rec in enumerate(ds, 1):
+        rep.read += 1
+        yield f"row {n}", rec
 
 
 def clean_text(s: str) -> str:

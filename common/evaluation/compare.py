@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -26,11 +26,13 @@ log = logging.getLogger("ft")
 
 @dataclass
 class Answers:
-    """One model's answers to the eval prompts, whether each stopped on EOS, and its general-text losses."""
+    """One model's answers to the eval prompts, whether each stopped on EOS, its general-text losses and (a task with
+    held_out_loss) its loss per token on each eval row's reference answer."""
 
     texts: list[str]
     stops: list[bool]
     general: list[float]
+    answer_losses: list[float] = field(default_factory=list)
 
 
 def base_source(cfg: Any) -> tuple[str, str]:
@@ -58,15 +60,15 @@ def tuned_weights_key(cfg: Any, rp: paths.RunPaths) -> str:
 
 
 def _generate(cfg: Any, cache: Path, key: str, label: str, load: Any, tok: Any, ids: list[list[int]],
-              precision: str, architecture: Any, general: list[str]) -> Answers:
+              precision: str, architecture: Any, general: list[str], scored: list = ()) -> Answers:
     """Answers from `cache` when its key matches; otherwise load the model once, generate, score the general
-    text, and write the cache."""
+    text and the `scored` (input ids, labels) answers, and write the cache."""
     if cache.exists():
         cached = io.read_jsonl(cache)
         if cached and cached[0].get("key") == key:
             log.info("%s generations: reusing %d cached answers (%s)", label, len(cached) - 2, cache.name)
             return Answers([r["answer"] for r in cached[2:]], [r["stopped"] for r in cached[2:]],
-                           cached[1]["general_losses"])
+                           cached[1]["general_losses"], cached[1].get("answer_losses", []))
     model = load()
     stops: list[bool] = []
     texts = modeling.generate(model, tok, ids, cfg.eval.max_new_tokens, architecture, cfg.eval.batch_size,
@@ -75,14 +77,17 @@ def _generate(cfg: Any, cache: Path, key: str, label: str, load: Any, tok: Any, 
     losses = forgetting.token_losses(model, tok, general)
     log.info("%s model: general-text loss %.4f on %d passages (%.1f s)", label, sum(losses) / max(1, len(losses)),
              len(losses), time.perf_counter() - t0)
-    io.write_jsonl(cache, [{"key": key}, {"general_losses": losses}] +
+    held = forgetting.losses(model, tok, list(scored)) if scored else []
+    if held:
+        log.info("%s model: held-out answer loss %.4f on %d eval answers", label, sum(held) / len(held), len(held))
+    io.write_jsonl(cache, [{"key": key}, {"general_losses": losses, "answer_losses": held}] +
                    [{"answer": a, "stopped": s} for a, s in zip(texts, stops)])
-    return Answers(texts, stops, losses)
+    return Answers(texts, stops, losses, held)
 
 
 def head(a: Answers, n: int) -> Answers:
     """The first n answers (the eval rows; the rest answer the task's extra prompts)."""
-    return Answers(a.texts[:n], a.stops[:n], a.general)
+    return Answers(a.texts[:n], a.stops[:n], a.general, a.answer_losses)
 
 
 def _key(*parts: Any) -> str:
@@ -90,25 +95,25 @@ def _key(*parts: Any) -> str:
 
 
 def base_generations(cfg: Any, rp: paths.RunPaths, tok: Any, ids: list[list[int]], precision: str,
-                     architecture: Any, general: list[str]) -> Answers:
+                     architecture: Any, general: list[str], scored: list = ()) -> Answers:
     """The base model's answers, cached in outputs/<run>/base_generations.jsonl by weights, prompts, settings and
     general-text set, so re-running eval after more training does not regenerate them."""
     source, _ = base_source(cfg)
     key = _key(source, cfg.model.revision, cfg.model.trust_remote_code, ids, cfg.eval.max_new_tokens, precision,
-               forgetting.fingerprint(general), "base")
+               forgetting.fingerprint(general), "base", *([list(scored)] if scored else []))
     return _generate(cfg, rp.base_cache, key, "base",
                      lambda: modeling.load_model(cfg, source, 0, modeling.inference_dtype()),
-                     tok, ids, precision, architecture, general)
+                     tok, ids, precision, architecture, general, scored)
 
 
 def tuned_generations(cfg: Any, rp: paths.RunPaths, tok: Any, ids: list[list[int]], precision: str,
-                      architecture: Any, general: list[str]) -> Answers:
+                      architecture: Any, general: list[str], scored: list = ()) -> Answers:
     """The tuned model's answers, cached in outputs/<run>/tuned_generations.jsonl by the tuned weights (adapter
     files, merge report), prompts, settings and general-text set: a card-only change does not regenerate them."""
     key = _key(tuned_weights_key(cfg, rp), ids, cfg.eval.max_new_tokens, precision,
-               forgetting.fingerprint(general), "tuned")
+               forgetting.fingerprint(general), "tuned", *([list(scored)] if scored else []))
     return _generate(cfg, rp.tuned_cache, key, "tuned", lambda: modeling.load_tuned(cfg, rp, cfg.eval.use),
-                     tok, ids, precision, architecture, general)
+                     tok, ids, precision, architecture, general, scored)
 
 
 STOP_RATE_FLAG = 0.9  # a tuned model whose answers end on EOS less often than this is flagged in the report
@@ -180,6 +185,9 @@ def compare(cfg: Any, task: Any, rows: list[dict], base: Answers, tuned: Answers
     m["verdict"] = m["comparison"] if base_leads else m["vs_baselines"][best]
     m["forgetting"] = {"set": str(paths.GENERAL_TEXT.relative_to(paths.REPO)),
                        **forgetting.compare(base.general, tuned.general, n_boot)}
+    if base.answer_losses and tuned.answer_losses:  # the forgetting check's comparison, on the eval answers
+        f = forgetting.compare(base.answer_losses, tuned.answer_losses, n_boot)
+        m["answer_loss"] = {"examples": f.pop("passages"), **f}
     side = []
     for i, (r, ref) in enumerate(zip(rows, refs)):
         row = {"id": r["id"], "prompt": prompts.prompt_text(r), "reference": ref, "base": base.texts[i],
@@ -271,6 +279,13 @@ def report_md(cfg: Any, m: dict, examples: list[dict], notes: list[str]) -> str:
     lines += ["", "Every comparison is paired on the same examples:", "",
               "- " + verdict_line(m["comparison"], n, "the base model")]
     lines += ["- " + verdict_line(m["vs_baselines"][b], n, f"baseline `{b}`") for b in names]
+    if "answer_loss" in m:
+        h = m["answer_loss"]
+        lines += ["", f"Held-out answer loss per token ({h['examples']} `{cfg.eval.split}` reference answers; lower is "
+                      f"better): base {h['base_loss']:.4f}, tuned {h['tuned_loss']:.4f}; change {h['mean']:+.4f}, "
+                      f"95% CI [{h['ci_low']:+.4f}, {h['ci_high']:+.4f}] — on these answers the tuned model is "
+                      f"**{metrics.VERDICT_WORDS[h['verdict']]} the base model**." +
+                  resolve_hint(h, h["examples"], "test examples")]
     lines += [""] + forgetting_lines(m["forgetting"])
     if m.get("n_prompts_truncated"):
         lines.append(f"**{m['n_prompts_truncated']} of {n} eval prompts were longer than train.max_length="

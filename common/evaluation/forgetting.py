@@ -60,13 +60,19 @@ def _pad(rows: list[list[int]], value: int) -> list[list[int]]:
 
 def token_losses(model: Any, tok: Any, texts: list[str], batch_size: int = BATCH) -> list[float]:
     """Mean cross-entropy per scored token of each passage's continuation (nats), in order."""
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    return losses(model, tok, [encode(tok, t, seq2seq) for t in texts], batch_size)
+
+
+def losses(model: Any, tok: Any, enc: list[tuple[list[int], list[int]]], batch_size: int = BATCH) -> list[float]:
+    """Mean cross-entropy per labelled token (label != -100) of each (input ids, labels) pair (nats), in order: the
+    passages' continuations here, the held-out answers of a chat eval (common/evaluation/compare.py)."""
     import torch
     import torch.nn.functional as F
 
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     dev = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    enc = [encode(tok, t, seq2seq) for t in texts]
     out: list[float] = []
     model.eval()
     with torch.inference_mode():

@@ -94,6 +94,10 @@ class Causal(Arch):
 
     def build(self, cfg: Any, fields: dict, history: list[dict] | None = None) -> dict:
         p = cfg.prompt
+        if "messages" in fields:  # a conversation (task chat): cut before its last assistant turn
+            turns = fields["messages"]
+            system = [{"role": "system", "content": p.system}] if p.system and turns[0]["role"] != "system" else []
+            return {"prompt": system + turns[:-1], "completion": turns[-1:]}
         msgs: list[dict] = [{"role": "system", "content": p.system}] if p.system else []
         for h in history or []:
             msgs += [{"role": "user", "content": fill(p.user, h, "prompt.user")},

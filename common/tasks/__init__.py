@@ -39,6 +39,11 @@ class Task:
     duplicate_reason = "duplicate"  # drop reason for a repeated record (see records' dedupe key)
     demo_field = ""  # the field a person types in the demo (a product title, a headline)
     answer_fields: tuple[str, ...] = ()  # fields that hold the answer: empty in a demo question
+    held_out_loss = False  # eval also compares base and tuned loss per token on the test answers (paired CI)
+
+    def source(self, setting: str) -> Any:
+        """Where records come from when data.path is not a file (a dataset folder, a hub id); None: a file."""
+        return None
 
     def records(self, path: Path, cfg: Any, rep: Any) -> Iterator[tuple[str | None, dict]]:
         """(dedupe key or None, fields) for every clean record; rejected rows go to rep.drop(reason, where)."""
