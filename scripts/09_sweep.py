@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = {r.name: dict(r.setting) for r in p.runs}
         s = sweep_report.write(p.name, p.describe(), [k for k, _ in p.grid], settings,
                                p.cfgs[p.runs[0].name].eval.bootstrap)
-        log.info("%d of %d runs made now; recommended: %s -> %s", ran, len(p.runs), s["recommended"],
+        log.info("%d of %d runs made now; recommended: %s -> %s (make report adds it to report.html)", ran,
+                 len(p.runs), s["recommended"],
                  paths.sweep_dir(p.name) / "sweep.md")
         return 0
     except (io.UserError, config.ConfigError) as e:

@@ -19,8 +19,8 @@ The artifact root defaults to the repository and moves with the FT_HOME environm
     outputs/.cache/            converted GGUF models, tiny models
 
 <run> is the recipe name, with "-tiny" appended in tiny-model mode ("-full" for the random-init stand-in at the
-real model's shape, SHAPE=full), or the recipe's run_name (make sweep names one run per combination). Raw data (data/sample, your trn.json) is
-only ever read.
+real model's shape, SHAPE=full), or the recipe's run_name (make sweep names one run per combination). Raw data
+(data/sample, your trn.json) is only ever read.
 
 `python -m common.core.stamps --recipe NAME [--tiny]` prints a run's paths as Make variables (the Makefile uses it).
 """
