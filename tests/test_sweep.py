@@ -5,6 +5,7 @@ killed mid-run finishes only its missing runs and a third `make sweep` makes not
 from __future__ import annotations
 
 import csv
+import html
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from conftest import REPO, make
 
 from common.core import config, io, paths, sweep
 from common.evaluation import metrics, sweep_report
+from common.shipping import report
 
 GRID = "train.learning_rate=1e-3,2e-3 lora.r=4,8"
 
@@ -124,6 +126,10 @@ def test_report_pairs_each_run_with_the_best_and_recommends_the_least_forgetting
         assert [r["run"] for r in csv.DictReader(fh)] == ["a", "b", "c"]
     md = (paths.sweep_dir("s") / "sweep.md").read_text()
     assert "**Recommendation: b.**" in md and "| b **(recommended)** |" in md
+    (page,) = [report.sweep_section(x) for x in report.sweeps(ft_home / "outputs")]  # report.html's sweep section
+    for name, r in rows.items():
+        for key in ("tuned", "vs_best", "vs_best_ci_low", "forgetting", "tie", "lora.r"):
+            assert f'data-run="{name}" data-key="sweep.{key}">{html.escape(report.fmt(r[key]))}<' in page
 
 
 def test_among_ties_that_forget_alike_the_cheapest_is_recommended_and_nothing_new_rewrites_nothing(ft_home):
