@@ -64,8 +64,8 @@ ifneq ($(filter-out $(NO_RECIPE_GOALS),$(or $(MAKECMDGOALS),all)),)
   endif
 endif
 TRAIN_LAUNCH ?= $(PY)
-.PHONY: all help install prepare train merge eval export report push demo bench sweep test test-fast test-gpu gpu-check \
-	gpu-carry clean clean-all recipes
+.PHONY: all help install prepare train merge eval export report push demo bench sweep test test-fast test-gpu \
+	gpu-check gpu-carry clean clean-all recipes
 all: $(EVALUATED) ## install -> prepare -> train -> merge -> eval
 	@echo "done: $(OUT_DIR)/eval/report.md"
 
@@ -95,13 +95,13 @@ export: $(EXPORTED) ## GGUF (f16, q8_0) + Ollama Modelfile, checked against merg
 $(EXPORTED): scripts/06_export.py $(STAMPS)/export.json $(MERGED)
 	$(PY) scripts/06_export.py $(FLAGS)
 
-# Reads what is on disk (milliseconds) and never re-runs a step: an alias, not a file target, because its inputs
-# (every run's eval/metrics.json) are other rules' targets.
 # Each combination is its own `make all` (own run name and stamps): a second `make sweep` makes nothing, a killed
 # one makes only the missing runs. FORCE=1: a grid larger than sweep.max_runs.
 sweep: $(ENV_JSON) ## every combination of GRID="key=v1,v2 ..." (or the recipe's sweep.grid) -> outputs/sweeps/<run>/
 	$(PY) scripts/09_sweep.py $(FLAGS) $(if $(GRID),--grid '$(GRID)') $(if $(FORCE),--force)
 
+# Reads what is on disk (milliseconds) and never re-runs a step: an alias, not a file target, because its inputs
+# (every run's eval/metrics.json) are other rules' targets.
 report: ## every evaluated run on one page -> outputs/summary.csv, outputs/report.html
 	$(PY) scripts/07_report.py
 

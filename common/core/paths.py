@@ -111,8 +111,8 @@ def valid_run_name(name: str) -> bool:
 def sweep_run_name(base: str, setting: list[tuple[str, str]]) -> str:
     """One sweep combination's run: the base run and each swept key's last part and value, e.g.
     smollm2--learning_rate-2e-4--r-8 (characters a run name cannot hold become '_')."""
-    parts = [f"{key.rsplit('.', 1)[-1]}-{re.sub(r'[^A-Za-z0-9.+-]+', '_', text).strip('_')}" for key, text in setting]
-    return "--".join([base, *parts]).replace("+", "")
+    parts = [f"{key.rsplit('.', 1)[-1]}-{re.sub(r'[^A-Za-z0-9.-]+', '_', text).strip('_')}" for key, text in setting]
+    return "--".join([base, *parts])
 
 
 def sweep_dir(name: str) -> Path:
