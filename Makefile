@@ -6,6 +6,7 @@
 #   make bench RECIPE=mistral-xauusd SHAPE=full  # random-init stand-in at the real model's shape (GPU speed, VRAM)
 #   make export && make report                  # GGUF + Ollama Modelfile (checked); every run on one HTML page
 #   make train NPROC=2                          # several processes (DDP) under accelerate launch
+#   make sweep GRID="lora.r=8,16"               # one run per combination, compared by paired verdicts
 # Each step's target is the file it writes last; a second `make all` does nothing, and a changed setting
 # re-runs only the steps that depend on it (per-step stamps under outputs/<run>/.stamps/).
 SHELL := bash
@@ -26,6 +27,8 @@ BENCH  ?=
 SHAPE  ?=
 DRY_RUN ?=
 NPROC  ?=
+GRID   ?=
+FORCE  ?=
 RECIPES := $(sort $(basename $(notdir $(wildcard recipes/*.yaml))))
 FLAGS   := --recipe $(RECIPE) $(if $(or $(TINY),$(SHAPE)),--tiny) $(if $(SHAPE),--set tiny.shape=$(SHAPE)) $(ARGS)
 
@@ -61,8 +64,8 @@ ifneq ($(filter-out $(NO_RECIPE_GOALS),$(or $(MAKECMDGOALS),all)),)
   endif
 endif
 TRAIN_LAUNCH ?= $(PY)
-.PHONY: all help install prepare train merge eval export report push demo bench test test-fast test-gpu gpu-check \
-	gpu-carry clean clean-all recipes
+.PHONY: all help install prepare train merge eval export report push demo bench sweep test test-fast test-gpu \
+	gpu-check gpu-carry clean clean-all recipes
 all: $(EVALUATED) ## install -> prepare -> train -> merge -> eval
 	@echo "done: $(OUT_DIR)/eval/report.md"
 
@@ -91,6 +94,11 @@ $(EVALUATED): scripts/04_eval.py $(STAMPS)/eval.json $(MERGED)
 export: $(EXPORTED) ## GGUF (f16, q8_0) + Ollama Modelfile, checked against merged/ -> outputs/<run>/export
 $(EXPORTED): scripts/06_export.py $(STAMPS)/export.json $(MERGED)
 	$(PY) scripts/06_export.py $(FLAGS)
+
+# Each combination is its own `make all` (own run name and stamps): a second `make sweep` makes nothing, a killed
+# one makes only the missing runs. FORCE=1: a grid larger than sweep.max_runs.
+sweep: $(ENV_JSON) ## every combination of GRID="key=v1,v2 ..." (or the recipe's sweep.grid) -> outputs/sweeps/<run>/
+	$(PY) scripts/09_sweep.py $(FLAGS) $(if $(GRID),--grid '$(GRID)') $(if $(FORCE),--force)
 
 # Reads what is on disk (milliseconds) and never re-runs a step: an alias, not a file target, because its inputs
 # (every run's eval/metrics.json) are other rules' targets.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import string
 import sys
 from pathlib import Path
@@ -45,6 +46,9 @@ def _defaults(schema: dict) -> dict:
     return {k: (_defaults(v) if isinstance(v, dict) else copy.deepcopy(v.default)) for k, v in schema.items()}
 
 
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _check(value: Any, field: F, where: str) -> Any:
     if value is None:
         if field.required:
@@ -55,6 +59,8 @@ def _check(value: Any, field: F, where: str) -> Any:
         value = str(value)  # --set data.path=2024 means the text "2024"
     if types == (str,) and isinstance(value, bool) and field.choices:
         value = "yes" if value else "no"  # YAML reads a bare no/off as false: eval_strategy: no means "no"
+    if float in types and isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as text; 1.0e-3 and 1e-3 mean the same number here
     if float in types and isinstance(value, int) and not isinstance(value, bool):
         value = float(value) if int not in types else value
     if isinstance(value, bool) and bool not in types or not isinstance(value, types):
@@ -196,7 +202,7 @@ def load(recipe: str, sets: list[str] | None = None, tiny: bool = False) -> Conf
         if cfg["prompt"][key] is None:
             cfg["prompt"][key] = t.prompt_defaults[key]
     cfg["name"] = f.stem
-    cfg["run"] = paths.run_name(f.stem, tiny, cfg["tiny"]["shape"])
+    cfg["run"] = cfg["run_name"] or paths.run_name(f.stem, tiny, cfg["tiny"]["shape"])
     cfg["tiny_mode"] = tiny
     cfg["recipe_file"] = str(f)
     try:

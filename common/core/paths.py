@@ -13,19 +13,21 @@ The artifact root defaults to the repository and moves with the FT_HOME environm
     outputs/summary.csv, outputs/report.html   every run on one page          (07_report)
     outputs/<run>/tensorboard/ event files when runtime.report_to has tensorboard (02_sft_qlora)
     outputs/env.json           what 00_install found                          (00_install)
+    outputs/sweeps/<name>/     sweep.md, sweep.csv, sweep.json, sweep.log     (make sweep)
     outputs/bench/<run>.json   speed benchmark results and tables (.md)       (bench)
     outputs/gpu-check/         <date>-<gpu>.json and .md, logs/, work/         (gpu_check)
     outputs/.cache/            converted GGUF models, tiny models
 
 <run> is the recipe name, with "-tiny" appended in tiny-model mode ("-full" for the random-init stand-in at the
-real model's shape, SHAPE=full). Raw data (data/sample, your trn.json) is
-only ever read.
+real model's shape, SHAPE=full), or the recipe's run_name (make sweep names one run per combination). Raw data
+(data/sample, your trn.json) is only ever read.
 
 `python -m common.core.stamps --recipe NAME [--tiny]` prints a run's paths as Make variables (the Makefile uses it).
 """
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -92,8 +94,30 @@ def recipe_names() -> list[str]:
 
 
 def run_name(recipe: str, tiny: bool = False, shape: str = "tiny") -> str:
-    """recipe, recipe-tiny (tiny stand-in) or recipe-full (random-init stand-in at the real model's shape)."""
+    """recipe, recipe-tiny (tiny stand-in) or recipe-full (random-init stand-in at the real model's shape); the
+    recipe's `run_name` replaces it (make sweep: sweep_run_name)."""
     return f"{recipe}-{shape}" if tiny else recipe
+
+
+RESERVED = ("sweeps", "bench", "gpu-check")  # folders under outputs/ that are not runs
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def valid_run_name(name: str) -> bool:
+    """A name Make and every file system take as one path part, and not a folder outputs/ holds for other uses."""
+    return bool(_RUN_NAME.fullmatch(name)) and name not in RESERVED
+
+
+def sweep_run_name(base: str, setting: list[tuple[str, str]]) -> str:
+    """One sweep combination's run: the base run and each swept key's last part and value, e.g.
+    smollm2--learning_rate-2e-4--r-8 (characters a run name cannot hold become '_')."""
+    parts = [f"{key.rsplit('.', 1)[-1]}-{re.sub(r'[^A-Za-z0-9.-]+', '_', text).strip('_')}" for key, text in setting]
+    return "--".join([base, *parts])
+
+
+def sweep_dir(name: str) -> Path:
+    """make sweep's report: sweep.md, sweep.csv, sweep.json and sweep.log."""
+    return home() / "outputs" / "sweeps" / name
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from common.core import paths
 from common.core.schema import GGUF_QUANTS, TRACKERS
 
 Rules = list[tuple[Any, str]]
@@ -103,7 +104,18 @@ def later_steps(cfg: dict) -> Rules:
     ]
 
 
-GROUPS = (training, runtime, architecture, later_steps)
+def naming(cfg: dict) -> Rules:
+    """The run's folder name and the sweep's size limit."""
+    name = cfg["run_name"]
+    return [
+        (name is not None and not paths.valid_run_name(name),
+         f"run_name must be letters, digits, '.', '_' or '-' (starting with a letter or digit) and not one of "
+         f"{', '.join(paths.RESERVED)}, got {name!r}"),
+        (cfg["sweep"]["max_runs"] < 1, f"sweep.max_runs must be >= 1, got {cfg['sweep']['max_runs']}"),
+    ]
+
+
+GROUPS = (training, runtime, architecture, later_steps, naming)
 
 
 def broken(cfg: dict) -> list[str]:

@@ -30,6 +30,9 @@ class F:
 SCHEMA: dict[str, Any] = {
     "task": F(str, "product_description", tasks.names()),
     "description": F(str, ""),
+    # the run's folder name (outputs/<run>/, data/processed/<run>/); null = the recipe's name (-tiny in tiny mode).
+    # make sweep gives each combination its own (common/core/sweep.py)
+    "run_name": F(str),
     "model": {
         "name_or_path": F(str, required=True),  # hub id, local folder, or a Python package holding a GGUF file
         "gguf_file": F(str),  # file name inside name_or_path; converted once to a plain HF folder
@@ -166,6 +169,12 @@ SCHEMA: dict[str, Any] = {
         "repo_id": F(str),  # make push: user/name on the hub
         "push": F(str, "adapter", ("adapter", "merged")),
         "private": F(bool, True),
+    },
+    # make sweep: every combination of these settings trained as its own run, compared by paired verdicts
+    # (common/core/sweep.py); GRID= on make's command line replaces the grid. In no stamp: it names runs, it is none.
+    "sweep": {
+        "grid": F(dict, {}),  # {setting: [values]}, e.g. {train.learning_rate: [2.0e-4, 1.0e-3], lora.r: [8, 16]}
+        "max_runs": F(int, 8),  # a grid of more runs needs FORCE=1
     },
     "tiny": {
         "template": F(str),  # chat template the real model ships with, given to the tiny stand-in

@@ -234,7 +234,8 @@ def forgetting_lines(f: dict) -> list[str]:
              f"**{metrics.VERDICT_WORDS[f['verdict']]} the base model**." + resolve_hint(f, f["passages"], "passages")]
     if f["verdict"] == "worse":
         lines += ["", "**Warning: the tuned model forgot some general ability** (its loss on general text is higher "
-                     "beyond the CI); a lower learning rate, fewer steps or a smaller LoRA rank usually costs less."]
+                     "beyond the CI); a lower learning rate, fewer steps or a smaller LoRA rank usually costs less: "
+                     "`make sweep` compares such settings by paired verdicts (README, Choosing settings)."]
     return lines
 
 

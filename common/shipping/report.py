@@ -4,8 +4,9 @@ A run is a folder outputs/<run>/ with eval/metrics.json. The page shows, per run
 base, tuned and each of the task's baselines; the verdict against the strongest baseline and every paired
 comparison (tuned vs base, vs each baseline) with its 95% CI; the forgetting check (general-text loss before and
 after, paired); stop rates, train time and speed, peak memory, the loss curve (embedded as a data: URI, so the
-file opens from disk or an e-mail), five side-by-side examples and relative links to the run's files. Each figure
-cell carries data-run / data-key attributes, so a test (or a script) can read the numbers back from the page.
+file opens from disk or an e-mail), five side-by-side examples and relative links to the run's files; above the
+runs, each sweep's table and recommendation (outputs/sweeps/<name>/sweep.json, make sweep). Each figure cell carries
+data-run / data-key attributes, so a test (or a script) can read the numbers back from the page.
 """
 from __future__ import annotations
 
@@ -168,6 +169,26 @@ def section(run: Path, root: Path) -> str:
     return "\n".join(out)
 
 
+def sweeps(root: Path) -> list[dict]:
+    """Every sweep report (outputs/sweeps/<name>/sweep.json, written by make sweep), by name."""
+    return [io.read_json(f) for f in sorted(root.glob("sweeps/*/sweep.json"))]
+
+
+def sweep_section(s: dict) -> str:
+    """One sweep: its grid, the recommendation with its reason, and a row per run (figures readable by data-run /
+    data-key, as in the run sections)."""
+    e, keys = html.escape, s["grid_keys"]
+    cols = ["tuned", "vs_best", "vs_best_ci_low", "vs_best_ci_high", "tie", "verdict", "vs_baseline", "forgetting",
+            "forgetting_ci_low", "forgetting_ci_high", "forgetting_verdict", "train_seconds", "peak_rss_mb"]
+    out = [f'<section id="sweep-{e(s["name"])}"><h2>Sweep {e(s["name"])}</h2><p>{e(s["grid"])}</p>',
+           f"<p><b>Recommendation: {e(s['recommended'])}.</b> {e(s['reason'])}</p>",
+           "<table><tr><th>run</th>" + "".join(f"<th>{e(c)}</th>" for c in keys + cols) + "</tr>"]
+    for r in s["rows"]:
+        out.append(f'<tr><td><a href="#{e(r["run"])}">{e(r["run"])}</a></td>'
+                   + "".join(_cell(r["run"], f"sweep.{c}", r[c]) for c in keys + cols) + "</tr>")
+    return "\n".join(out + ["</table></section>"])
+
+
 STYLE = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:80em}table{border-collapse:collapse;margin:.5em 0}"
          "td,th{border:1px solid #ccc;padding:.25em .5em;vertical-align:top;font-size:90%}"
          "img{max-width:40em}section{margin-top:2.5em}")
@@ -188,7 +209,8 @@ def build(root: Path) -> tuple[str, str, int]:
     page = ("<!doctype html><html><head><meta charset=\"utf-8\"><title>Fine-tuning runs</title>"
             f"<style>{STYLE}</style></head><body><h1>Fine-tuning runs ({len(rows)})</h1>"
             f"<p>Every run under <code>{html.escape(str(root))}</code> with an evaluation. Full columns: summary.csv.</p>"
-            f"<table><tr>{head}</tr>{body}</table>" + "".join(section(r, root) for r in found) + "</body></html>\n")
+            f"<table><tr>{head}</tr>{body}</table>" + "".join(sweep_section(s) for s in sweeps(root))
+            + "".join(section(r, root) for r in found) + "</body></html>\n")
     return buf.getvalue(), page, len(rows)
 
 
