@@ -79,7 +79,7 @@ def body(ctx: run.Context) -> None:
     del merged
     name = cfg.export.name or cfg.run
     base = cards.base_model(cfg)
-    describe = {"name": f"{name} ({'mistral' if config.model_type == 'mistral' else 'llama'} family)",
+    describe = {"name": f"{name} ({config.model_type} family)",
                 "description": f"{cfg.description or cfg.name}: fine-tuned from {base} with recipe {cfg.name}",
                 "license": cfg.card.license}
     files: dict[str, Any] = {}
