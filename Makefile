@@ -62,7 +62,7 @@ ifneq ($(filter-out $(NO_RECIPE_GOALS),$(or $(MAKECMDGOALS),all)),)
 endif
 TRAIN_LAUNCH ?= $(PY)
 .PHONY: all help install prepare train merge eval export report push demo bench test test-fast test-gpu gpu-check \
-	gpu-carry clean clean-all recipes
+	gpu-carry clean clean-all recipes llamacpp
 all: $(EVALUATED) ## install -> prepare -> train -> merge -> eval
 	@echo "done: $(OUT_DIR)/eval/report.md"
 
@@ -91,6 +91,14 @@ $(EVALUATED): scripts/04_eval.py $(STAMPS)/eval.json $(MERGED)
 export: $(EXPORTED) ## GGUF (f16, q8_0) + Ollama Modelfile, checked against merged/ -> outputs/<run>/export
 $(EXPORTED): scripts/06_export.py $(STAMPS)/export.json $(MERGED)
 	$(PY) scripts/06_export.py $(FLAGS)
+
+# A real llama.cpp for make export's gate and the tests (common/shipping/llamacpp.py): PyPI has llama-cpp-python as
+# source only, so it is built once (cmake, C++; docs/performance.md has the time) and pip caches the built wheel.
+llamacpp: $(ENV_JSON) ## a real llama.cpp runtime (llama-cpp-python built from source once) for make export and the tests
+	@$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
+	  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+	  $(PY) -m pip install -q llama-cpp-python==0.3.12
+	@$(PY) -c "import llama_cpp; print('llama.cpp runtime: llama-cpp-python', llama_cpp.__version__)"
 
 # Reads what is on disk (milliseconds) and never re-runs a step: an alias, not a file target, because its inputs
 # (every run's eval/metrics.json) are other rules' targets.

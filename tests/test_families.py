@@ -4,6 +4,8 @@ else) and stop token for base and instruct checkpoints, Qwen3's thinking templat
 llama.cpp's own tensor names and layouts (biases, q/k norms, fused projections, tied embeddings, rope scaling)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from common.core import config
@@ -122,3 +124,94 @@ def test_recipes_name_their_family_tokenizer_and_template():
         got[name] = (c.model.family, c.tiny.tokenizer, c.tiny.template or c.prompt.template, standins.tied(c.tiny.full_config))
     assert got == {"qwen2.5": ("qwen2", "qwen2", "qwen2_5", True), "qwen3": ("qwen3", "qwen2", "qwen3", True),
                    "phi3.5": ("phi3", "phi-3", "phi3_5", False), "llama3.2": ("llama", "llama-bpe", "llama3_2", True)}
+
+
+# --------------------------------------------------------------------------- GGUF per architecture
+def standin_gguf(recipe, tmp_path, quant="f16"):
+    """The recipe's tiny stand-in (the one its tiny run trains) written as GGUF, its tokenizer prepared as the
+    pipeline prepares it."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from common.model import modeling
+
+    cfg = config.load(recipe, tiny=True)
+    folder = Path(modeling.model_source(cfg))
+    tok = gguf_tokenizer.as_llama_cpp_applies_it(AutoTokenizer.from_pretrained(folder))
+    arch.get(cfg).prepare_tokenizer(cfg, tok, recipe)
+    conf = AutoConfig.from_pretrained(folder)
+    meta = gguf_tokenizer.tokenizer_metadata(tok, folder, conf.vocab_size)
+    path = tmp_path / f"{recipe}-{quant}.gguf"
+    export.write_gguf(path, folder, conf, meta, quant, {"name": f"{recipe} ({conf.model_type} family)",
+                                                         "description": "stand-in"})
+    return path, folder, conf, tok
+
+
+@pytest.mark.parametrize("recipe", NEW)
+def test_each_family_is_written_with_llama_cpps_tensor_names_and_layouts(recipe, tmp_path, model_cache, monkeypatch,
+                                                                         llama_tokenizers):
+    import math
+
+    import gguf
+    import numpy as np
+
+    monkeypatch.setenv("FT_CACHE", str(model_cache))
+    path, folder, conf, tok = standin_gguf(recipe, tmp_path)
+    r = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in r.tensors}
+    kv = gguf_tokenizer.gguf_scalars(path)
+    arch_name = export.GGUF_ARCH[conf.model_type]
+    assert kv["general.architecture"] == arch_name and kv["tokenizer.ggml.eos_token_id"] == TURN_END[recipe][1]
+    assert ("output.weight" in tensors) is (not conf.tie_word_embeddings)  # tied: llama.cpp reuses token_embd
+    assert conf.tie_word_embeddings is (recipe != "phi3.5")
+    layer = {n.split(".", 2)[2] for n in tensors if n.startswith("blk.0.")}
+    hd = 16
+    if recipe == "qwen2.5":
+        assert {"attn_q.bias", "attn_k.bias", "attn_v.bias"} <= layer and "attn_q_norm.weight" not in layer
+    if recipe == "qwen3":
+        assert {"attn_q_norm.weight", "attn_k_norm.weight"} <= layer and "attn_q.bias" not in layer
+        assert list(tensors["blk.0.attn_q_norm.weight"].shape) == [hd]
+    if recipe == "phi3.5":  # fused, as llama.cpp's phi3 graph reads them: q, k, v rows / gate, up rows
+        assert {"attn_qkv.weight", "ffn_up.weight"} <= layer and "attn_q.weight" not in layer
+        assert list(tensors["blk.0.attn_qkv.weight"].shape) == [64, (4 + 2 * 2) * hd]
+        assert list(tensors["blk.0.ffn_up.weight"].shape) == [64, 2 * 128]
+        rope = conf.rope_parameters
+        for kind in ("long", "short"):
+            assert np.allclose(tensors[f"rope_factors_{kind}.weight"].data, rope[f"{kind}_factor"])
+        assert kv["phi3.rope.scaling.original_context_length"] == 512 and kv["phi3.context_length"] == 1024
+        assert math.isclose(kv["phi3.rope.scaling.attn_factor"], math.sqrt(1 + math.log(2) / math.log(512)),
+                            rel_tol=1e-6)
+    if recipe == "llama3.2":  # llama: q/k rows permuted to llama.cpp's rotary layout
+        from safetensors.torch import load_file
+
+        w = load_file(folder / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"].float().numpy()
+        got = tensors["blk.0.attn_q.weight"].data.astype(np.float32)
+        assert np.array_equal(got, export.permute_rope(w, 4).astype(np.float16).astype(np.float32))
+
+
+def test_llama3_rope_scaling_factors_are_transformers_own():
+    """Llama-3.1/3.2's scaled rope reaches the GGUF as llama.cpp's rope_freqs: for each frequency, the default
+    frequency over transformers' llama3-scaled one (the real Llama-3.2-3B configuration)."""
+    import numpy as np
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    raw = standins.real_config("llama-3.2-3b-instruct")
+    conf = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    (name, factors), = export.rope_tensors(conf)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](conf, "cpu")
+    dim, theta = 128, 500000.0
+    default = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    assert name == "rope_freqs.weight" and factors.shape == (64,)
+    assert np.allclose(factors, default / scaled.double().numpy(), rtol=1e-4)
+    assert factors.min() == 1.0 and factors.max() == 32.0  # high frequencies kept, low ones stretched 32x
+
+
+def test_an_unsupported_rope_scaling_is_refused_in_one_line():
+    from transformers import AutoConfig
+
+    conf = AutoConfig.for_model("qwen2", rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                       "original_max_position_embeddings": 32768})
+    with pytest.raises(export.Unsupported, match="rope scaling 'yarn' for qwen2"):
+        export.check_supported(conf)
+    with pytest.raises(export.Unsupported, match="'gemma2'"):
+        export.check_supported(AutoConfig.for_model("gemma2"))
