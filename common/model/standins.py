@@ -20,7 +20,11 @@ from common.data.templates import TEMPLATES
 from common.model.dtypes import cuda
 from common.model.sources import cache_root, convert_gguf, gguf_dir
 from common.model.vocab import (  # noqa: F401 (the stand-ins' tokenizers, re-exported)
-    VOCAB_FILES, llama_tokenizer_dir, reference_tokenizations, vocab_dir)
+    VOCAB_FILES,
+    llama_tokenizer_dir,
+    reference_tokenizations,
+    vocab_dir,
+)
 
 log = logging.getLogger("ft")
 
