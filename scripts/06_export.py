@@ -18,6 +18,7 @@ tokenizers GGUF cannot describe stop with one line.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 from typing import Any
@@ -34,9 +35,17 @@ def check(cfg: Any, quant: str, folder: Any, fname: str, ref: dict, rows: list[d
     """Load one GGUF file as a user's tool would (weights, tokenizer, chat template) and compare it with merged/:
     in a real llama.cpp when one is installed (make llamacpp), else with transformers' GGUF reader. `read` keeps the
     tokenizers already read back, by tokenizer_digest: a second file with the same tokenizer bytes reuses it."""
-    why_not = llamacpp.missing()
-    if why_not is None:
-        figures = llamacpp.compare(folder / fname, tok, [r["prompt"] for r in rows], ref, inputs,
+    # the new families in llama.cpp; Llama/Mistral-type files as before with transformers' reader (a tiny SmolLM2
+    # export crashed llama-cpp-python 0.3.12 natively on 2026-12-05, not yet understood)
+    why_not = llamacpp.missing() or (None if export.GGUF_ARCH[tok_arch(folder / fname)] != "llama"
+                                     else "Llama/Mistral-type file")
+    if why_not is None:  # the prompts rendered with the file's own chat template, as a chat app would
+        template = gguf_tokenizer.gguf_scalars(folder / fname).get("tokenizer.chat_template")
+        if not template:
+            raise parity.ParityError(f"{fname} cannot format the recipe's prompts: no chat template in the file")
+        file_tok = copy.copy(tok)
+        file_tok.chat_template = template
+        figures = llamacpp.compare(folder / fname, file_tok, [r["prompt"] for r in rows], ref, inputs,
                                    cfg.eval.max_new_tokens)
     else:
         log.info("%s; checking %s with transformers' GGUF reader instead", why_not, fname)
@@ -49,6 +58,11 @@ def check(cfg: Any, quant: str, folder: Any, fname: str, ref: dict, rows: list[d
     parity.gate(fname, figures, e[f"{quant}_min_token_agreement"], e[f"{quant}_min_answer_match"],
                 f"Lower export.{quant}_min_answer_match only if the differences are rounding")
     return figures
+
+
+def tok_arch(path: Any) -> str:
+    """The transformers model type a GGUF file was written from (its general.architecture, llama for mistral)."""
+    return gguf_tokenizer.gguf_scalars(path)["general.architecture"]
 
 
 def read_back(cfg: Any, folder: Any, fname: str, ref: dict, rows: list[dict], inputs: list[dict], read: dict) -> dict:
