@@ -64,8 +64,8 @@ ifneq ($(filter-out $(NO_RECIPE_GOALS),$(or $(MAKECMDGOALS),all)),)
   endif
 endif
 TRAIN_LAUNCH ?= $(PY)
-.PHONY: all help install prepare train merge eval export report push demo bench sweep test test-fast test-gpu \
-	gpu-check gpu-carry clean clean-all recipes
+.PHONY: all help install prepare train merge eval export report push demo bench sweep test test-fast \
+	test-gpu gpu-check gpu-carry clean clean-all recipes llamacpp
 all: $(EVALUATED) ## install -> prepare -> train -> merge -> eval
 	@echo "done: $(OUT_DIR)/eval/report.md"
 
@@ -99,6 +99,14 @@ $(EXPORTED): scripts/06_export.py $(STAMPS)/export.json $(MERGED)
 # one makes only the missing runs. FORCE=1: a grid larger than sweep.max_runs.
 sweep: $(ENV_JSON) ## every combination of GRID="key=v1,v2 ..." (or the recipe's sweep.grid) -> outputs/sweeps/<run>/
 	$(PY) scripts/09_sweep.py $(FLAGS) $(if $(GRID),--grid '$(GRID)') $(if $(FORCE),--force)
+
+# A real llama.cpp for make export's gate and the tests (common/shipping/llamacpp.py): PyPI has llama-cpp-python as
+# source only, so it is built once (cmake, C++; docs/performance.md has the time) and pip caches the built wheel.
+llamacpp: $(ENV_JSON) ## a real llama.cpp runtime (llama-cpp-python built from source once) for make export and the tests
+	@$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
+	  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+	  $(PY) -m pip install -q llama-cpp-python==0.3.12
+	@$(PY) -c "import llama_cpp; print('llama.cpp runtime: llama-cpp-python', llama_cpp.__version__)"
 
 # Reads what is on disk (milliseconds) and never re-runs a step: an alias, not a file target, because its inputs
 # (every run's eval/metrics.json) are other rules' targets.

@@ -84,6 +84,7 @@ def body(ctx: run.Context) -> None:
     plan.schedule = schedule.schedule(cfg, len(train_ds), len(val_ds) > 0)
 
     model = builder.load_for_training(cfg, plan, source)
+    plan.family = getattr(model.config, "model_type", None) or type(model).__name__  # any causal model PEFT can tune
     if cfg.eval.baseline_samples and dist.is_main() and not (rp.out / "baseline_samples.jsonl").exists():
         baseline_samples(cfg, plan, model, tok, val_rows, rp.out)
 

@@ -8,8 +8,9 @@ tokenizer, special tokens and the recipe's chat template in the metadata (common
 smallest file, TEMPLATE in Ollama's syntax for the chat template, SYSTEM, stop strings); and, last,
 export_report.json. The model cards (merged/README.md, adapter/README.md) gain an Ollama section.
 
-Parity gate (common/shipping/parity.py): each GGUF is reloaded with transformers' GGUF reader, tokenizer and chat template
-included (the tokenizer as llama.cpp applies it: gguf_tokenizer.read_tokenizer), and compared with merged/ on
+Parity gate (common/shipping/parity.py): each GGUF is loaded by a real llama.cpp when one is installed (make llamacpp;
+common/shipping/llamacpp.py), else reloaded with transformers' GGUF reader, tokenizer and chat template included (the
+tokenizer as llama.cpp applies it: gguf_tokenizer.read_tokenizer), and compared with merged/ on
 export.check_prompts val examples: the prompt tokens must be identical, next-token agreement and identical greedy
 answers at least export.<quant>_min_token_agreement / _min_answer_match (f16 holds merged/'s fp16 weights exactly,
 so its answers must be equal). Below that the step fails and no export folder is written. Seq2seq models and
@@ -17,40 +18,68 @@ tokenizers GGUF cannot describe stop with one line.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 from typing import Any
 
 from common.core import io, metadata, run
 from common.model import arch, gguf_tokenizer, modeling
-from common.shipping import cards, export, parity
+from common.shipping import cards, export, llamacpp, parity
 
 log = logging.getLogger("ft")
 
 
 def check(cfg: Any, quant: str, folder: Any, fname: str, ref: dict, rows: list[dict], inputs: list[dict],
-          read: dict | None = None) -> dict:
-    """Reload one GGUF file as a user's tool would (weights, tokenizer, chat template) and compare it. `read` keeps
-    the tokenizers already read back, by tokenizer_digest: a second file with the same tokenizer bytes reuses it."""
+          tok: Any, read: dict | None = None) -> dict:
+    """Load one GGUF file as a user's tool would (weights, tokenizer, chat template) and compare it with merged/:
+    in a real llama.cpp when one is installed (make llamacpp), else with transformers' GGUF reader. `read` keeps the
+    tokenizers already read back, by tokenizer_digest: a second file with the same tokenizer bytes reuses it."""
+    # the new families in llama.cpp; Llama/Mistral-type files as before with transformers' reader (a tiny SmolLM2
+    # export crashed llama-cpp-python 0.3.12 natively on 2026-12-05, not yet understood)
+    why_not = llamacpp.missing() or (None if export.GGUF_ARCH[tok_arch(folder / fname)] != "llama"
+                                     else "Llama/Mistral-type file")
+    if why_not is None:  # the prompts rendered with the file's own chat template, as a chat app would
+        template = gguf_tokenizer.gguf_scalars(folder / fname).get("tokenizer.chat_template")
+        if not template:
+            raise parity.ParityError(f"{fname} cannot format the recipe's prompts: no chat template in the file")
+        file_tok = copy.copy(tok)
+        file_tok.chat_template = template
+        figures = llamacpp.compare(folder / fname, file_tok, [r["prompt"] for r in rows], ref, inputs,
+                                   cfg.eval.max_new_tokens)
+    else:
+        log.info("%s; checking %s with transformers' GGUF reader instead", why_not, fname)
+        figures = read_back(cfg, folder, fname, ref, rows, inputs, {} if read is None else read)
+    if figures["prompt_tokens_match"] < 1:
+        raise parity.ParityError(f"{fname} tokenizes the recipe's prompts differently from merged/ "
+                                 f"({figures['prompt_tokens_match']:.0%} identical in {figures['reader']}): "
+                                 "tokenizer or chat template lost")
+    e = cfg.export
+    parity.gate(fname, figures, e[f"{quant}_min_token_agreement"], e[f"{quant}_min_answer_match"],
+                f"Lower export.{quant}_min_answer_match only if the differences are rounding")
+    return figures
+
+
+def tok_arch(path: Any) -> str:
+    """The transformers model type a GGUF file was written from (its general.architecture, llama for mistral)."""
+    return gguf_tokenizer.gguf_scalars(path)["general.architecture"]
+
+
+def read_back(cfg: Any, folder: Any, fname: str, ref: dict, rows: list[dict], inputs: list[dict], read: dict) -> dict:
+    """The file through transformers' GGUF reader, its tokenizer as llama.cpp applies it (read_tokenizer)."""
     from transformers import AutoModelForCausalLM
 
-    read = {} if read is None else read
     digest = gguf_tokenizer.tokenizer_digest(folder / fname)
     tok = read[digest] = read.get(digest) or gguf_tokenizer.read_tokenizer(folder, fname)
     model = _load(folder, fname, AutoModelForCausalLM)
     try:
-        ids, answers = parity.greedy(cfg, model, tok, rows, f"{quant} GGUF")
+        ids, answers = parity.greedy(cfg, model, tok, rows, f"{fname}")
     except ValueError as e:  # e.g. no chat template in the file
         raise parity.ParityError(f"{fname} cannot format the recipe's prompts: {e}") from None
     figures = parity.agreement(ref["logits"], parity.teacher_forced(model, inputs))
     figures.update(parity.answer_match(ref["answers"], answers))
-    figures["prompt_tokens_match"] = sum(a == b for a, b in zip(ids, ref["ids"])) / max(1, len(ids))
-    if figures["prompt_tokens_match"] < 1:
-        raise parity.ParityError(f"{fname} tokenizes the recipe's prompts differently from merged/ "
-                                 f"({figures['prompt_tokens_match']:.0%} identical): tokenizer or chat template lost")
-    e = cfg.export
-    parity.gate(fname, figures, e[f"{quant}_min_token_agreement"], e[f"{quant}_min_answer_match"],
-                f"Lower export.{quant}_min_answer_match only if the differences are rounding")
+    figures.update(prompt_tokens_match=sum(a == b for a, b in zip(ids, ref["ids"])) / max(1, len(ids)),
+                   reader="transformers' GGUF reader")
     return figures
 
 
@@ -79,7 +108,7 @@ def body(ctx: run.Context) -> None:
     del merged
     name = cfg.export.name or cfg.run
     base = cards.base_model(cfg)
-    describe = {"name": f"{name} ({'mistral' if config.model_type == 'mistral' else 'llama'} family)",
+    describe = {"name": f"{name} ({config.model_type} family)",
                 "description": f"{cfg.description or cfg.name}: fine-tuned from {base} with recipe {cfg.name}",
                 "license": cfg.card.license}
     files: dict[str, Any] = {}
@@ -89,10 +118,10 @@ def body(ctx: run.Context) -> None:
             fname = f"{name}-{quant}.gguf"
             log.info("writing %s", fname)
             written = export.write_gguf(tmp / fname, rp.merged, config, meta, quant, describe)
-            figures = check(cfg, quant, tmp, fname, ref, rows, inputs, read)
-            log.info("%s: %.0f MB; vs merged/: prompt tokens %.0f%% identical, next-token agreement %.4f, "
-                     "identical answers %.2f", fname, written["bytes"] / 1e6, 100 * figures["prompt_tokens_match"],
-                     figures["token_agreement"], figures["answer_match"])
+            figures = check(cfg, quant, tmp, fname, ref, rows, inputs, tok, read)
+            log.info("%s: %.0f MB; in %s vs merged/: prompt tokens %.0f%% identical, next-token agreement %.4f, "
+                     "identical answers %.2f", fname, written["bytes"] / 1e6, figures["reader"],
+                     100 * figures["prompt_tokens_match"], figures["token_agreement"], figures["answer_match"])
             files[quant] = {**written, **figures}
         smallest = min(files.values(), key=lambda f: f["bytes"])["file"]
         text, template, stops = export.modelfile(smallest, tok, cfg.prompt.system, cfg.train.max_length)

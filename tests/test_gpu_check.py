@@ -142,7 +142,7 @@ def test_every_gpu_command_is_valid_bash_and_names_real_targets_and_recipes(tmp_
         cmd = gpucheck.shell_command(part, False, subs, tmp_path)
         p = subprocess.run(["bash", "-n", "-c", cmd], capture_output=True, text=True)
         assert p.returncode == 0, (part.name, p.stderr)
-        calls += [(part.name, *m) for m in re.findall(r"make PY=\S+ (\w[\w-]*) RECIPE=([\w-]+)", cmd)]
+        calls += [(part.name, *m) for m in re.findall(r"make PY=\S+ (\w[\w-]*) RECIPE=([\w.-]+)", cmd)]
         assert part.dry_cmd or part.checks, part.name  # the dry run runs it, or validates its settings
     assert len(calls) >= 9 and all(t in targets and r in recipes for _, t, r in calls), calls
 

@@ -37,7 +37,7 @@ SCHEMA: dict[str, Any] = {
         "name_or_path": F(str, required=True),  # hub id, local folder, or a Python package holding a GGUF file
         "gguf_file": F(str),  # file name inside name_or_path; converted once to a plain HF folder
         "arch": F(str, "causal", ("causal", "seq2seq")),
-        "family": F(str, "llama", ("llama", "mistral", "t5")),  # the architecture --tiny builds
+        "family": F(str, "llama", ("llama", "mistral", "qwen2", "qwen3", "phi3", "t5")),  # the architecture --tiny builds
         "full_precision_name_or_path": F(str),  # merge base when name_or_path is already 4-bit
         "revision": F(str),
         "trust_remote_code": F(bool, False),
@@ -180,7 +180,7 @@ SCHEMA: dict[str, Any] = {
         "template": F(str),  # chat template the real model ships with, given to the tiny stand-in
         # the stand-in's tokenizer: SmolLM2's, or a real tokenizer of the recipe's family (llama.cpp's vocabulary
         # files: Llama-3's 128k byte-level BPE, Llama-2/TinyLlama/Mistral's 32k SentencePiece), common/model/standins.py
-        "tokenizer": F(str, "smollm2", ("smollm2", "llama-bpe", "llama-spm")),
+        "tokenizer": F(str, "smollm2", ("smollm2", "llama-bpe", "llama-spm", "qwen2", "phi-3")),  # + Qwen2/2.5/3, Phi-3
         "data_path": F(str),  # data for tiny mode when the recipe's own file is not shipped
         "shape": F(str, "tiny", ("tiny", "full")),  # full: random-init at the real model's shape (SHAPE=full)
         "full_config": F(str),  # common/model/model_configs/<name>.json: the real model's configuration

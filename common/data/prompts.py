@@ -59,6 +59,10 @@ def encode_chat(tok: Any, prompt: list[dict], completion: list[dict], max_length
         if cut >= 0:  # train up to and including EOS; what follows belongs to the next prompt
             answer = answer[: cut + len(eos)]
         p_ids = _ids(tok, prefix[len(done):])
+        if done and eos and done.endswith(eos):  # tokenized after the EOS it follows, as in the whole chat: a token
+            after = _ids(tok, eos + prefix[len(done):])  # that strips the whitespace after it (Phi-3's) takes it
+            if after[:1] == [tok.eos_token_id]:
+                p_ids = after[1:]
         a_ids = _ids(tok, answer)
         if cut < 0 and tok.eos_token_id is not None:
             a_ids.append(tok.eos_token_id)

@@ -55,6 +55,51 @@ TEMPLATES: dict[str, str] = {
         "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}"
         "{% endfor %}"
     ),
+    # Qwen2.5-Instruct's own template without its tool-calling branches: its default system message when none is
+    # given, every turn <|im_start|>role ... <|im_end|>.
+    "qwen2_5": (
+        "{% if messages[0]['role'] == 'system' %}"
+        "{{ '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+        "{% else %}{{ '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+        "<|im_end|>\\n' }}{% endif %}"
+        "{% for message in messages %}{% if not (message['role'] == 'system' and loop.first) %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+    # Qwen3 in non-thinking mode, each turn as the model sees it at inference: Qwen3's own template with
+    # enable_thinking=false opens the answer with an empty thinking block; here every assistant turn carries it, so
+    # each turn renders as a prefix of the next (Qwen3's own template drops earlier turns' thinking blocks).
+    "qwen3": (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'assistant' %}"
+        "{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    ),
+    # Phi-3.5-mini-instruct's own template (<|end|> ends a turn; EOS after the last turn when no answer is asked).
+    "phi3_5": (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' and message['content'] %}"
+        "{{ '<|system|>\\n' + message['content'] + '<|end|>\\n' }}"
+        "{% elif message['role'] == 'user' %}{{ '<|user|>\\n' + message['content'] + '<|end|>\\n' }}"
+        "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\\n' + message['content'] + '<|end|>\\n' }}"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
+    ),
+    # Llama-3.2-Instruct's own template without tools: the system header always carries the knowledge cutoff and a
+    # date (the template's own fallback date, so prompts do not change from day to day), <|eot_id|> ends a turn.
+    "llama3_2": (
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] | trim %}"
+        "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
+        "{{ '<|start_header_id|>system<|end_header_id|>\\n\\nCutting Knowledge Date: December 2023\\n"
+        "Today Date: 26 Jul 2024\\n\\n' + system + '<|eot_id|>' }}"
+        "{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+        " + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    ),
 }
 
 

@@ -67,6 +67,16 @@ def parts() -> list[Part]:
              "{make} all RECIPE=mistral-xauusd TINY=1", par, parallel=True, checks=["--recipe mistral-xauusd --tiny"]),
         Part("pipeline-t5", "make all TINY=1 on CUDA: flan-t5 (t5, seq2seq)",
              "{make} all RECIPE=flan-t5 TINY=1", par, parallel=True, checks=["--recipe flan-t5 --tiny"]),
+        *[Part(f"pipeline-{'-'.join(pair)}", f"make all TINY=1 + make export on CUDA: {', '.join(pair)}",
+               " && ".join(f"{{make}} all RECIPE={r} TINY=1 && {{make}} export RECIPE={r} TINY=1" for r in pair),
+               par, parallel=True, checks=[f"--recipe {r} --tiny" for r in pair])
+          for pair in (FAMILY_RECIPES[:2], FAMILY_RECIPES[2:])],
+        # in the parallel phase: its peak memory per process is what it measures (does the recipe fit a T4's 16 GB);
+        # its speed shares the GPU and is not a figure to quote
+        Part("bench-families-t4", "one training step of each new family at its real shape, T4-sized (16 GB, fp16)",
+             " && ".join(f'{{make}} bench RECIPE={r} SHAPE=full ARGS="{T4_SETS}" BENCH="--only ours --steps 1 '
+                         f'--warmup 1"' for r in FAMILY_RECIPES), par, parallel=True,
+             checks=[f"--recipe {r} --tiny --set tiny.shape=full {T4_SETS}" for r in FAMILY_RECIPES]),
         Part("standins-full", "build the full-shape stand-ins the benches load (1.1B, 7B, 8B; GPU otherwise idle)",
              f'{{py}} -c "{BUILD_FULL}"', par, parallel=True,
              checks=[f"--recipe {r} --tiny --set tiny.shape=full" for r in FULL_RECIPES]),
@@ -102,6 +112,7 @@ def parts() -> list[Part]:
 
 
 FULL_RECIPES = ("tinyllama", "mistral-xauusd", "llama3-alpaca")
+FAMILY_RECIPES = ("qwen2.5", "qwen3", "phi3.5", "llama3.2")  # the families people tune now (Qwen, Phi-3.5, Llama-3.2)
 BUILD_FULL = ("from common import config, modeling; [print(modeling.model_source(config.load(r, ['tiny.shape=full'], "
               f"tiny=True)), flush=True) for r in {FULL_RECIPES!r}]")
 T4_SETS = "--set runtime.gpu_memory_gb=16 --set train.precision=fp16"

@@ -13,11 +13,14 @@ labels. T5 overflows in fp16 (loss 0/NaN), so fp16 is replaced for it.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from common.core.io import UserError
 from common.data import prompts
 from common.data.templates import TEMPLATES
+
+log = logging.getLogger("ft")
 
 
 def fill(template: str, fields: dict, where: str) -> str:
@@ -27,6 +30,34 @@ def fill(template: str, fields: dict, where: str) -> str:
     except KeyError as e:
         raise UserError(f"{where} uses {{{e.args[0]}}}, which this record does not have; fields: "
                         f"{', '.join(sorted(fields))}") from None
+
+
+def end_of_turn(tok: Any) -> str | None:
+    """The special token the chat template closes an assistant turn with (`<|im_end|>`, `<|eot_id|>`, `<|end|>`,
+    or EOS itself), or None when the turn ends on plain text."""
+    probe = "\x00ANSWER\x00"
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": probe}]
+    try:
+        text = tok.apply_chat_template(msgs, tokenize=False)
+    except Exception:  # noqa: BLE001 (a template that refuses this chat raises its own exception types)
+        return None
+    tail = text.split(probe, 1)[1] if probe in text else ""
+    specials = sorted((t.content for t in tok.added_tokens_decoder.values() if t.special), key=len, reverse=True)
+    return next((t for t in specials if tail.startswith(t)), None)
+
+
+def stop_on_end_of_turn(tok: Any) -> None:
+    """Make the token that ends an assistant turn the tokenizer's EOS, the token trained after each answer and the one
+    generation stops on. A base checkpoint's EOS (Qwen's `<|endoftext|>`, Llama-3's `<|end_of_text|>`) is not what
+    its chat template ends a turn with (`<|im_end|>`, `<|eot_id|>`); trained on the template with the wrong one, a
+    model never stops. The Instruct checkpoints of Qwen2.5/3 already say so; Phi-3.5 (`<|end|>`) does not."""
+    eot = end_of_turn(tok)
+    if eot and eot != tok.eos_token:
+        log.info("the chat template ends a turn on %s, not on the tokenizer's EOS %s: %s is the stop token", eot,
+                 tok.eos_token, eot)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token  # padding stays what it was
+        tok.eos_token = eot
 
 
 class Arch:
@@ -91,6 +122,10 @@ class Causal(Arch):
             tok.chat_template = TEMPLATES[name]
         elif not tok.chat_template:
             raise UserError(f"{source} has no chat template; set prompt.template (e.g. chatml or alpaca)")
+        elif "enable_thinking" in tok.chat_template:
+            raise UserError(f"{source}'s own chat template (Qwen3 thinking) rewrites earlier turns, so training would "
+                            "not see each turn as served; set prompt.template: qwen3 (non-thinking, as served)")
+        stop_on_end_of_turn(tok)
 
     def build(self, cfg: Any, fields: dict, history: list[dict] | None = None) -> dict:
         p = cfg.prompt

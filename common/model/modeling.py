@@ -29,7 +29,7 @@ def model_source(cfg: Any, full_precision: bool = False) -> str:
         from common.model import standins
 
         return str(standins.build(cfg.model.family, cfg.tiny.template, full_config=full,
-                                  tokenizer=cfg.tiny.tokenizer))
+                                  tokenizer=cfg.tiny.tokenizer, tie=standins.tied(cfg.tiny.full_config)))
     name = (cfg.model.full_precision_name_or_path if full_precision else None) or cfg.model.name_or_path
     if cfg.model.gguf_file:
         return str(convert_gguf(gguf_dir(name), cfg.model.gguf_file))

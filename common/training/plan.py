@@ -35,6 +35,7 @@ class Plan:
     frozen: str = "fp32"  # dtype of the frozen, non-quantized weights while training (see frozen_dtype)
     batching: Any = None  # common/training/batching.py Batching: the micro-batch split, once the model is loaded
     schedule: Any = None  # common/training/schedule.py Schedule: steps fitted to the data, best-checkpoint choice
+    family: str = ""  # the loaded model's architecture (config.model_type), listed in model.family or not
 
     def note(self, msg: str) -> None:
         log.warning("replaced: %s", msg)
@@ -43,7 +44,7 @@ class Plan:
     def describe(self) -> dict:
         """The plan as run_info.json records it (and the cards and the bench read it)."""
         b, s = self.batching, self.schedule
-        return {"device": self.device, "precision": self.precision, "quantization_bits": self.quant_bits,
+        return {"family": self.family or None, "device": self.device, "precision": self.precision, "quantization_bits": self.quant_bits,
                 "optim": self.optim, "frozen_dtype": self.frozen, "padding_free": self.padding_free,
                 "varlen_attention": self.varlen, "varlen_attention_why": self.varlen_why or None,
                 "liger": self.liger,
@@ -55,7 +56,8 @@ class Plan:
     def table(self) -> str:
         """The plan as a few aligned lines for the log, once everything is decided."""
         b, s = self.batching, self.schedule
-        rows = [("device", f"{self.device}, {self.precision}" + (f", {self.quant_bits}-bit" if self.quant_bits
+        rows = [("model", self.family or "?"),
+                ("device", f"{self.device}, {self.precision}" + (f", {self.quant_bits}-bit" if self.quant_bits
                                                                  else "") + f", frozen weights {self.frozen}"),
                 ("optimizer", self.optim),
                 ("batches", (b.line() if b else "the recipe's split") + (", padding-free" if self.padding_free
