@@ -21,7 +21,7 @@ import sys
 
 from common import tasks
 from common.core import io, metadata, run
-from common.data import conversations, prompts, readers
+from common.data import prompts, readers
 from common.model import arch, modeling
 
 log = logging.getLogger("ft")
@@ -42,28 +42,23 @@ def token_stats(cfg, splits: dict[str, list[dict]]) -> dict:
 def trained_only(cfg, splits: dict[str, list[dict]], rep: readers.Report) -> float | None:
     """Drop (and count) each example the chat template cannot render or that keeps no trained token within
     train.max_length (test: its last answer, the one evaluated); the share of train tokens trained (None without a
-    tokenizer or for a seq2seq recipe)."""
-    if cfg.model.arch != "causal":
-        return None
+    tokenizer)."""
     try:
         tok = modeling.load_tokenizer(cfg, modeling.model_source(cfg))
     except io.UserError:  # token_stats says why
         return None
-    all_turns = cfg.train.loss_on == "assistant_turns"
+    a = arch.get(cfg)
     trained = total = 0
     for name, rows in splits.items():
         keep = []
         for ex in rows:
-            why = conversations.unrenderable(tok, [*ex["prompt"], *ex["completion"]])
-            enc = None if why else prompts.encode_chat(tok, ex["prompt"], ex["completion"], cfg.train.max_length,
-                                                       all_turns=all_turns and name != "test")
-            if enc is None:
-                rep.drop(why or "no_trained_token", ex["id"])
+            why, n_trained, n_all = a.trained_tokens(cfg, tok, ex, last_only=name == "test")
+            if why:
+                rep.drop(why, ex["id"])
                 continue
             keep.append(ex)
             if name == "train":
-                trained += sum(x != prompts.IGNORE for x in enc[1])
-                total += len(enc[0])
+                trained, total = trained + n_trained, total + n_all
         splits[name] = keep
     if not splits["train"]:
         raise io.UserError(f"no training example keeps a trained token within train.max_length="

@@ -13,7 +13,6 @@ sweep.log beside them.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 

@@ -112,7 +112,7 @@ def test_report_pairs_each_run_with_the_best_and_recommends_the_least_forgetting
     _fake_run("c", [s - 0.3 for s in best], [2.0] * 20, 10.0)  # forgets nothing, but clearly worse on the task
     s = _report(["a", "b", "c"])
     assert (s["best"], s["ties"], s["recommended"]) == ("a", ["a", "b"], "b")
-    assert "b is not distinguishable from the best run a" in s["reason"] and "forgets the least" in s["reason"]
+    assert "b cannot be told from the best run a" in s["reason"] and "forgets the least" in s["reason"]
     rows = {r["run"]: r for r in s["rows"]}
     b = metrics.paired(tie, best, 500)
     assert (rows["b"]["vs_best"], rows["b"]["vs_best_ci_low"], rows["b"]["vs_best_ci_high"]) == (

@@ -4,7 +4,8 @@ Every run is read from its own files: eval/metrics.json (primary metric, verdict
 forgetting change), eval/side_by_side.csv (the per-example score of each test example), tuned_generations.jsonl
 (the tuned model's loss on each general-text passage) and adapter/run_info.json (train time, peak memory). The best
 run has the highest mean per-example score, the one the paired CI is computed on; every run gets its paired 95% CI
-against it on the same test examples, and the runs whose CI holds 0 are ties. No run is ranked by a point estimate
+against it on the same test examples, and the runs it cannot tell from the best (the CI holds 0, or too few
+examples differ for a verdict: common/evaluation/metrics.py) are ties. No run is ranked by a point estimate
 alone: among the ties, the least-forgetting run (lowest general-text loss) and those not distinguishable from it
 on the same passages are kept, and the one with the shortest training among them is the recommendation.
 """
@@ -60,12 +61,12 @@ def compare(runs: list[dict], n_boot: int) -> dict:
     best = max(runs, key=lambda r: mean(r["scores"]))
     for r in runs:
         r["vs_best"] = metrics.paired(r["scores"], best["scores"], n_boot)
-        r["tie"] = r is best or r["vs_best"]["verdict"] == "not distinguishable"
+        r["tie"] = r is best or r["vs_best"]["verdict"] not in ("better", "worse")
     ties = [r for r in runs if r["tie"]]
     least = min(ties, key=lambda r: mean(r["general"]))
     for r in ties:
         r["vs_least_forgetting"] = metrics.paired(r["general"], least["general"], n_boot, higher_is_better=False)
-    kept = [r for r in ties if r is least or r["vs_least_forgetting"]["verdict"] == "not distinguishable"]
+    kept = [r for r in ties if r is least or r["vs_least_forgetting"]["verdict"] not in ("better", "worse")]
     rec = min(kept, key=lambda r: (r["train_seconds"] is None, r["train_seconds"] or 0))
     return {"best": best["run"], "ties": [r["run"] for r in ties], "least_forgetting": [r["run"] for r in kept],
             "recommended": rec["run"], "reason": reason(rec, best, ties, kept, least)}
@@ -79,7 +80,7 @@ def reason(rec: dict, best: dict, ties: list[dict], kept: list[dict], least: dic
         first = f"{rec['run']} has the best mean {key}"
     else:
         v = rec["vs_best"]
-        first = (f"{rec['run']} is not distinguishable from the best run {best['run']} on {key} "
+        first = (f"{rec['run']} cannot be told from the best run {best['run']} on {key} "
                  f"({v['mean']:+.4f}, 95% CI [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}])")
     if len(ties) == 1:
         second = "no other run is tied with it"

@@ -17,7 +17,7 @@ import logging
 from typing import Any
 
 from common.core.io import UserError
-from common.data import prompts
+from common.data import conversations, prompts
 from common.data.templates import TEMPLATES
 
 log = logging.getLogger("ft")
@@ -67,6 +67,7 @@ class Arch:
     padding_side = "left"  # batched generation
     echoes_prompt = True  # generate() returns prompt + answer (decoder-only) or the answer alone (seq2seq)
     chat_baselines = True  # make bench compares with plain TRL SFT and the padded reference (decoder-only setups)
+    labels_apart = False  # the labels are a separate sequence (seq2seq's decoder) rather than the input's own ids
 
     def model_class(self) -> Any:
         raise NotImplementedError
@@ -84,6 +85,13 @@ class Arch:
     def encode_train(self, cfg: Any, tok: Any, ex: dict) -> tuple[list[int], list[int]] | None:
         """(input ids, labels) of a training example; None when truncation leaves no answer token."""
         raise NotImplementedError
+
+    def trained_tokens(self, cfg: Any, tok: Any, ex: dict, last_only: bool) -> tuple[str | None, int, int]:
+        """(why the example would train nothing, else None; its trained tokens; its tokens) within train.max_length,
+        for prepare's drop check. last_only: only the last answer counts (a test row: the answer evaluated)."""
+        enc = self.encode_train(cfg, tok, ex)
+        return ("no_trained_token", 0, 0) if enc is None else (None, sum(x != prompts.IGNORE for x in enc[1]),
+                                                                 len(enc[0]) + (len(enc[1]) if self.labels_apart else 0))
 
     def encode_prompt(self, cfg: Any, tok: Any, ex: dict) -> list[int]:
         """The ids generation starts from, within train.max_length."""
@@ -144,6 +152,14 @@ class Causal(Arch):
         return prompts.encode_chat(tok, ex["prompt"], ex["completion"], cfg.train.max_length,
                                    all_turns=cfg.train.loss_on == "assistant_turns")
 
+    def trained_tokens(self, cfg: Any, tok: Any, ex: dict, last_only: bool) -> tuple[str | None, int, int]:
+        why = conversations.unrenderable(tok, [*ex["prompt"], *ex["completion"]])
+        enc = None if why else prompts.encode_chat(tok, ex["prompt"], ex["completion"], cfg.train.max_length,
+                                                   all_turns=cfg.train.loss_on == "assistant_turns" and not last_only)
+        if enc is None:
+            return why or "no_trained_token", 0, 0
+        return None, sum(x != prompts.IGNORE for x in enc[1]), len(enc[0])
+
     def encode_prompt(self, cfg: Any, tok: Any, ex: dict) -> list[int]:
         return prompts.fit_prompt(tok, ex["prompt"], cfg.train.max_length)[0]
 
@@ -166,6 +182,7 @@ class Seq2Seq(Arch):
     padding_side = "right"  # the encoder reads the prompt; the decoder starts fresh
     echoes_prompt = False
     chat_baselines = False
+    labels_apart = True
 
     def model_class(self) -> Any:
         from transformers import AutoModelForSeq2SeqLM
