@@ -106,10 +106,10 @@ def _report(names: list[str]) -> dict:
 def test_report_pairs_each_run_with_the_best_and_recommends_the_least_forgetting_tie(ft_home):
     n = 60
     best = [0.5 + 0.2 * (i % 3) for i in range(n)]
-    _fake_run("a", best, [2.5] * 20, 100.0)  # the best mean, forgets most
+    _fake_run("a", best, [2.5] * 40, 100.0)  # the best mean, forgets most
     tie = [s + (0.02 if i % 2 else -0.03) for i, s in enumerate(best)]
-    _fake_run("b", tie, [2.1 + 0.01 * (i % 3) for i in range(20)], 300.0)  # a tie that forgets less (slower)
-    _fake_run("c", [s - 0.3 for s in best], [2.0] * 20, 10.0)  # forgets nothing, but clearly worse on the task
+    _fake_run("b", tie, [2.1 + 0.01 * (i % 3) for i in range(40)], 300.0)  # a tie that forgets less (slower)
+    _fake_run("c", [s - 0.3 for s in best], [2.0] * 40, 10.0)  # forgets nothing, but clearly worse on the task
     s = _report(["a", "b", "c"])
     assert (s["best"], s["ties"], s["recommended"]) == ("a", ["a", "b"], "b")
     assert "b cannot be told from the best run a" in s["reason"] and "forgets the least" in s["reason"]
@@ -134,7 +134,7 @@ def test_report_pairs_each_run_with_the_best_and_recommends_the_least_forgetting
 
 def test_among_ties_that_forget_alike_the_cheapest_is_recommended_and_nothing_new_rewrites_nothing(ft_home):
     scores = [0.4 + 0.1 * (i % 4) for i in range(40)]
-    general = [2.2 + 0.05 * (i % 5) for i in range(20)]
+    general = [2.2 + 0.05 * (i % 5) for i in range(40)]
     _fake_run("a", scores, general, 200.0)
     _fake_run("b", scores, general, 50.0)
     s = _report(["a", "b"])
