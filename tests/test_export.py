@@ -18,7 +18,7 @@ from conftest import make
 from common.core import config
 from common.data import prompts, templates
 from common.model import gguf_tokenizer, standins
-from common.shipping import export, report
+from common.shipping import export, llamacpp, report
 
 SECRET = "hf_FAKEtokenFORtests123456"
 
@@ -167,6 +167,23 @@ def test_the_parity_gate_fails_on_answers_alone_and_on_tokens_alone():
     parity.gate("the merged model", {"token_agreement": 0.98, "answer_match": 0.5}, 0.98, 0.5, fix)
 
 
+def test_token_agreement_excuses_only_picks_within_one_fp16_rounding_step():
+    """A different argmax counts against agreement unless the reference's own logits put the two tokens within
+    2^-11 of the position's largest |logit| (a near-tie no fp16 computation resolves)."""
+    import torch
+
+    from common.shipping import parity
+
+    step = 2.0 ** -11 * 8.0  # one fp16 rounding step at a largest |logit| of 8
+    ref = torch.tensor([[8.0, 8.0 - 0.9 * step, 0.0],   # near-tie: the file's pick trails by 0.9 step
+                        [8.0, 8.0 - 1.1 * step, 0.0],   # just beyond: a real disagreement
+                        [8.0, 1.0, 0.0],                # a clear lead: a real disagreement
+                        [8.0, 1.0, 0.0]])               # the same pick
+    got = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    f = parity.agreement([ref], [got])
+    assert (f["positions"], f["near_tie_flips"], f["token_agreement"]) == (4, 1, 0.5)
+
+
 @pytest.mark.e2e
 def test_a_merge_whose_answers_differ_fails_on_the_answer_threshold(in_run, monkeypatch, capsys):
     """The merged model's next tokens agree (teacher-forced) but its greedy answers differ: the merge step fails on
@@ -220,6 +237,8 @@ def test_export_writes_gguf_files_that_answer_like_merged(run):
     assert set(rep["files"]) == {"f16", "q8_0"}
     f16, q8 = rep["files"]["f16"], rep["files"]["q8_0"]
     assert f16["answer_match"] == 1.0 and f16["token_agreement"] == 1.0 and f16["prompt_tokens_match"] == 1.0
+    if llamacpp.missing() is None:  # make llamacpp (CI): every file is checked in a real llama.cpp
+        assert f16["reader"] == q8["reader"] == llamacpp.version()
     e = config.load("smollm2", tiny=True).export
     assert q8["answer_match"] >= e.q8_0_min_answer_match and q8["token_agreement"] >= e.q8_0_min_token_agreement
     assert q8["bytes"] < f16["bytes"]

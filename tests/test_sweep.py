@@ -43,7 +43,7 @@ def test_the_recipes_sweep_section_is_the_grid_without_GRID(ft_home):
     p = sweep.plan("smollm2", [], False, None, force=False)
     assert [k for k, _ in p.grid] == ["train.learning_rate", "lora.r"]
     assert sorted({(c.train.learning_rate, c.lora.r) for c in p.cfgs.values()}) == [
-        (2e-4, 8), (2e-4, 16), (5e-4, 8), (5e-4, 16)]
+        (5e-4, 8), (5e-4, 16), (1e-3, 8), (1e-3, 16)]
 
 
 @pytest.mark.parametrize("grid, sets, words", [
