@@ -123,10 +123,10 @@ bench: $(PREPARED) ## speed: ours vs plain TRL vs the reference way; batched gen
 	$(PY) scripts/bench.py $(FLAGS) $(BENCH)
 
 test: $(ENV_JSON) ## the whole test suite (tiny models for every recipe, plus a short real SmolLM2 run)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 test-fast: $(ENV_JSON) ## the unit tier: no model is trained (a few minutes)
-	$(PY) -m pytest -q -m "not e2e and not slow and not gpu"
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not e2e and not slow and not gpu"
 
 test-gpu: $(ENV_JSON) ## the GPU tests (every recipe on CUDA, bench at a real shape); skipped without CUDA
 	$(PY) -m pytest -q -m gpu

@@ -15,6 +15,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs on two workers (pytest-xdist, --dist loadgroup): every test that uses a shared tiny run goes to
+    one worker, which builds each run once; the other tests of a file stay together on one worker."""
+    for item in items:
+        group = "tiny-runs" if "tiny_run" in item.fixturenames else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
     """Converted SmolLM2 and tiny models, shared by the session (FT_CACHE from the environment wins)."""
@@ -107,6 +116,20 @@ def make(home: Path, *args: str, check: bool = True, **env_extra: str) -> subpro
     return p
 
 
+def answer_spans(ids: list[int], labels: list[int]) -> list[tuple[int, int]]:
+    """Contiguous runs of trained positions (label != IGNORE), as (start, end)."""
+    from common.data.prompts import IGNORE
+
+    spans, start = [], None
+    for i, lab in enumerate(labels + [IGNORE]):
+        if lab != IGNORE and start is None:
+            start = i
+        elif lab == IGNORE and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
 def ran_steps(p: subprocess.CompletedProcess) -> list[str]:
     return [s for s in ("00_install", "01_prepare", "02_sft_qlora", "03_merge_fp16", "04_eval")
             if f"scripts/{s}.py" in p.stdout]
@@ -114,11 +137,12 @@ def ran_steps(p: subprocess.CompletedProcess) -> list[str]:
 
 @dataclass
 class TinyRun:
-    """A tiny run built once per session: `make all` then `make export` (its result kept, a refusal included)."""
+    """A tiny run built once per session: `make all`, then `make export` unless the test asked for none (its result
+    kept, a refusal included)."""
 
     recipe: str
     home: Path
-    export: subprocess.CompletedProcess
+    export: subprocess.CompletedProcess | None = None
 
     @property
     def out(self) -> Path:
@@ -137,17 +161,21 @@ class TinyRun:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, model_cache):
-    """tiny_run(recipe) -> TinyRun, built on first use in its own artifact root and shared by every test after it;
-    a test that changes a run works on run.copy(tmp_path / "home")."""
+    """tiny_run(recipe) -> TinyRun, built on first use in its own artifact root and shared by every test after it
+    (`export=False`: no `make export` yet, for a test that does not look at it); a test that changes a run works on
+    run.copy(tmp_path / "home")."""
     runs: dict[str, TinyRun] = {}
+    env = {"FT_CACHE": str(model_cache), "HF_HUB_OFFLINE": "1"}
 
-    def get(recipe: str) -> TinyRun:
+    def get(recipe: str, export: bool = True) -> TinyRun:
         if recipe not in runs:
             home = tmp_path_factory.mktemp(f"run-{recipe}") / "home"
             home.mkdir()
-            env = {"FT_CACHE": str(model_cache), "HF_HUB_OFFLINE": "1"}
             make(home, "all", f"RECIPE={recipe}", "TINY=1", **env)
-            runs[recipe] = TinyRun(recipe, home, make(home, "export", f"RECIPE={recipe}", "TINY=1", check=False, **env))
-        return runs[recipe]
+            runs[recipe] = TinyRun(recipe, home)
+        run = runs[recipe]
+        if export and run.export is None:
+            run.export = make(run.home, "export", f"RECIPE={recipe}", "TINY=1", check=False, **env)
+        return run
 
     return get

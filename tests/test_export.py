@@ -182,6 +182,42 @@ def test_token_agreement_excuses_only_picks_within_one_fp16_rounding_step():
     got = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     f = parity.agreement([ref], [got])
     assert (f["positions"], f["near_tie_flips"], f["token_agreement"]) == (4, 1, 0.5)
+    # a bf16 reference (GPU) is only that precise: its own roundoff, not fp16's
+    assert (parity.roundoff(torch.float32), parity.roundoff(torch.bfloat16)) == (2.0 ** -11, 2.0 ** -8)
+    assert parity.agreement([ref[1:2].bfloat16()], [got[1:2]])["near_tie_flips"] == 1
+
+
+def test_an_answer_counts_when_it_leaves_the_references_greedy_path_only_at_a_near_tie():
+    """llama.cpp's answer differs from merged/'s: it still counts when its first token off merged/'s own greedy path
+    was within one fp16 rounding step (or the file's measured logit noise) of merged/'s pick there, and not when
+    that gap is wider or never comes."""
+    import types
+
+    import torch
+
+    from common.shipping import parity
+
+    step = 2.0 ** -11 * 8.0
+    table = torch.tensor([[8.0, 1.0, 0.0],                # after the prompt: token 0, clearly
+                          [8.0, 8.0 - 0.9 * step, 0.0],   # then 0 by less than a rounding step over 1
+                          [8.0, 8.0 - 1.1 * step, 0.0],   # then 0 by a little more
+                          [8.0, 1.0, 0.0]])
+
+    class Merged:
+        device = torch.device("cpu")
+
+        def __call__(self, input_ids):
+            return types.SimpleNamespace(logits=table[None, : input_ids.shape[1]])
+
+    m = Merged()
+    assert parity.departs_at_near_tie(m, [5], [0, 1]) is True       # left at the near-tie
+    assert parity.departs_at_near_tie(m, [5], [0, 0, 1]) is False   # left beyond it
+    assert parity.departs_at_near_tie(m, [5], [1]) is False         # left at a clear lead
+    assert parity.departs_at_near_tie(m, [5], [0, 0, 0]) is False   # never left: no excuse for a different text
+    assert parity.departs_at_near_tie(m, [5], [0, 0, 1], noise=1.2 * step) is True  # within the file's own noise
+    assert parity.departs_at_near_tie(m, [5], [1], noise=1.2 * step) is False
+    f = parity.answer_match(["a", "b", "c"], ["a", "x", "y"], [True, True, False])
+    assert (f["answer_match"], f["near_tie_answers"], f["first_difference"]["index"]) == (2 / 3, 1, 2)
 
 
 @pytest.mark.e2e

@@ -5,6 +5,7 @@ that EOS."""
 from __future__ import annotations
 
 import pytest
+from conftest import answer_spans
 
 from common.data import prompts, templates
 from common.model import gguf_tokenizer, modeling, standins
@@ -35,18 +36,6 @@ def user(text):
 
 def bot(text):
     return {"role": "assistant", "content": text}
-
-
-def answer_spans(ids, labels):
-    """Contiguous runs of trained positions, as (start, end)."""
-    spans, start = [], None
-    for i, lab in enumerate(labels + [IGNORE]):
-        if lab != IGNORE and start is None:
-            start = i
-        elif lab == IGNORE and start is not None:
-            spans.append((start, i))
-            start = None
-    return spans
 
 
 @pytest.mark.parametrize("template", ["native", "chatml", "alpaca", "zephyr", "mistral", "ptbr_product_qa"])
