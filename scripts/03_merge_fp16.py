@@ -48,7 +48,7 @@ def body(ctx: run.Context) -> None:
 
     log.info("loading %s in %s (never merging into a quantized model)", source, work)
     model = PeftModel.from_pretrained(modeling.load_model(cfg, source, 0, work), rp.adapter)
-    ref = parity.teacher_forced(model, inputs)
+    ref, ref_unit = parity.teacher_forced(model, inputs), parity.unit(model)
     precision = io.read_json(rp.adapter / "run_info.json", {}).get("plan", {}).get("precision", "fp32")  # as eval
     _, ref_answers = parity.greedy(cfg, model, tok, rows, "adapter model", precision)
     model = model.merge_and_unload()
@@ -59,7 +59,8 @@ def body(ctx: run.Context) -> None:
         del model
         # What leaves the repo is checked: the saved weights, reloaded by eval's own loader on this machine.
         saved = modeling.load_merged(cfg, tmp)
-        figures = parity.agreement(ref, parity.teacher_forced(saved, inputs))
+        got = parity.teacher_forced(saved, inputs)
+        figures = parity.agreement(ref, got, max(ref_unit, parity.unit(saved)))
         figures.update(parity.answer_match(ref_answers, parity.greedy(cfg, saved, tok, rows, "merged model", precision)[1]))
         log.info("merged vs adapter on %d val examples: next-token agreement %.4f, identical answers %.2f, "
                  "max |logit diff| %.4g", len(rows), figures["token_agreement"], figures["answer_match"],

@@ -73,7 +73,8 @@ def read_back(cfg: Any, folder: Any, fname: str, ref: dict, rows: list[dict], in
         ids, answers = parity.greedy(cfg, model, tok, rows, f"{fname}")
     except ValueError as e:  # e.g. no chat template in the file
         raise parity.ParityError(f"{fname} cannot format the recipe's prompts: {e}") from None
-    figures = parity.agreement(ref["logits"], parity.teacher_forced(model, inputs))
+    got = parity.teacher_forced(model, inputs)
+    figures = parity.agreement(ref["logits"], got, max(ref["unit"], parity.unit(model)))
     figures.update(parity.answer_match(ref["answers"], answers))
     figures.update(prompt_tokens_match=sum(a == b for a, b in zip(ids, ref["ids"])) / max(1, len(ids)),
                    reader="transformers' GGUF reader")
@@ -104,7 +105,8 @@ def body(ctx: run.Context) -> None:
         return modeling.load_merged(cfg, rp.merged)
 
     ids, answers = parity.greedy(cfg, reference(), tok, rows, "merged model")
-    ref = {"ids": ids, "answers": answers, "logits": parity.teacher_forced(reference(), inputs)}
+    ref = {"ids": ids, "answers": answers, "logits": parity.teacher_forced(reference(), inputs),
+           "unit": parity.unit(reference())}
     reference.cache_clear()  # loaded again only if a llama.cpp answer differs
     name = cfg.export.name or cfg.run
     base = cards.base_model(cfg)

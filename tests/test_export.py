@@ -182,9 +182,84 @@ def test_token_agreement_excuses_only_picks_within_one_fp16_rounding_step():
     got = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     f = parity.agreement([ref], [got])
     assert (f["positions"], f["near_tie_flips"], f["token_agreement"]) == (4, 1, 0.5)
-    # a bf16 reference (GPU) is only that precise: its own roundoff, not fp16's
     assert (parity.roundoff(torch.float32), parity.roundoff(torch.bfloat16)) == (2.0 ** -11, 2.0 ** -8)
-    assert parity.agreement([ref[1:2].bfloat16()], [got[1:2]])["near_tie_flips"] == 1
+
+
+def test_a_bf16_reference_is_only_as_precise_as_bf16_through_teacher_forced_logits():
+    """teacher_forced hands back float32 copies, so the unit comes from the models' weights (parity.unit): a pick
+    one bf16 step behind is a near-tie against a bf16 reference (a GPU's merged/), not against an fp32 one."""
+    import types
+
+    import torch
+
+    from common.shipping import parity
+
+    class Model(torch.nn.Module):
+        def __init__(self, dtype):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1, dtype=dtype))
+
+        def forward(self, input_ids):  # 7.96875 trails 8 by one bf16 step (2^-8 of 8), 8 fp16 steps
+            return types.SimpleNamespace(logits=(torch.tensor([[[8.0, 7.96875, 0.0]]]) * self.w).to(self.w.dtype))
+
+    bf16, fp32 = Model(torch.bfloat16), Model(torch.float32)
+    ref = parity.teacher_forced(bf16, [{"input_ids": [1]}])
+    assert ref[0].dtype == torch.float32
+    got = [torch.tensor([[0.0, 1.0, 0.0]])]
+    assert (parity.unit(bf16), parity.unit(fp32), parity.unit(fp32, bf16)) == (2.0 ** -8, 2.0 ** -11, 2.0 ** -8)
+    assert parity.agreement(ref, got, parity.unit(bf16))["near_tie_flips"] == 1
+    assert parity.agreement(ref, got, parity.unit(fp32))["near_tie_flips"] == 0
+
+
+def test_llama_cpp_answers_are_excused_only_with_the_training_prompt_and_their_stop_token(monkeypatch):
+    """compare() asks about a different answer only when llama.cpp's prompt ids are training's, and hands over the
+    answer with the token it stopped on and the file's largest logit difference; identical answers are not asked."""
+    import numpy as np
+    import torch
+
+    from common.shipping import llamacpp
+
+    prompts = {"p0": [1, 2], "p1": [1, 3], "p2": [1, 4]}
+    answers = {(1, 2): ([7, 8], 0), (1, 3): ([9], None), (1, 4): ([5, 6], 0)}
+
+    class Runtime:
+        def __init__(self, path, n_ctx):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def tokenize(self, text):
+            return prompts[text]
+
+        def greedy(self, ids, max_new_tokens):
+            return answers[tuple(ids)]
+
+        def logits(self, ids):
+            return np.array([[1.0, 0.0]] * len(ids), dtype=np.float32) + np.float32(0.25)
+
+    class Tok:
+        bos_token = None
+
+        def apply_chat_template(self, chat, tokenize, add_generation_prompt):
+            return chat[0]["content"]
+
+        def decode(self, ids, skip_special_tokens):
+            return " ".join(map(str, ids))
+
+    monkeypatch.setattr(llamacpp, "Runtime", Runtime)
+    monkeypatch.setattr(llamacpp, "version", lambda: "stub")
+    asked = []
+    ref = {"ids": [[1, 2], [1, 99], [1, 4]], "answers": ["7 9", "10", "5 6"],
+           "logits": [torch.tensor([[1.0, 0.0], [1.0, 0.0]])], "unit": 2.0 ** -11}
+    chats = [[{"role": "user", "content": p}] for p in prompts]
+    f = llamacpp.compare("x.gguf", Tok(), chats, ref, [{"input_ids": [1, 2]}], 4,
+                         lambda prompt, answer, noise: asked.append((prompt, answer, noise)) or True)
+    assert asked == [([1, 2], [7, 8, 0], 0.25)]  # #1: other prompt ids, not asked; #2: identical, not asked
+    assert (f["answer_match"], f["near_tie_answers"], f["stopped"], f["prompt_tokens_match"]) == (2 / 3, 1, 2, 2 / 3)
 
 
 def test_an_answer_counts_when_it_leaves_the_references_greedy_path_only_at_a_near_tie():

@@ -154,10 +154,10 @@ SCHEMA: dict[str, Any] = {
         "name": F(str),  # file name stem; null = the run name
         "quantizations": F(list, ["f16", "q8_0"]),
         "check_prompts": F(int, 8),  # val prompts the parity gate answers with merged/ and each GGUF
-        "f16_min_answer_match": F(float, 1.0),  # f16 holds merged/'s fp16 weights exactly: answers must be equal
+        "f16_min_answer_match": F(float, 1.0),  # f16 holds merged/'s fp16 weights: answers equal (near-ties aside)
         "f16_min_token_agreement": F(float, 0.999),
         # 8-bit rounding flips near-ties in long greedy answers: a SmolLM2 trained 8 steps kept 3 of 8 answers whole
-        # (the fully trained default 7 of 8) at next-token agreement >= 0.95; a corrupted weight keeps none.
+        # (the fully trained default 7 of 8) at next-token agreement >= 0.95, which keeps a corrupted weight out.
         "q8_0_min_answer_match": F(float, 0.25),
         "q8_0_min_token_agreement": F(float, 0.95),
         "pre_tokenizer": F(str),  # llama.cpp's pre-tokenizer name; null = read off tokenizer.json

@@ -94,9 +94,9 @@ def compare(path: Path, tok: Any, chats: list[list[dict]], ref: dict, inputs: li
             excuse: Callable[[list[int], list[int], float], bool] | None = None) -> dict:
     """A GGUF file in llama.cpp against the reference (merged/): prompt tokens (llama.cpp's tokenizer on the
     rendered chat vs training's ids), teacher-forced next-token agreement on `inputs`, identical greedy answers.
-    `ref`: {"ids", "answers", "logits"} as the export step computes them from merged/; `excuse(prompt ids, answer
-    ids with its stop token, the file's largest logit difference)`: whether a different answer left merged/'s
-    greedy path at a near-tie (parity.departs_at_near_tie)."""
+    `ref`: {"ids", "answers", "logits", "unit"} as the export step computes them from merged/ (unit: parity.unit);
+    `excuse(prompt ids, answer ids with its stop token, the file's largest logit difference)`: whether a different
+    answer left merged/'s greedy path at a near-tie (parity.departs_at_near_tie)."""
     import torch
 
     from common.shipping import parity
@@ -111,7 +111,7 @@ def compare(path: Path, tok: Any, chats: list[list[dict]], ref: dict, inputs: li
             generated.append(new + ([] if stop is None else [stop]))
             stopped += stop is not None
         logits = [torch.from_numpy(rt.logits(x["input_ids"])) for x in inputs]
-    figures = parity.agreement(ref["logits"], logits)
+    figures = parity.agreement(ref["logits"], logits, ref["unit"])
     excused = [a != r and x == rx and excuse is not None and excuse(x, g, figures["max_abs_logit_diff"] or 0.0)
                for a, r, x, rx, g in zip(answers, ref["answers"], ids, ref["ids"], generated)]
     figures.update(parity.answer_match(ref["answers"], answers, excused))

@@ -9,7 +9,7 @@ Two measures, both on validation examples, both recorded in merge_report.json / 
   largest |logit|), a gap no fp16 computation can resolve; such picks are counted apart (`near_tie_flips`).
   Random-init tiny models have a few (tiny SmolLM2 in llama.cpp: 1 of 540 positions, a gap of 4e-5 at logits of
   0.7); a wrong layout or weight moves logits by far more and is never excused this way. A reference computed in
-  bf16 (on a GPU) is only that precise: its own unit roundoff is used where it is coarser (`roundoff`).
+  bf16 (on a GPU) is only that precise: its own unit roundoff is used where it is coarser (`roundoff`, `unit`).
 - answer match: the share of greedy answers (eval.max_new_tokens) that are identical. What a user sees; one
   near-tie early in an answer changes all that follows, so its threshold is lower except where the weights are
   bit-identical (f16 GGUF of an fp16 merge). Another runtime (llama.cpp) computes the same weights with other
@@ -55,16 +55,22 @@ def roundoff(dtype: Any) -> float:
     return max(NEAR_TIE, torch.finfo(dtype).eps / 2) if dtype.is_floating_point else NEAR_TIE
 
 
-def agreement(ref: list[Any], got: list[Any]) -> dict:
-    """Next-token argmax agreement (near-ties excused, see above) and logit differences between two models' logits
-    on the same inputs."""
+def unit(*models: Any) -> float:
+    """The near-tie unit for comparing these models' logits: the coarsest roundoff() of the dtypes they compute in
+    (teacher_forced hands back float32 copies, so the dtype is read off the weights)."""
+    return max(roundoff(next(m.parameters()).dtype) for m in models)
+
+
+def agreement(ref: list[Any], got: list[Any], tie_unit: float = NEAR_TIE) -> dict:
+    """Next-token argmax agreement (near-ties excused, see above; `tie_unit`: unit() of the models compared) and logit
+    differences between two models' logits on the same inputs."""
     same = ties = total = 0
     diffs = []
     for a, b in zip(ref, got):
         pick_a, pick_b = a.argmax(-1), b.argmax(-1)
         gap = a.gather(-1, pick_a[:, None])[:, 0] - a.gather(-1, pick_b[:, None])[:, 0]
         flip = pick_a != pick_b
-        tie = flip & (gap <= roundoff(a.dtype) * a.abs().amax(-1))
+        tie = flip & (gap <= tie_unit * a.abs().amax(-1))
         same += int((~flip).sum())
         ties += int(tie.sum())
         total += a.shape[0]
