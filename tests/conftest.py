@@ -116,7 +116,7 @@ def make(home: Path, *args: str, check: bool = True, **env_extra: str) -> subpro
     return p
 
 
-def answer_spans(ids: list[int], labels: list[int]) -> list[tuple[int, int]]:
+def answer_spans(labels: list[int]) -> list[tuple[int, int]]:
     """Contiguous runs of trained positions (label != IGNORE), as (start, end)."""
     from common.data.prompts import IGNORE
 

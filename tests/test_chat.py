@@ -261,7 +261,7 @@ def test_every_assistant_turn_and_its_end_of_turn_trained_nothing_else(real_tok,
     ids, labels = prompts.encode_chat(tok, ex["prompt"], ex["completion"], all_turns=True)
     trained = [i for i, lab in enumerate(labels) if lab != IGNORE]
     assert [labels[i] for i in trained] == [ids[i] for i in trained]
-    spans = answer_spans(ids, labels)
+    spans = answer_spans(labels)
     assert [tok.decode(ids[s:e], skip_special_tokens=True).strip() for s, e in spans] == [
         "Order 12 shipped.", "Order 7 is packed.", "Reno opens at 10am."]
     assert [ids[e - 1] for _, e in spans] == [eos] * 3  # each turn's end-of-turn token is trained

@@ -69,7 +69,7 @@ def test_new_recipes_train_each_answer_and_its_end_of_turn_and_nothing_else(reci
     msgs.append({"role": "user", "content": turns[-1][0]})
     completion = [{"role": "assistant", "content": turns[-1][1]}]
     ids, labels = prompts.encode_chat(tok, msgs, completion, all_turns=True)
-    spans = answer_spans(ids, labels)
+    spans = answer_spans(labels)
     # three trained spans: each exactly one answer and its end-of-turn token, with their own ids
     assert [tok.decode(ids[s:e - 1], skip_special_tokens=False).strip() for s, e in spans] == [a for _, a in turns]
     assert [ids[e - 1] for _, e in spans] == [eot_id] * 3

@@ -66,7 +66,7 @@ def test_multi_turn_trains_every_assistant_turn_and_no_user_turn(base_tok):
         msgs += [user(u), bot(a)]
     msgs.append(user(turns[-1][0]))
     ids, labels = prompts.encode_chat(tok, msgs, [bot(turns[-1][1])], all_turns=True)
-    spans = answer_spans(ids, labels)
+    spans = answer_spans(labels)
     assert len(spans) == 3
     for (s, e), (u, a) in zip(spans, turns):
         assert tok.decode(ids[s:e], skip_special_tokens=True).strip() == a
@@ -75,7 +75,7 @@ def test_multi_turn_trains_every_assistant_turn_and_no_user_turn(base_tok):
     assert "Título" not in trained_text and "Pergunta" not in trained_text
     # completion-only mode trains the last turn alone
     _, last_only = prompts.encode_chat(tok, msgs, [bot(turns[-1][1])], all_turns=False)
-    assert len(answer_spans(ids, last_only)) == 1 and answer_spans(ids, last_only)[0] == spans[-1]
+    assert len(answer_spans(last_only)) == 1 and answer_spans(last_only)[0] == spans[-1]
 
 
 def test_truncation_that_removes_the_answer_drops_the_example(base_tok):
@@ -174,7 +174,7 @@ def test_llama3_multi_turn_trains_each_turns_eos_after_one_bos(real_tok):
         msgs += [user(u), bot(a)]
     msgs.append(user("Título do produto: C"))
     ids, labels = prompts.encode_chat(tok, msgs, [bot("Descrição C.")], all_turns=True)
-    spans = answer_spans(ids, labels)
+    spans = answer_spans(labels)
     assert [tok.decode(ids[s:e], skip_special_tokens=True).strip() for s, e in spans] == [
         "Descrição A.", "Descrição B.", "Descrição C."]
     assert [ids[e - 1] for s, e in spans] == [128001] * 3 and ids.count(128001) == 3
