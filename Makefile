@@ -16,7 +16,11 @@ SHELL := bash
 MAKEFLAGS += --no-builtin-rules
 .DEFAULT_GOAL := all
 
-PY     ?= python3
+# The Python that runs everything: PY=... when given; else the project's own venv once `make` made one (.venv, when
+# python3 cannot install packages: PEP 668 system Pythons, no pip); else python3. common/core/bootstrap.py decides,
+# with the standard library only, and installs the two packages the recipe reader needs.
+VENV   := $(CURDIR)/.venv
+PY     ?= $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
 # A checkout always runs its own code: its root comes first on the import path, even when `pip install -e` of
 # another clone of this repository is installed in the same environment.
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
@@ -32,16 +36,23 @@ FORCE  ?=
 RECIPES := $(sort $(basename $(notdir $(wildcard recipes/*.yaml))))
 FLAGS   := --recipe $(RECIPE) $(if $(or $(TINY),$(SHAPE)),--tiny) $(if $(SHAPE),--set tiny.shape=$(SHAPE)) $(ARGS)
 
+# Every $(shell ...) below is checked: an empty or failed answer stops Make with one line, never an empty path.
+ifneq ($(filter-out help recipes,$(or $(MAKECMDGOALS),all)),)
+  BOOT := $(shell $(PY) -m common.core.bootstrap --venv '$(VENV)')
+  ifneq ($(filter error:,$(firstword $(BOOT))),)
+    $(error $(wordlist 2,999,$(BOOT)))
+  endif
+  ifeq ($(filter PY=%,$(BOOT)),)
+    $(error '$(PY)' did not run (is Python >= 3.10 installed?); name one with make ... PY=/path/to/python3)
+  endif
+  override PY := $(patsubst PY=%,%,$(filter PY=%,$(BOOT)))
+endif
+
 # Goals that need neither the recipe nor the paths.
 NO_RECIPE_GOALS := help recipes gpu-check gpu-carry
 ifneq ($(filter-out $(NO_RECIPE_GOALS),$(or $(MAKECMDGOALS),all)),)
   ifeq ($(filter $(RECIPE),$(RECIPES)),)
     $(error unknown RECIPE '$(RECIPE)'; available: $(RECIPES))
-  endif
-  # The recipe reader needs PyYAML and python-dotenv: on a fresh machine, install them first.
-  ifneq ($(shell $(PY) -c 'import yaml, dotenv' 2>/dev/null && echo ok),ok)
-    $(info fresh machine: installing pyyaml and python-dotenv for the recipe reader)
-    $(shell $(PY) -m pip install -q pyyaml python-dotenv >&2)
   endif
   # Validate the recipe and read the run's paths (common/core/paths.py); for the pipeline goals also write per-step
   # stamps (rewritten only when a step's settings change). Other goals (install, test, clean) leave the run alone.
@@ -52,6 +63,13 @@ ifneq ($(filter-out $(NO_RECIPE_GOALS),$(or $(MAKECMDGOALS),all)),)
     $(error $(wordlist 2,999,$(RUN_VARS)))
   endif
   $(foreach v,$(RUN_VARS),$(eval $(v)))
+  # The run's paths must all be there and under the artifact root: no target, and no clean, may name another path.
+  RUN_PATHS := ENV_JSON DATA_DIR OUT_DIR PREPARED TRAINED MERGED EVALUATED EXPORTED STAMPS
+  ifneq ($(or $(filter-out /%,$(HOME_DIR)),$(filter /,$(HOME_DIR)),$(if $(HOME_DIR),,empty)),)
+    $(error python -m common.core.stamps $(FLAGS) gave no usable artifact root (HOME_DIR='$(HOME_DIR)'); run it by hand to see why)
+  endif
+  $(foreach v,$(RUN_PATHS),$(if $(filter $(HOME_DIR)/%,$($(v))),,\
+    $(error python -m common.core.stamps gave $(v)='$($(v))', not a path under $(HOME_DIR); run it by hand to see why)))
   ifneq ($(DIST),)
     $(error DIST is gone: several processes train as DDP (make train NPROC=N); FSDP and DeepSpeed were removed)
   endif
@@ -60,6 +78,9 @@ ifneq ($(filter-out $(NO_RECIPE_GOALS),$(or $(MAKECMDGOALS),all)),)
     TRAIN_LAUNCH := $(shell $(PY) -m common.core.dist $(FLAGS) --nproc '$(NPROC)' --python '$(PY)')
     ifneq ($(filter error:,$(firstword $(TRAIN_LAUNCH))),)
       $(error $(wordlist 2,999,$(TRAIN_LAUNCH)))
+    endif
+    ifeq ($(strip $(TRAIN_LAUNCH)),)
+      $(error python -m common.core.dist printed no launcher for NPROC=$(NPROC); run it by hand to see why)
     endif
   endif
 endif
@@ -76,8 +97,10 @@ merge: $(MERGED) ## merge the adapter into an fp16 model -> outputs/<run>/merged
 eval: $(EVALUATED) ## base vs tuned metrics and reports -> outputs/<run>/eval
 
 # FT_OFFLINE=1 (a machine without a package index, e.g. the borrowed GPU): record the environment, install nothing.
-$(ENV_JSON): requirements.txt scripts/00_install.py
+# ENV_STALE=1 (common/core/stamps.py): env.json describes another Python (a new venv), so this one installs too.
+$(ENV_JSON): requirements.txt scripts/00_install.py $(if $(filter 1,$(ENV_STALE)),FORCE)
 	$(PY) scripts/00_install.py $(if $(FT_OFFLINE),--probe)
+FORCE:
 
 $(PREPARED): scripts/01_prepare.py $(STAMPS)/prepare.json $(ENV_JSON)
 	$(PY) scripts/01_prepare.py $(FLAGS)
@@ -91,8 +114,9 @@ $(MERGED): scripts/03_merge_fp16.py $(STAMPS)/merge.json $(TRAINED)
 $(EVALUATED): scripts/04_eval.py $(STAMPS)/eval.json $(MERGED)
 	$(PY) scripts/04_eval.py $(FLAGS)
 
-export: $(EXPORTED) ## GGUF (f16, q8_0) + Ollama Modelfile, checked against merged/ -> outputs/<run>/export
-$(EXPORTED): scripts/06_export.py $(STAMPS)/export.json $(MERGED)
+export: $(EXPORTED) ## GGUF (f16, q8_0) + Ollama Modelfile, checked in llama.cpp against merged/ -> outputs/<run>/export
+# The gate runs every file in a real llama.cpp: installed first (order-only: it never re-runs the export by itself).
+$(EXPORTED): scripts/06_export.py $(STAMPS)/export.json $(MERGED) | llamacpp
 	$(PY) scripts/06_export.py $(FLAGS)
 
 # Each combination is its own `make all` (own run name and stamps): a second `make sweep` makes nothing, a killed
@@ -100,13 +124,11 @@ $(EXPORTED): scripts/06_export.py $(STAMPS)/export.json $(MERGED)
 sweep: $(ENV_JSON) ## every combination of GRID="key=v1,v2 ..." (or the recipe's sweep.grid) -> outputs/sweeps/<run>/
 	$(PY) scripts/09_sweep.py $(FLAGS) $(if $(GRID),--grid '$(GRID)') $(if $(FORCE),--force)
 
-# A real llama.cpp for make export's gate and the tests (common/shipping/llamacpp.py): PyPI has llama-cpp-python as
-# source only, so it is built once (cmake, C++; docs/performance.md has the time) and pip caches the built wheel.
-llamacpp: $(ENV_JSON) ## a real llama.cpp runtime (llama-cpp-python built from source once) for make export and the tests
-	@$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
-	  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
-	  $(PY) -m pip install -q llama-cpp-python==0.3.12
-	@$(PY) -c "import llama_cpp; print('llama.cpp runtime: llama-cpp-python', llama_cpp.__version__)"
+# A real llama.cpp for make export's gate and the tests (common/shipping/llamacpp.py): a wheel when one installs here,
+# else llama-cpp-python built from source once with progress (cmake, C++; about 20 min on 2 cores), the wheel kept
+# under the model cache (scripts/00_install.py --llamacpp). Seconds when it is already there.
+llamacpp: $(ENV_JSON) ## a real llama.cpp runtime (llama-cpp-python; built from source once) for make export and the tests
+	@$(PY) scripts/00_install.py --llamacpp
 
 # Reads what is on disk (milliseconds) and never re-runs a step: an alias, not a file target, because its inputs
 # (every run's eval/metrics.json) are other rules' targets.
@@ -122,7 +144,7 @@ demo: $(TRAINED) ## base vs tuned answers side by side: make demo TITLE="..." (c
 bench: $(PREPARED) ## speed: ours vs plain TRL vs the reference way; batched generation -> outputs/bench/ (BENCH="--steps 8")
 	$(PY) scripts/bench.py $(FLAGS) $(BENCH)
 
-test: $(ENV_JSON) ## the whole test suite (tiny models for every recipe, plus a short real SmolLM2 run)
+test: $(ENV_JSON) | llamacpp ## the whole test suite (tiny models for every recipe, plus a short real SmolLM2 run)
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 test-fast: $(ENV_JSON) ## the unit tier: no model is trained (a few minutes)

@@ -8,14 +8,13 @@ tokenizer, special tokens and the recipe's chat template in the metadata (common
 smallest file, TEMPLATE in Ollama's syntax for the chat template, SYSTEM, stop strings); and, last,
 export_report.json. The model cards (merged/README.md, adapter/README.md) gain an Ollama section.
 
-Parity gate (common/shipping/parity.py): each GGUF is loaded by a real llama.cpp when one is installed (make llamacpp;
-common/shipping/llamacpp.py), else reloaded with transformers' GGUF reader, tokenizer and chat template included (the
-tokenizer as llama.cpp applies it: gguf_tokenizer.read_tokenizer), and compared with merged/ on
-export.check_prompts val examples: the prompt tokens must be identical, next-token agreement and identical greedy
-answers at least export.<quant>_min_token_agreement / _min_answer_match (near-ties excused, parity.py: in llama.cpp
-an answer also counts when it leaves merged/'s greedy path at a near-tie; f16 holds merged/'s fp16 weights exactly,
-so its answers must be equal but for those). Below that the step fails and no export folder is
-written. Seq2seq models and tokenizers GGUF cannot describe stop with one line.
+Parity gate (common/shipping/parity.py): each GGUF is loaded by a real llama.cpp (common/shipping/llamacpp.py;
+`make export` installs it first, building it once where no wheel installs: `make llamacpp`), its prompts rendered
+with the file's own chat template, and compared with merged/ on export.check_prompts val examples: the prompt tokens
+must be identical, next-token agreement and identical greedy answers at least export.<quant>_min_token_agreement /
+_min_answer_match (near-ties excused, parity.py: an answer also counts when it leaves merged/'s greedy path at a
+near-tie; f16 holds merged/'s fp16 weights exactly, so its answers must be equal but for those). Below that the step
+fails and no export folder is written. Seq2seq models and tokenizers GGUF cannot describe stop with one line.
 """
 from __future__ import annotations
 
@@ -33,25 +32,19 @@ log = logging.getLogger("ft")
 
 
 def check(cfg: Any, quant: str, folder: Any, fname: str, ref: dict, rows: list[dict], inputs: list[dict],
-          tok: Any, read: dict | None = None, reference: Callable[[], Any] | None = None) -> dict:
-    """Load one GGUF file as a user's tool would (weights, tokenizer, chat template) and compare it with merged/:
-    in a real llama.cpp when one is installed (make llamacpp), else with transformers' GGUF reader. `read` keeps the
-    tokenizers already read back, by tokenizer_digest: a second file with the same tokenizer bytes reuses it.
-    `reference()`: merged/ loaded again, only when a llama.cpp answer differs (was it a near-tie?)."""
-    why_not = llamacpp.missing()
-    if why_not is None:  # the prompts rendered with the file's own chat template, as a chat app would
-        template = gguf_tokenizer.gguf_scalars(folder / fname).get("tokenizer.chat_template")
-        if not template:
-            raise parity.ParityError(f"{fname} cannot format the recipe's prompts: no chat template in the file")
-        file_tok = copy.copy(tok)
-        file_tok.chat_template = template
-        excuse = None if reference is None else (
-            lambda prompt, answer, noise: parity.departs_at_near_tie(reference(), prompt, answer, noise))
-        figures = llamacpp.compare(folder / fname, file_tok, [r["prompt"] for r in rows], ref, inputs,
-                                   cfg.eval.max_new_tokens, excuse)
-    else:
-        log.info("%s; checking %s with transformers' GGUF reader instead", why_not, fname)
-        figures = read_back(cfg, folder, fname, ref, rows, inputs, {} if read is None else read)
+          tok: Any, reference: Callable[[], Any] | None = None) -> dict:
+    """Load one GGUF file as a user's tool would, in a real llama.cpp (weights, tokenizer, the file's own chat
+    template), and compare it with merged/. `reference()`: merged/ loaded again, only when a llama.cpp answer
+    differs (was it a near-tie?)."""
+    template = gguf_tokenizer.gguf_scalars(folder / fname).get("tokenizer.chat_template")
+    if not template:
+        raise parity.ParityError(f"{fname} cannot format the recipe's prompts: no chat template in the file")
+    file_tok = copy.copy(tok)  # the prompts rendered with the file's own chat template, as a chat app would
+    file_tok.chat_template = template
+    excuse = None if reference is None else (
+        lambda prompt, answer, noise: parity.departs_at_near_tie(reference(), prompt, answer, noise))
+    figures = llamacpp.compare(folder / fname, file_tok, [r["prompt"] for r in rows], ref, inputs,
+                               cfg.eval.max_new_tokens, excuse)
     if figures["prompt_tokens_match"] < 1:
         raise parity.ParityError(f"{fname} tokenizes the recipe's prompts differently from merged/ "
                                  f"({figures['prompt_tokens_match']:.0%} identical in {figures['reader']}): "
@@ -62,30 +55,6 @@ def check(cfg: Any, quant: str, folder: Any, fname: str, ref: dict, rows: list[d
     return figures
 
 
-def read_back(cfg: Any, folder: Any, fname: str, ref: dict, rows: list[dict], inputs: list[dict], read: dict) -> dict:
-    """The file through transformers' GGUF reader, its tokenizer as llama.cpp applies it (read_tokenizer)."""
-    from transformers import AutoModelForCausalLM
-
-    digest = gguf_tokenizer.tokenizer_digest(folder / fname)
-    tok = read[digest] = read.get(digest) or gguf_tokenizer.read_tokenizer(folder, fname)
-    model = _load(folder, fname, AutoModelForCausalLM)
-    try:
-        ids, answers = parity.greedy(cfg, model, tok, rows, f"{fname}")
-    except ValueError as e:  # e.g. no chat template in the file
-        raise parity.ParityError(f"{fname} cannot format the recipe's prompts: {e}") from None
-    got = parity.teacher_forced(model, inputs)
-    figures = parity.agreement(ref["logits"], got, max(ref["unit"], parity.unit(model)))
-    figures.update(parity.answer_match(ref["answers"], answers))
-    figures.update(prompt_tokens_match=sum(a == b for a, b in zip(ids, ref["ids"])) / max(1, len(ids)),
-                   reader="transformers' GGUF reader")
-    return figures
-
-
-def _load(folder: Any, fname: str, cls: Any) -> Any:
-    model = cls.from_pretrained(folder, gguf_file=fname, dtype=modeling.torch_dtype(modeling.inference_dtype()))
-    return model.to("cuda") if modeling.cuda() else model
-
-
 def body(ctx: run.Context) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
@@ -94,6 +63,9 @@ def body(ctx: run.Context) -> None:
         raise io.UserError(f"no merged model in {rp.merged}; run make merge RECIPE={cfg.name} first")
     config = AutoConfig.from_pretrained(rp.merged)
     export.check_supported(config)
+    why_not = llamacpp.missing()  # make export installs it first; this script run alone may find none
+    if why_not is not None:
+        raise io.UserError(f"{why_not}: the export gate checks every file in a real llama.cpp")
     tok = AutoTokenizer.from_pretrained(rp.merged)
     meta = gguf_tokenizer.tokenizer_metadata(tok, rp.merged, config.vocab_size, cfg.export.pre_tokenizer)
     a = arch.get(cfg)
@@ -114,14 +86,13 @@ def body(ctx: run.Context) -> None:
                 "description": f"{cfg.description or cfg.name}: fine-tuned from {base} with recipe {cfg.name}",
                 "license": cfg.card.license}
     files: dict[str, Any] = {}
-    read: dict[str, Any] = {}
     with io.atomic_dir(rp.export) as tmp:
         for quant in cfg.export.quantizations:
             fname = f"{name}-{quant}.gguf"
             log.info("writing %s", fname)
             written = export.write_gguf(tmp / fname, rp.merged, config, meta, quant, describe)
             try:
-                figures = check(cfg, quant, tmp, fname, ref, rows, inputs, tok, read, reference)
+                figures = check(cfg, quant, tmp, fname, ref, rows, inputs, tok, reference)
             finally:
                 reference.cache_clear()  # merged/ out of memory before the next file is written
             log.info("%s: %.0f MB; in %s vs merged/: prompt tokens %.0f%% identical, next-token agreement %.4f "

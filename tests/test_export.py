@@ -98,10 +98,11 @@ def test_seq2seq_is_refused_in_one_line_and_llama3_rope_scaling_is_written():
 
 # --------------------------------------------------------------------------- the real Llama tokenizers in GGUF
 @pytest.mark.parametrize("name,template", [("llama-spm", "zephyr"), ("llama-bpe", "alpaca")])
+@pytest.mark.skipif(llamacpp.missing() is not None, reason=llamacpp.missing() or "")
 def test_gguf_tokenizer_is_llama_cpps_own(name, template, model_cache, llama_vocab, tmp_path, monkeypatch):
     """The tinyllama (SentencePiece) and llama3-alpaca (Llama-3 BPE) stand-ins written as GGUF carry llama.cpp's own
     vocabulary file's tokenizer: the same tokens, types, merges and special ids, SentencePiece scores in the same
-    order, BOS added; read back as llama.cpp applies it, the file gives llama.cpp's reference ids (*.gguf.out) for
+    order, BOS added; read back by llama.cpp, the file gives llama.cpp's reference ids (*.gguf.out) for
     every reference text, and the recipe's chat prompt tokenizes as in training."""
     import gguf
     from transformers import AutoConfig, AutoTokenizer
@@ -132,12 +133,13 @@ def test_gguf_tokenizer_is_llama_cpps_own(name, template, model_cache, llama_voc
         assert merged.sum() == 29_612
         order = np.lexsort((-got[merged], -want[merged]))  # by llama.cpp's score, ties by ours
         assert np.all(np.diff(got[merged][order]) <= 0)  # no pair of differently-scored tokens swapped
-    back = gguf_tokenizer.read_tokenizer(tmp_path, "m.gguf")
-    refs = standins.reference_tokenizations(name, llama_vocab)
-    assert [back(text, add_special_tokens=False).input_ids for text, _ in refs] == [ids for _, ids in refs]
-    msgs = [{"role": "user", "content": "Title: Acme Chef Knife"}]
-    assert prompts.encode_prompt(back, msgs) == prompts.encode_prompt(tok, msgs)
-    assert back("Hello").input_ids[0] == tok.bos_token_id
+    with llamacpp.Runtime(tmp_path / "m.gguf") as back:  # the file read back by llama.cpp itself
+        refs = standins.reference_tokenizations(name, llama_vocab)
+        assert [back.llm.tokenize(text.encode(), add_bos=False, special=False) for text, _ in refs] == [
+            ids for _, ids in refs]
+        msgs = [{"role": "user", "content": "Title: Acme Chef Knife"}]
+        assert back.tokenize(llamacpp.chat_text(tok, msgs)) == prompts.encode_prompt(tok, msgs)
+        assert back.tokenize("Hello")[0] == tok.bos_token_id
 
 
 def test_sentencepiece_space_prefix_llama_cpp_cannot_write_is_refused():
@@ -348,8 +350,7 @@ def test_export_writes_gguf_files_that_answer_like_merged(run):
     assert set(rep["files"]) == {"f16", "q8_0"}
     f16, q8 = rep["files"]["f16"], rep["files"]["q8_0"]
     assert f16["answer_match"] == 1.0 and f16["token_agreement"] == 1.0 and f16["prompt_tokens_match"] == 1.0
-    if llamacpp.missing() is None:  # make llamacpp (CI): every file is checked in a real llama.cpp
-        assert f16["reader"] == q8["reader"] == llamacpp.version()
+    assert f16["reader"] == q8["reader"] == llamacpp.version()  # every file is checked in a real llama.cpp
     e = config.load("smollm2", tiny=True).export
     assert q8["answer_match"] >= e.q8_0_min_answer_match and q8["token_agreement"] >= e.q8_0_min_token_agreement
     assert q8["bytes"] < f16["bytes"]

@@ -16,7 +16,8 @@ The artifact root defaults to the repository and moves with the FT_HOME environm
     outputs/sweeps/<name>/     sweep.md, sweep.csv, sweep.json, sweep.log     (make sweep)
     outputs/bench/<run>.json   speed benchmark results and tables (.md)       (bench)
     outputs/gpu-check/         <date>-<gpu>.json and .md, logs/, work/         (gpu_check)
-    outputs/.cache/            converted GGUF models, tiny models
+    outputs/.cache/            converted GGUF models, tiny models, wheels/ (llama.cpp built once;
+                               FT_CACHE moves the cache)
 
 <run> is the recipe name, with "-tiny" appended in tiny-model mode ("-full" for the random-init stand-in at the
 real model's shape, SHAPE=full), or the recipe's run_name (make sweep names one run per combination). Raw data
@@ -55,6 +56,8 @@ def home() -> Path:
     root = Path(os.environ.get("FT_HOME") or REPO).expanduser().resolve()
     if " " in str(root):
         raise ValueError(f"FT_HOME={root!s} contains a space, which Make cannot handle; choose a path without spaces")
+    if root == Path(root.anchor):
+        raise ValueError(f"FT_HOME={root!s} is the filesystem root, which make clean-all would empty; choose a folder")
     return root
 
 
@@ -87,6 +90,17 @@ def report_html() -> Path:
 
 def cache_dir() -> Path:
     return home() / "outputs" / ".cache"
+
+
+def cache_root() -> Path:
+    """Converted and tiny models, llama.cpp's built wheel; FT_CACHE moves it (tests share one across temporary
+    artifact roots; on Colab a Drive folder keeps what took minutes to make)."""
+    return Path(os.environ.get("FT_CACHE") or cache_dir())
+
+
+def wheel_cache() -> Path:
+    """Wheels this project built from source (llama-cpp-python): built once, installed from here afterwards."""
+    return cache_root() / "wheels"
 
 
 def recipe_names() -> list[str]:

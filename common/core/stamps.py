@@ -2,7 +2,8 @@
 
     python -m common.core.stamps --recipe NAME [--tiny] [--set k=v ...] [--write]
 
-validates the recipe and prints the run's paths as Make variables (KEY=path lines), or one line `error: ...`;
+validates the recipe and prints the run's paths as Make variables (KEY=path lines, and ENV_STALE=1 when
+outputs/env.json describes another Python), or one line `error: ...`;
 with --write it also writes one small JSON per step into the run's .stamps/ folder, rewriting a file only when
 its content changed, so Make re-runs exactly the steps whose settings changed. The `runtime` section is in no
 stamp: changing how a run executes never re-runs a step.
@@ -64,12 +65,23 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.load(args.recipe, args.sets, args.tiny)
         if args.write:
             write(cfg)
+        lines = [f"{key}={path}" for key, path in paths.RunPaths(cfg.run).targets().items()]
     except (config.ConfigError, ValueError) as e:
         print(f"error: {e}")
         return 2
-    for key, path in paths.RunPaths(cfg.run).targets().items():
-        print(f"{key}={path}")
+    print("\n".join(lines))
+    print(f"ENV_STALE={int(env_elsewhere())}")
     return 0
+
+
+def env_elsewhere() -> bool:
+    """Whether outputs/env.json was written by another Python than this one (its `prefix`): Make installs again, so
+    a new venv is never taken for an installed one."""
+    try:
+        recorded = json.loads(paths.env_json().read_text()).get("prefix")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return recorded is not None and Path(recorded).resolve() != Path(sys.prefix).resolve()
 
 
 if __name__ == "__main__":

@@ -47,7 +47,6 @@ from common.measurement.gpucheck_parts import (
     parts,
 )
 from common.measurement.gpucheck_report import bench_figures, last_error_line, markdown
-from common.model import sources
 
 
 def _kill(p: subprocess.Popen) -> None:
@@ -214,7 +213,7 @@ def run(dry_run: bool = False, only: list[str] | None = None, budget_scale: floa
     root = paths.gpu_check_dir()
     for sub in ("logs", "work"):
         shutil.rmtree(root / sub, ignore_errors=True)  # this run's logs and artifacts only
-    cache = sources.cache_root()
+    cache = paths.cache_root()
     env_json = probe_env()
     total = (DRY_TOTAL_BUDGET_S if dry_run else TOTAL_BUDGET_S) * budget_scale
     t0 = time.monotonic()

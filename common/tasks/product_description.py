@@ -15,7 +15,6 @@ from typing import Any, Iterator
 
 from common.core.schema import F
 from common.data import prompts, readers
-from common.evaluation import metrics, retrieval
 from common.tasks import Task
 
 
@@ -70,9 +69,13 @@ class ProductDescription(Task):
         return {"title": fields["title"]}
 
     def score(self, preds: list[str], refs: list[str]) -> tuple[dict, list[dict]]:
+        from common.evaluation import metrics
+
         return metrics.text_scores(preds, refs)
 
     def baselines(self, train: list[dict], rows: list[dict]) -> dict[str, list[str]]:
+        from common.evaluation import retrieval
+
         titles = [_title(r) for r in rows]
         if not train:
             return {"title": titles}

@@ -24,7 +24,6 @@ from typing import Any, Iterator
 from common.core.io import UserError
 from common.core.schema import F
 from common.data import prompts, readers
-from common.evaluation import metrics
 from common.tasks import Task
 
 log = logging.getLogger("ft")
@@ -167,6 +166,8 @@ def parse_forecast(text: str, repair: bool) -> dict | None:
 
 def forecast_scores(preds: list[str], refs: list[str]) -> tuple[dict, list[dict]]:
     """Invalid outputs count as wrong directions and add the reference magnitude to the MAE (a 0 forecast)."""
+    from common.evaluation import metrics
+
     gold = [parse_forecast(r, repair=False) for r in refs]
     if any(g is None for g in gold):
         raise ValueError("a reference is not a valid forecast")
