@@ -16,11 +16,13 @@ SHELL := bash
 MAKEFLAGS += --no-builtin-rules
 .DEFAULT_GOAL := all
 
-# The Python that runs everything: PY=... when given; else the project's own venv once `make` made one (.venv, when
-# python3 cannot install packages: PEP 668 system Pythons, no pip); else python3. common/core/bootstrap.py decides,
-# with the standard library only, and installs the two packages the recipe reader needs.
+# The Python that runs everything: PY=... when given; else an activated venv's python3; else the project's own venv
+# once `make` made one (.venv, when python3 cannot install packages: PEP 668 system Pythons, no pip); else python3.
+# common/core/bootstrap.py decides, with the standard library only, and installs what the recipe reader needs.
 VENV   := $(CURDIR)/.venv
-PY     ?= $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
+PY     ?= $(if $(and $(if $(VIRTUAL_ENV),,1),$(wildcard $(VENV)/bin/python)),$(VENV)/bin/python,python3)
+# FT_HOME given as a make variable (make all FT_HOME=...) reaches $(shell ...) too, not only the recipes.
+PY_ENV := $(if $(FT_HOME),FT_HOME='$(FT_HOME)')
 # A checkout always runs its own code: its root comes first on the import path, even when `pip install -e` of
 # another clone of this repository is installed in the same environment.
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
@@ -38,7 +40,7 @@ FLAGS   := --recipe $(RECIPE) $(if $(or $(TINY),$(SHAPE)),--tiny) $(if $(SHAPE),
 
 # Every $(shell ...) below is checked: an empty or failed answer stops Make with one line, never an empty path.
 ifneq ($(filter-out help recipes,$(or $(MAKECMDGOALS),all)),)
-  BOOT := $(shell $(PY) -m common.core.bootstrap --venv '$(VENV)')
+  BOOT := $(shell $(PY) -m common.core.bootstrap --venv '$(VENV)' $(if $(FT_OFFLINE),--offline))
   ifneq ($(filter error:,$(firstword $(BOOT))),)
     $(error $(wordlist 2,999,$(BOOT)))
   endif
@@ -57,7 +59,7 @@ ifneq ($(filter-out $(NO_RECIPE_GOALS),$(or $(MAKECMDGOALS),all)),)
   # Validate the recipe and read the run's paths (common/core/paths.py); for the pipeline goals also write per-step
   # stamps (rewritten only when a step's settings change). Other goals (install, test, clean) leave the run alone.
   STAMP_GOALS := all prepare train merge eval export push demo bench
-  RUN_VARS := $(shell $(PY) -m common.core.stamps $(FLAGS) \
+  RUN_VARS := $(shell $(PY_ENV) $(PY) -m common.core.stamps $(FLAGS) \
     $(if $(filter $(STAMP_GOALS),$(or $(MAKECMDGOALS),all)),--write))
   ifneq ($(filter error:,$(firstword $(RUN_VARS))),)
     $(error $(wordlist 2,999,$(RUN_VARS)))
@@ -66,7 +68,8 @@ ifneq ($(filter-out $(NO_RECIPE_GOALS),$(or $(MAKECMDGOALS),all)),)
   # The run's paths must all be there and under the artifact root: no target, and no clean, may name another path.
   RUN_PATHS := ENV_JSON DATA_DIR OUT_DIR PREPARED TRAINED MERGED EVALUATED EXPORTED STAMPS
   ifneq ($(or $(filter-out /%,$(HOME_DIR)),$(filter /,$(HOME_DIR)),$(if $(HOME_DIR),,empty)),)
-    $(error python -m common.core.stamps $(FLAGS) gave no usable artifact root (HOME_DIR='$(HOME_DIR)'); run it by hand to see why)
+    $(error python -m common.core.stamps $(FLAGS) gave no usable artifact root (HOME_DIR='$(HOME_DIR)'); \
+      run it by hand to see why)
   endif
   $(foreach v,$(RUN_PATHS),$(if $(filter $(HOME_DIR)/%,$($(v))),,\
     $(error python -m common.core.stamps gave $(v)='$($(v))', not a path under $(HOME_DIR); run it by hand to see why)))
@@ -75,7 +78,7 @@ ifneq ($(filter-out $(NO_RECIPE_GOALS),$(or $(MAKECMDGOALS),all)),)
   endif
   # NPROC: how training is launched (common/core/dist.py checks it first and prints the launcher, or one error).
   ifneq ($(NPROC),)
-    TRAIN_LAUNCH := $(shell $(PY) -m common.core.dist $(FLAGS) --nproc '$(NPROC)' --python '$(PY)')
+    TRAIN_LAUNCH := $(shell $(PY_ENV) $(PY) -m common.core.dist $(FLAGS) --nproc '$(NPROC)' --python '$(PY)')
     ifneq ($(filter error:,$(firstword $(TRAIN_LAUNCH))),)
       $(error $(wordlist 2,999,$(TRAIN_LAUNCH)))
     endif
@@ -102,7 +105,8 @@ $(ENV_JSON): requirements.txt scripts/00_install.py $(if $(filter 1,$(ENV_STALE)
 	$(PY) scripts/00_install.py $(if $(FT_OFFLINE),--probe)
 FORCE:
 
-$(PREPARED): scripts/01_prepare.py $(STAMPS)/prepare.json $(ENV_JSON)
+# Installed first, order-only: a new Python or a new requirements.txt installs again but retrains nothing by itself.
+$(PREPARED): scripts/01_prepare.py $(STAMPS)/prepare.json | $(ENV_JSON)
 	$(PY) scripts/01_prepare.py $(FLAGS)
 
 $(TRAINED): scripts/02_sft_qlora.py $(STAMPS)/train.json $(PREPARED)
@@ -127,7 +131,7 @@ sweep: $(ENV_JSON) ## every combination of GRID="key=v1,v2 ..." (or the recipe's
 # A real llama.cpp for make export's gate and the tests (common/shipping/llamacpp.py): a wheel when one installs here,
 # else llama-cpp-python built from source once with progress (cmake, C++; about 20 min on 2 cores), the wheel kept
 # under the model cache (scripts/00_install.py --llamacpp). Seconds when it is already there.
-llamacpp: $(ENV_JSON) ## a real llama.cpp runtime (llama-cpp-python; built from source once) for make export and the tests
+llamacpp: $(ENV_JSON) ## a real llama.cpp (llama-cpp-python, built from source once) for make export and the tests
 	@$(PY) scripts/00_install.py --llamacpp
 
 # Reads what is on disk (milliseconds) and never re-runs a step: an alias, not a file target, because its inputs

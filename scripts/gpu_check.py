@@ -5,7 +5,7 @@
     python scripts/gpu_check.py [--dry-run] [--only bench-tinyllama,t4-tinyllama-fp16-16gb] [--budget-scale 1.5]
 
 Runs the gpu-marked tests (sharded by test id, in parallel), `make all TINY=1` for one recipe per architecture
-family (with `make export` for tinyllama), and `make bench SHAPE=full --profile` for tinyllama, mistral-xauusd
+family (no `make export`: its llama.cpp gate runs on the CPU, docs/gpu.md), and `make bench SHAPE=full --profile` for tinyllama, mistral-xauusd
 and llama3-alpaca, then a T4-sized run (tinyllama fp16 under a 16 GB cap) and a 24 GB-capped 8B run, each part
 under its own budget (an overrunning part is killed and reported; the rest still runs).
 

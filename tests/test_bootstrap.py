@@ -72,6 +72,17 @@ def test_a_python_that_can_install_is_kept(monkeypatch, tmp_path):
     assert not (tmp_path / ".venv").exists()
 
 
+def test_offline_takes_the_python_as_it_is_and_never_makes_a_venv(monkeypatch, tmp_path):
+    """FT_OFFLINE=1 (the borrowed GPU: a system Python, no package index): no venv, no pip; one line when the
+    recipe reader's packages are missing."""
+    monkeypatch.setattr(bootstrap, "can_install", lambda: "is managed by the system (PEP 668)")
+    assert bootstrap.choose(tmp_path / ".venv", offline=True) == sys.executable
+    monkeypatch.setattr(bootstrap, "has_parse_packages", lambda: False)
+    with pytest.raises(SystemExit, match="FT_OFFLINE=1 installs nothing"):
+        bootstrap.choose(tmp_path / ".venv", offline=True)
+    assert not (tmp_path / ".venv").exists()
+
+
 def test_no_pip_and_pep_668_are_told_apart(monkeypatch, tmp_path):
     import importlib.util
     import sysconfig
@@ -153,13 +164,32 @@ def test_the_filesystem_root_is_never_the_artifact_root():
 
 
 def test_env_json_from_another_python_installs_again(tmp_path, monkeypatch):
-    """A new venv with the old outputs/env.json: Make must not take the new Python for an installed one."""
+    """A new venv with the old outputs/env.json (another prefix, or the same path made again without the packages):
+    Make must not take the new Python for an installed one, and installs again without retraining."""
+    import importlib.util
+
     monkeypatch.setenv("FT_HOME", str(tmp_path))
     assert stamps.env_elsewhere() is False  # no env.json yet: make install runs anyway
     (tmp_path / "outputs").mkdir()
     for recorded, stale in ((sys.prefix, False), (str(tmp_path / "another-venv"), True), (None, False)):
         paths.env_json().write_text(json.dumps({"prefix": recorded} if recorded else {}))
         assert stamps.env_elsewhere() is stale, recorded
+    paths.env_json().write_text(json.dumps({"prefix": sys.prefix}))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "torch" else real(n, *a))
+    assert stamps.env_elsewhere() is True  # .venv deleted and made again: same prefix, nothing installed
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    for recorded, installs in ((sys.prefix, False), ("/another-venv", True)):
+        paths.env_json().write_text(json.dumps({"prefix": recorded}))
+        p = _make_n("all", FT_HOME=str(tmp_path), PYTHONPATH="")
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert ("scripts/00_install.py" in p.stdout) is installs, p.stdout
+
+
+def test_a_run_path_outside_the_artifact_root_stops_make(tmp_path):
+    """`make clean OUT_DIR=/etc` (a path variable given on the command line) is refused before anything runs."""
+    p = _make_n("clean", "OUT_DIR=/etc", FT_HOME=str(tmp_path), PYTHONPATH="")
+    assert p.returncode == 2 and "not a path under" in p.stderr and "rm -rf" not in p.stdout
 
 
 def test_export_and_test_install_llama_cpp_first(tmp_path):
@@ -175,11 +205,8 @@ def test_export_and_test_install_llama_cpp_first(tmp_path):
 
 
 def test_the_llama_cpp_build_shows_its_progress_every_ten_percent():
-    import importlib
-
-    install = importlib.import_module("scripts.00_install")
     lines = [f"[{i}/40] /usr/bin/g++ -c ggml.c\n" for i in range(1, 41)] + ["Successfully built\n"]
-    shown = list(install.progress(iter(lines)))
+    shown = list(llamacpp.progress(iter(lines)))
     assert [s.split("%")[0].strip() for s in shown] == ["2", "10", "20", "30", "40", "50", "60", "70", "80", "90",
                                                         "100"], shown
 
@@ -238,7 +265,8 @@ def test_every_third_party_import_is_declared_in_requirements():
 
 def test_an_undeclared_import_is_caught(tmp_path):
     """The check above fails on what issue 39 found: scipy imported, not declared."""
-    (tmp_path / "m.py").write_text("import numpy as np\nfrom scipy import sparse\nimport json\nfrom common import core\n")
+    (tmp_path / "m.py").write_text("import numpy as np\nfrom scipy import sparse\nimport json\n"
+                                   "from common import core\n")
     imports = third_party_imports([tmp_path / "m.py"], tmp_path)
     assert imports == {"numpy": "m.py", "scipy": "m.py"}
     assert undeclared(imports, requirement_names("numpy>=2\n")) == ["scipy (m.py; distribution scipy)"]

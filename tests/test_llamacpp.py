@@ -1,7 +1,7 @@
 """A real llama.cpp runs what `make export` writes, for every architecture it supports: the tokenizer in each GGUF
 tokenizes llama.cpp's reference texts and the recipes' chat prompts exactly as training does, and a tiny run's f16 and
-q8_0 files answer like merged/ (the export's own gate, run in llama.cpp). Skipped, with the reason, where the runtime
-is not installed (`make llamacpp`; CI installs it)."""
+q8_0 files answer like merged/ (the export's own gate, run in llama.cpp). `make test` installs the runtime first
+(`make llamacpp`); run alone without it, skipped with the reason."""
 from __future__ import annotations
 
 import json

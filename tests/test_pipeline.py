@@ -145,7 +145,8 @@ def test_a_second_clone_runs_its_own_code(ft_home, tmp_path):
     import shutil
 
     clone = tmp_path / "clone"
-    shutil.copytree(REPO, clone, ignore=shutil.ignore_patterns(".git", "outputs", "processed", "__pycache__", "*.egg-info"))
+    shutil.copytree(REPO, clone, ignore=shutil.ignore_patterns(".git", ".venv", "outputs", "processed", "__pycache__",
+                                                               "*.egg-info"))
     (clone / "outputs").mkdir()
     recipe = clone / "recipes/only-in-clone.yaml"
     recipe.write_text((REPO / "recipes/smollm2.yaml").read_text())

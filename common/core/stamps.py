@@ -10,6 +10,7 @@ stamp: changing how a run executes never re-runs a step.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -74,14 +75,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# Installed by `make install` in every environment it ran in (a venv deleted and made again at the same path lacks them)
+INSTALLED_MARKERS = ("torch", "transformers", "peft", "trl")
+
+
 def env_elsewhere() -> bool:
-    """Whether outputs/env.json was written by another Python than this one (its `prefix`): Make installs again, so
-    a new venv is never taken for an installed one."""
+    """Whether outputs/env.json describes another Python than this one: written by another (its `prefix`), or this
+    one lacks what it installed. Make installs again, so a new venv is never taken for an installed one."""
     try:
         recorded = json.loads(paths.env_json().read_text()).get("prefix")
     except (OSError, ValueError, AttributeError):
         return False
-    return recorded is not None and Path(recorded).resolve() != Path(sys.prefix).resolve()
+    if recorded is None:
+        return False
+    return (Path(recorded).resolve() != Path(sys.prefix).resolve()
+            or any(importlib.util.find_spec(m) is None for m in INSTALLED_MARKERS))
 
 
 if __name__ == "__main__":

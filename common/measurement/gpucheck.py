@@ -3,8 +3,8 @@
 The parts (common/measurement/gpucheck_parts.py, in order; the report: common/measurement/gpucheck_report.py):
 
   parallel, started together   the `gpu`-marked tests split by test id into GPU_TEST_SHARDS pytest processes;
-                               `make all TINY=1` on CUDA for one recipe per architecture family (llama: tinyllama,
-                               with `make export`; mistral: mistral-xauusd; t5: flan-t5); building the full-shape
+                               `make all TINY=1` on CUDA for one recipe per architecture family (llama: tinyllama;
+                               mistral: mistral-xauusd; t5: flan-t5); building the full-shape
                                stand-ins the benches load (the GPU is mostly idle meanwhile)
   alone, one after another     `make bench SHAPE=full BENCH="--profile ..."` for tinyllama, mistral-xauusd and
                                llama3-alpaca (ours, plain TRL defaults, one row per GPU switch, generation); a T4-sized

@@ -240,15 +240,3 @@ def gguf_metadata(path: Path) -> dict[str, tuple[Any, bytes]]:
 def gguf_scalars(path: Path) -> dict:
     """The scalar and string metadata of a GGUF file (arrays left out)."""
     return {k: v for k, (v, _) in gguf_metadata(path).items() if v is not None}
-
-
-def tokenizer_digest(path: Path) -> str:
-    """A hash of everything a GGUF file says about its tokenizer (the tokenizer.* keys): equal digests, equal
-    tokenizers, so a second file of the same export need not be read back again."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for key, (_, raw) in sorted(gguf_metadata(path).items()):
-        if key.startswith("tokenizer."):
-            h.update(key.encode() + b"\0" + raw)
-    return h.hexdigest()

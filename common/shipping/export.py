@@ -1,4 +1,4 @@
-"""GGUF files and an Ollama Modelfile from the merged model, with the `gguf` package (pure Python, no C++ build).
+"""GGUF files and an Ollama Modelfile from the merged model, written with the `gguf` package (pure Python).
 
 What llama.cpp, Ollama and LM Studio need is written the way llama.cpp's own converter writes it for each supported
 architecture (GGUF_ARCH: Llama and Mistral as "llama", with the family in general.name so readers can tell; Qwen2/2.5

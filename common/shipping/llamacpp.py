@@ -1,18 +1,27 @@
-"""A GGUF file run by a real llama.cpp: its tokenizer, its next-token logits and its greedy answers.
+"""A real llama.cpp: installing it (built once where no wheel installs) and running a GGUF file in it: its tokenizer,
+its next-token logits and its greedy answers.
 
 The runtime is llama-cpp-python (PINNED), whose wheel bundles the llama.cpp library it was built from: PyPI has
 only its source, so `make llamacpp` (which `make export` and `make test` run first: scripts/00_install.py
---llamacpp) installs a wheel from the model cache's wheels/ folder or builds one there once with cmake (measured in
-docs/performance.md). (The prebuilt wheels on PyPI that carry llama.cpp, e.g. llama-cpp-py-sync, need glibc 2.38;
-Debian 12 has 2.36.) Unlike transformers' GGUF reader, which applies the inverse of transformers' own mapping,
+--llamacpp: `install()` below) installs a wheel from the model cache's wheels/ folder or builds one there once
+(measured in docs/performance.md). (The prebuilt wheels on PyPI that carry llama.cpp, e.g. llama-cpp-py-sync, need
+glibc 2.38; Debian 12 has 2.36.) Unlike transformers' GGUF reader, which applies the inverse of transformers' own mapping,
 it reads the file the way llama.cpp, Ollama and LM Studio do: tensor names and layouts per architecture, rope type
 and scaling, token attributes by model name, end-of-generation tokens. Loaded only when asked for; `missing()` says
 why it cannot be had on this machine.
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 PACKAGE, PINNED = "llama-cpp-python", "0.3.12"  # the same release whose sdist carries the stand-ins' vocabularies
 
@@ -31,6 +40,94 @@ def version() -> str:
     import llama_cpp
 
     return f"{PACKAGE} {llama_cpp.__version__} (its bundled llama.cpp, CPU)"
+
+
+LLAMACPP_CMAKE = "-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF"
+BUILD_STEP = re.compile(r"\[(\d+)/(\d+)\]")  # ninja's and cmake's "[12/180] Building CXX object ..."
+
+
+def install() -> None:
+    """llama-cpp-python at its pin, for `make llamacpp` (scripts/00_install.py --llamacpp): kept when it loads; else
+    installed from a wheel (the model cache's wheels/ folder for this CPU, or any index pip is given); else built from
+    source once, its progress shown, and the wheel kept there (FT_CACHE on a Drive folder keeps it across Colab
+    sessions that get the same kind of CPU). SystemExit('error: ...') when it cannot be had."""
+    from common.core import paths
+
+    spec = f"{PACKAGE}=={PINNED}"
+    if installed_version(PACKAGE) == PINNED and missing() is None:
+        print(f"llama.cpp runtime: {version()}", flush=True)
+        return
+    wheels = paths.wheel_cache() / cpu_key()  # built for this CPU (-march=native): another kind builds its own
+    wheels.mkdir(parents=True, exist_ok=True)
+    from_wheel = ["--find-links", str(wheels), "--only-binary", PACKAGE, spec]
+    first = subprocess.run(_pip("-q", *from_wheel), capture_output=True, text=True)
+    if first.returncode != 0 and any(wheels.glob(f"{PACKAGE.replace('-', '_')}-{PINNED}-*.whl")):
+        why = (first.stderr.strip().splitlines() or ["no message"])[-1]
+        raise SystemExit(f"error: the wheel of {spec} in {wheels} did not install ({why})")
+    if first.returncode != 0:
+        print(f"no wheel of {spec} installs here: building it from source (once: C++, about BUILDMIN minutes on 2 "
+              f"cores, seconds when pip's cache holds the build); the wheel is kept in {wheels}", flush=True)
+        build_wheel(spec, wheels)
+        subprocess.run(_pip("-q", *from_wheel), check=True)
+    loads = subprocess.run([sys.executable, "-c", "import llama_cpp"], capture_output=True, text=True)
+    if loads.returncode != 0:
+        why = (loads.stderr.strip().splitlines() or ["no message"])[-1]
+        raise SystemExit(f"error: {spec} installed but does not load here ({why})")
+    print(f"llama.cpp runtime: {spec} installed", flush=True)
+
+
+def cpu_key() -> str:
+    """The machine and its CPU's instruction-set flags, hashed: a wheel built with -march=native runs only there (a
+    Drive-kept FT_CACHE meets other CPUs on Colab)."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        flags = platform.processor()
+    return f"{platform.machine()}-{hashlib.sha1(flags.encode()).hexdigest()[:10]}"
+
+
+def build_wheel(spec: str, wheels: Path) -> None:
+    """`pip wheel` from source into `wheels`, its compile steps shown every 10% (pip's own wheel cache is used when
+    it holds one); on failure the build's last lines and exit 2."""
+    env = {**os.environ, "CMAKE_ARGS": f"{LLAMACPP_CMAKE} {os.environ.get('CMAKE_ARGS', '')}".strip(),
+           "CMAKE_BUILD_PARALLEL_LEVEL": os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))}
+    cmd = _pip("-v", "--no-deps", spec, "-w", str(wheels), verb="wheel")
+    start, tail = time.monotonic(), []
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
+        for shown in progress(p.stdout, tail):
+            print(f"  llama.cpp build: {shown} ({time.monotonic() - start:.0f} s)", flush=True)
+    if p.returncode != 0 and any("Could not find a version" in line for line in tail):
+        raise SystemExit(f"error: {spec}: no wheel in {wheels} and no package index to fetch its source from "
+                         "(offline?); run make llamacpp where PyPI is reachable, or copy the wheel there")
+    if p.returncode != 0:
+        print("\n".join(tail), file=sys.stderr)
+        raise SystemExit(f"error: building {spec} failed (exit {p.returncode}; its last lines above): it needs a C++ "
+                         "compiler (Debian/Ubuntu: apt install g++)")
+    print(f"  llama.cpp wheel ready in {time.monotonic() - start:.0f} s", flush=True)
+
+
+def progress(lines: Iterable[str], tail: list[str] | None = None) -> Iterator[str]:
+    """'NN% (k/n steps)' for the compile steps in a build's output, each time a new tenth is reached; every line is
+    also kept in `tail` (its last 30), for the error."""
+    shown = -1
+    for line in lines:
+        if tail is not None:
+            tail[:] = (tail + [line.rstrip()])[-30:]
+        m = BUILD_STEP.search(line)
+        if m and int(m[2]) > 0 and (pct := 100 * int(m[1]) // int(m[2])) // 10 > shown:
+            shown = pct // 10
+            yield f"{pct:3d}% ({m[1]}/{m[2]} steps)"
+
+
+def installed_version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _pip(*args: str, verb: str = "install") -> list[str]:
+    return [sys.executable, "-m", "pip", verb, "--disable-pip-version-check", *args]
 
 
 class Runtime:
