@@ -166,12 +166,13 @@ gpu-carry: ## wheels + tokenizer files for the offline GPU machine -> .gpu/ (che
 recipes: ## list the recipes
 	@printf '%s\n' $(RECIPES)
 
+# Every path here was checked to lie under the artifact root (above); quoted, and never read as an option.
 clean: ## remove this recipe's processed data and outputs (keeps the model cache)
-	rm -rf $(OUT_DIR) $(DATA_DIR)
+	rm -rf -- '$(OUT_DIR)' '$(DATA_DIR)'
 
 clean-all: ## remove every run, processed data and the model cache (under FT_HOME)
-	rm -rf $(HOME_DIR)/data/processed
-	[ ! -d $(HOME_DIR)/outputs ] || find $(HOME_DIR)/outputs -mindepth 1 ! -name .gitkeep -delete
+	rm -rf -- '$(HOME_DIR)/data/processed'
+	[ ! -d '$(HOME_DIR)/outputs' ] || find '$(HOME_DIR)/outputs' -mindepth 1 ! -name .gitkeep -delete
 
 help: ## this list
 	@echo "usage: make [target] [RECIPE=name] [TINY=1 | SHAPE=full] [ARGS='--set key=value ...'] [NPROC=N]"

@@ -137,7 +137,7 @@ def test_a_python_that_cannot_install_gets_the_projects_venv_and_clean_stays_ins
         assert f"done: {repo}/outputs/smollm2/eval/report.md" in p.stdout
         q = subprocess.run(["make", "-n", "clean-all"], cwd=repo, env=env, capture_output=True, text=True)
         assert q.returncode == 0, q.stderr[-2000:]
-        named = re.findall(r"(?:rm -rf|find) (\S+)", q.stdout)
+        named = re.findall(r"(?:rm -rf --|find) '([^']+)'", q.stdout)
         assert named and all(Path(n).is_relative_to(repo) for n in named), q.stdout
         assert "creating" not in q.stderr  # the second make finds .venv and uses it silently
 
