@@ -65,7 +65,7 @@ def install() -> None:
         why = (first.stderr.strip().splitlines() or ["no message"])[-1]
         raise SystemExit(f"error: the wheel of {spec} in {wheels} did not install ({why})")
     if first.returncode != 0:
-        print(f"no wheel of {spec} installs here: building it from source (once: C++, about BUILDMIN minutes on 2 "
+        print(f"no wheel of {spec} installs here: building it from source (once: C++, about 3 minutes on 2 idle "
               f"cores, seconds when pip's cache holds the build); the wheel is kept in {wheels}", flush=True)
         build_wheel(spec, wheels)
         subprocess.run(_pip("-q", *from_wheel), check=True)
