@@ -128,9 +128,9 @@ $(EXPORTED): scripts/06_export.py $(STAMPS)/export.json $(MERGED) | llamacpp
 sweep: $(ENV_JSON) ## every combination of GRID="key=v1,v2 ..." (or the recipe's sweep.grid) -> outputs/sweeps/<run>/
 	$(PY) scripts/09_sweep.py $(FLAGS) $(if $(GRID),--grid '$(GRID)') $(if $(FORCE),--force)
 
-# A real llama.cpp for make export's gate and the tests (common/shipping/llamacpp.py): a wheel when one installs here,
-# else llama-cpp-python built from source once with progress (cmake, C++; about 20 min on 2 cores), the wheel kept
-# under the model cache (scripts/00_install.py --llamacpp). Seconds when it is already there.
+# A real llama.cpp for make export's gate and the tests (common/shipping/llamacpp.py install()): a wheel when one
+# installs here, else llama-cpp-python built from source once with progress (a C++ compiler; about 3 min on 2 idle
+# cores, docs/performance.md), the wheel kept under the model cache. Seconds when it is already there.
 llamacpp: $(ENV_JSON) ## a real llama.cpp (llama-cpp-python, built from source once) for make export and the tests
 	@$(PY) scripts/00_install.py --llamacpp
 

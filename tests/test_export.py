@@ -375,6 +375,19 @@ def _call(script: str, *args: str) -> int:
 
 
 @pytest.mark.e2e
+def test_export_without_llama_cpp_stops_in_one_line_and_writes_nothing(in_run, monkeypatch, capsys):
+    """scripts/06_export.py run alone where llama.cpp is missing (make export installs it first): exit 2, one line
+    naming `make llamacpp`, no export folder; the transformers reader is never a fallback."""
+    _, out = in_run
+    shutil.rmtree(out / "export")
+    monkeypatch.setattr(llamacpp, "missing", lambda: "llama-cpp-python is not usable here; run make llamacpp")
+    assert _call("06_export") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "make llamacpp" in err[-1] and "real llama.cpp" in err[-1], err[-3:]
+    assert not (out / "export").exists()
+
+
+@pytest.mark.e2e
 def test_a_corrupted_weight_fails_the_export(in_run, monkeypatch):
     _, out = in_run
     shutil.rmtree(out / "export")

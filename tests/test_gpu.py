@@ -34,9 +34,10 @@ def test_recipe_end_to_end_tiny_on_cuda(recipe, ft_home):
     demo = make(ft_home, "demo", f"RECIPE={recipe}", "TINY=1", "TITLE=Acme Chef Knife, Black, Large")
     assert "TUNED (merged)" in demo.stdout, demo.stdout[-2000:]
     # export's gate runs llama.cpp, which the borrowed GPU (Python 3.12, no package index) lacks
-    if config.load(recipe).model.arch == "causal" and llamacpp.missing() is not None:
-        warnings.warn(f"{recipe}: make export not checked on CUDA ({llamacpp.missing()})", stacklevel=1)
-    elif config.load(recipe).model.arch == "causal":
+    causal, why_not = config.load(recipe).model.arch == "causal", llamacpp.missing()
+    if causal and why_not is not None:
+        warnings.warn(f"{recipe}: make export not checked on CUDA ({why_not})", stacklevel=1)
+    elif causal:
         make(ft_home, "export", f"RECIPE={recipe}", "TINY=1")
         files = json.loads((out / "export/export_report.json").read_text())["files"]
         assert files["f16"]["answer_match"] == 1.0 and files["f16"]["prompt_tokens_match"] == 1.0, files

@@ -47,7 +47,7 @@ def has_parse_packages() -> bool:
 
 
 def venv_python(venv: Path) -> Path:
-    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    return venv / "bin" / "python"  # where the Makefile looks for it
 
 
 def pip_install(python: Path | str, *packages: str) -> None:
