@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from common.core import io, metadata, run
 from common.model import arch, gguf_tokenizer, modeling
-from common.shipping import cards, export, llamacpp, parity
+from common.shipping import cards, export, llamacpp, ollama, parity
 
 log = logging.getLogger("ft")
 
@@ -101,7 +101,7 @@ def body(ctx: run.Context) -> None:
                      figures["near_tie_flips"], figures["answer_match"], figures["near_tie_answers"])
             files[quant] = {**written, **figures}
         smallest = min(files.values(), key=lambda f: f["bytes"])["file"]
-        text, template, stops = export.modelfile(smallest, tok, cfg.prompt.system, cfg.train.max_length)
+        text, template, stops = ollama.modelfile(smallest, tok, cfg.prompt.system, cfg.train.max_length)
         io.atomic_write_text(tmp / "Modelfile", text)
         report = metadata.describe(cfg, "export", merged_dir=str(rp.merged), files=files, modelfile_from=smallest,
                                    ollama_template=template, stops=stops, tokenizer_model=meta["model"],

@@ -18,7 +18,7 @@ from conftest import make
 from common.core import config
 from common.data import prompts, templates
 from common.model import gguf_tokenizer, standins
-from common.shipping import export, llamacpp, report
+from common.shipping import export, llamacpp, ollama, report
 
 SECRET = "hf_FAKEtokenFORtests123456"
 
@@ -35,7 +35,7 @@ def smollm2_tok():
 def test_ollama_template_renders_like_the_chat_template(name, smollm2_tok):
     tok = smollm2_tok
     tok.chat_template = templates.TEMPLATES[name]
-    tmpl = export.ollama_template(tok)
+    tmpl = ollama.ollama_template(tok)
     assert "{{ .Prompt }}" in tmpl
     user = "Write the product description for this title.\nTitle: Lamp {x}"
     for system in (None, "You write product copy."):
@@ -45,7 +45,7 @@ def test_ollama_template_renders_like_the_chat_template(name, smollm2_tok):
         except Exception:  # noqa: BLE001 (the mistral template rejects a system turn; so must Ollama's: no .System)
             assert "{{ .System }}" not in tmpl
             continue
-        assert export.render_ollama(tmpl, system, user) == want, (name, system)
+        assert ollama.render_ollama(tmpl, system, user) == want, (name, system)
 
 
 def test_ollama_template_keeps_a_default_system_prompt(smollm2_tok):
@@ -54,9 +54,9 @@ def test_ollama_template_keeps_a_default_system_prompt(smollm2_tok):
     tok.chat_template = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\n"
                          "Default helper.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
                          "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    tmpl = export.ollama_template(tok)
+    tmpl = ollama.ollama_template(tok)
     assert "{{ else }}Default helper.{{ end }}" in tmpl
-    assert export.render_ollama(tmpl, None, "hi") == tok.apply_chat_template(
+    assert ollama.render_ollama(tmpl, None, "hi") == tok.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
 
 
@@ -366,7 +366,7 @@ def test_export_writes_gguf_files_that_answer_like_merged(run):
     assert f"FROM ./{q8['file']}" in mf and 'PARAMETER stop "<|im_end|>"' in mf
     tmpl = mf.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
     assert tmpl == rep["ollama_template"]
-    assert export.render_ollama(tmpl, None, "x") == "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
+    assert ollama.render_ollama(tmpl, None, "x") == "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
     assert "Ollama" in (out / "merged/README.md").read_text()  # export adds the section to the cards
 
 
