@@ -271,3 +271,27 @@ def test_an_undeclared_import_is_caught(tmp_path):
     assert imports == {"numpy": "m.py", "scipy": "m.py"}
     assert undeclared(imports, requirement_names("numpy>=2\n")) == ["scipy (m.py; distribution scipy)"]
     assert undeclared(imports, requirement_names("numpy>=2\nscipy>=1.11  # sparse\n")) == []
+
+
+def test_editing_the_data_file_re_runs_prepare_and_nothing_else_does(tmp_path):
+    """The data file is a prerequisite of prepare as Make sees one (its size and time in prepare's stamp): an edited
+    file re-runs prepare (and so what follows); an untouched one, a hub id or another step's setting does not."""
+    data = tmp_path / "trn.json"
+    shutil.copy(REPO / "data" / "sample" / "trn.json", data)
+    home = tmp_path / "home"
+    env = {"FT_HOME": str(home), "PYTHONPATH": "", "DATA_PATH": str(data)}
+    assert _make_n("prepare", **env).returncode == 0  # writes the stamps
+    prepared = next(Path(line.split("=", 1)[1]) for line in subprocess.run(
+        [sys.executable, "-m", "common.core.stamps", "--recipe", "smollm2"], cwd=REPO, capture_output=True, text=True,
+        env={**os.environ, **env}).stdout.splitlines() if line.startswith("PREPARED="))
+    prepared.parent.mkdir(parents=True, exist_ok=True)
+    prepared.write_text("{}")
+    for f in home.rglob(".stamps/*.json"):  # the stamps older than the prepared split
+        os.utime(f, (f.stat().st_atime - 10, f.stat().st_mtime - 10))
+    assert "scripts/01_prepare.py" not in _make_n("prepare", **env).stdout
+    with open(data, "a", encoding="utf-8") as f:
+        f.write("\n")
+    p = _make_n("prepare", **env)
+    assert p.returncode == 0 and "scripts/01_prepare.py" in p.stdout, p.stderr[-2000:]
+    assert stamps.data_fingerprint("hub:owner/name") is None
+    assert stamps.data_fingerprint(str(data))[0][1] == data.stat().st_size

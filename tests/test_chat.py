@@ -249,6 +249,19 @@ def real_tok(llama_tokenizers):
     return get
 
 
+def test_task_chat_trains_every_assistant_turn_in_a_recipe_that_does_not_say_so(tmp_path, real_tok):
+    recipe = tmp_path / "my-chat.yaml"  # the chat recipe without its train.loss_on line
+    recipe.write_text("\n".join(line for line in (paths.RECIPES_DIR / "chat.yaml").read_text().splitlines()
+                                if "loss_on" not in line))
+    cfg = config.load(str(recipe))
+    assert cfg.train.loss_on == "assistant_turns"
+    tok = real_tok("llama-bpe", "zephyr")
+    turns = [t(U, "Where is order 12?"), t(A, "Order 12 shipped."), t(U, "And order 7?"), t(A, "Order 7 is packed.")]
+    ids, labels = arch.get(cfg).encode_train(cfg, tok, arch.get(cfg).build(cfg, {"uid": "1", "messages": turns}))
+    assert [tok.decode(ids[s:e], skip_special_tokens=True).strip() for s, e in answer_spans(labels)] == [
+        "Order 12 shipped.", "Order 7 is packed."]
+
+
 @pytest.mark.parametrize("name,template,eos", [("llama-bpe", "zephyr", 128001), ("llama-bpe", "alpaca", 128001),
                                                ("llama-spm", "zephyr", 2), ("llama-spm", "mistral", 2)])
 def test_every_assistant_turn_and_its_end_of_turn_trained_nothing_else(real_tok, name, template, eos):

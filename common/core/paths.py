@@ -50,6 +50,17 @@ def load_dotenv_once() -> None:
         load_dotenv(ENV_FILE, override=False)
 
 
+def data_source(setting: str | None) -> Path | None:
+    """data.path as a local file or folder (relative paths are tried against the repository first), or None for a
+    hub id or a path that does not exist."""
+    if not setting or str(setting).startswith("hub:"):
+        return None
+    path = Path(setting).expanduser()
+    if not path.is_absolute():
+        path = (REPO / path) if (REPO / path).exists() else path.resolve()
+    return path if path.exists() else None
+
+
 def home() -> Path:
     """The artifact root: FT_HOME if set (shell or .env), else the repository."""
     load_dotenv_once()

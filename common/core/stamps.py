@@ -43,7 +43,19 @@ def step_settings(cfg: config.Config, step: str) -> dict:
         for part in key.split("."):
             node = node[part]
         out[key] = node
+    if step == "prepare":
+        out["data_file"] = data_fingerprint(cfg.data.path)
     return out
+
+
+def data_fingerprint(setting: str | None) -> list | None:
+    """What prepare read, as Make sees a prerequisite: each local data file's size and modification time (a folder's
+    files, sorted), so editing the data file re-runs prepare and what follows; None for a hub id."""
+    path = paths.data_source(setting)
+    if path is None:
+        return None
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
 def write(cfg: config.Config) -> Path:

@@ -45,6 +45,8 @@ class Chat(Task):
             "split": F(str, "train"),  # the split of a dataset folder or hub id
             "dedupe": F(bool, True),  # drop a conversation that repeats an earlier one turn for turn
         },
+        # every assistant turn of a conversation trained, wherever task: chat is used (completion: the last only)
+        "train": {"loss_on": F(str, "assistant_turns", ("completion", "assistant_turns"))},
     }
     primary = "rougeL"
     per_example = "rougeL"
