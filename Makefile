@@ -88,7 +88,7 @@ ifneq ($(filter-out $(NO_RECIPE_GOALS),$(or $(MAKECMDGOALS),all)),)
   endif
 endif
 TRAIN_LAUNCH ?= $(PY)
-.PHONY: all help install prepare train merge eval export report push demo bench sweep test test-fast \
+.PHONY: all help install prepare train merge eval export report push demo bench sweep plan test test-fast \
 	test-gpu gpu-check gpu-carry clean clean-all recipes llamacpp
 all: $(EVALUATED) ## install -> prepare -> train -> merge -> eval
 	@echo "done: $(OUT_DIR)/eval/report.md"
@@ -127,6 +127,10 @@ $(EXPORTED): scripts/06_export.py $(STAMPS)/export.json $(MERGED) | llamacpp
 # one makes only the missing runs. FORCE=1: a grid larger than sweep.max_runs.
 sweep: $(ENV_JSON) ## every combination of GRID="key=v1,v2 ..." (or the recipe's sweep.grid) -> outputs/sweeps/<run>/
 	$(PY) scripts/09_sweep.py $(FLAGS) $(if $(GRID),--grid '$(GRID)') $(if $(FORCE),--force)
+
+# Reads the recipe and the model's configuration only (no install, no download, no weights): seconds.
+plan: ## will it fit: peak memory and s/step before any download (GPU=T4|L4|A10|A100-40|A100-80|H100|H200|<GiB>)
+	$(PY) scripts/plan.py $(FLAGS) $(if $(GPU),--gpu $(GPU))
 
 # A real llama.cpp for make export's gate and the tests (common/shipping/llamacpp.py install()): a wheel when one
 # installs here, else llama-cpp-python built from source once with progress (a C++ compiler; about 3 min on 2 idle

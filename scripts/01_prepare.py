@@ -8,7 +8,8 @@ JSON lines and CSV stream, so a 2 GB trn.json never sits in memory whole). Rows 
 counted by reason with their first line numbers; a file with no usable row stops with one line saying why. A
 causal recipe's example that its chat template cannot render, or that keeps no trained token within
 train.max_length, is dropped and counted too (never trained all-masked); the share of train tokens trained is logged.
-The chat task also reads a dataset folder or `hub:owner/name` (common/tasks/chat.py).
+The chat task also reads a dataset folder or `hub:owner/name` (common/tasks/chat.py). data.val_extra adds records the
+sample left out to val, and data.replay mixes general text into train (common/data/splits.py); test is unchanged.
 
 Writes (atomically) data/processed/<run>/: train.jsonl, val.jsonl, test.jsonl (prompt/completion in the form the
 recipe's architecture takes: chat messages or plain text, common/model/arch.py) and, last, prepare_report.json (read,
@@ -21,13 +22,21 @@ import sys
 
 from common import tasks
 from common.core import io, metadata, run
-from common.data import prompts, readers
+from common.data import prompts, readers, splits
 from common.model import arch, modeling
 
 log = logging.getLogger("ft")
 
 
-def token_stats(cfg, splits: dict[str, list[dict]]) -> dict:
+def tokenizer(cfg):
+    """The recipe's tokenizer, or None when the model cannot be loaded (token_stats says why)."""
+    try:
+        return modeling.load_tokenizer(cfg, modeling.model_source(cfg))
+    except io.UserError:
+        return None
+
+
+def token_stats(cfg, parts: dict[str, list[dict]]) -> dict:
     """Token-length percentiles per split with the recipe's tokenizer ({} when the model cannot be loaded)."""
     try:
         tok = modeling.load_tokenizer(cfg, modeling.model_source(cfg))
@@ -36,10 +45,10 @@ def token_stats(cfg, splits: dict[str, list[dict]]) -> dict:
         return {}
     a = arch.get(cfg)
     return {name: readers.percentiles([a.length(tok, ex) for ex in rows], cfg.train.max_length)
-            for name, rows in splits.items() if rows}
+            for name, rows in parts.items() if rows}
 
 
-def trained_only(cfg, splits: dict[str, list[dict]], rep: readers.Report) -> float | None:
+def trained_only(cfg, parts: dict[str, list[dict]], rep: readers.Report) -> float | None:
     """Drop (and count) each example the chat template cannot render or that keeps no trained token within
     train.max_length (test: its last answer, the one evaluated); the share of train tokens trained (None without a
     tokenizer)."""
@@ -49,7 +58,7 @@ def trained_only(cfg, splits: dict[str, list[dict]], rep: readers.Report) -> flo
         return None
     a = arch.get(cfg)
     trained = total = 0
-    for name, rows in splits.items():
+    for name, rows in parts.items():
         keep = []
         for ex in rows:
             why, n_trained, n_all = a.trained_tokens(cfg, tok, ex, last_only=name == "test")
@@ -59,8 +68,8 @@ def trained_only(cfg, splits: dict[str, list[dict]], rep: readers.Report) -> flo
             keep.append(ex)
             if name == "train":
                 trained, total = trained + n_trained, total + n_all
-        splits[name] = keep
-    if not splits["train"]:
+        parts[name] = keep
+    if not parts["train"]:
         raise io.UserError(f"no training example keeps a trained token within train.max_length="
                            f"{cfg.train.max_length} (dropped: {dict(rep.dropped.most_common(2))}); raise "
                            "train.max_length or check prompt.template")
@@ -74,21 +83,30 @@ def body(ctx: run.Context) -> None:
     task, rep = tasks.get(cfg.task), readers.Report()
     path = task.source(cfg.data.path) or readers.resolve(cfg.data.path)
     parts, note = readers.split_records(cfg, task, path, rep)
-    splits = {name: readers.to_examples(cfg, task, arch.get(cfg), recs, cfg.data.seed + i, extend=name != "test")
-              for i, (name, recs) in enumerate(parts.items())}
-    share = trained_only(cfg, splits, rep)
-    stats = token_stats(cfg, splits)
-    for name, rows in splits.items():
+    extra, extra_note = splits.extra_val(cfg, task, path, parts)
+    if extra_note:
+        log.warning(extra_note)
+    parts["val"] = parts["val"] + extra
+    out = {name: readers.to_examples(cfg, task, arch.get(cfg), recs, cfg.data.seed + i, extend=name != "test")
+           for i, (name, recs) in enumerate(parts.items())}
+    share = trained_only(cfg, out, rep)
+    out["train"], replay = splits.add_replay(cfg, arch.get(cfg), tokenizer(cfg), out["train"])
+    if replay:
+        log.info("replay: %d general-text examples (%s) are %.1f%% of %d train examples", replay["examples"],
+                 replay["file"], 100 * replay["examples"] / len(out["train"]), len(out["train"]))
+    stats = token_stats(cfg, out)
+    for name, rows in out.items():
         io.write_jsonl(rp.split(name), rows)
     if cfg.data.export_formatted:
         io.atomic_write_json(rp.data / cfg.data.export_formatted, [
-            {"id": ex["id"], "prompt": ex["prompt"], "response": prompts.reference(ex)} for ex in splits["train"]])
-    kept = sum(len(v) for v in splits.values())
+            {"id": ex["id"], "prompt": ex["prompt"], "response": prompts.reference(ex)} for ex in out["train"]])
+    kept = sum(len(v) for v in out.values()) - replay.get("examples", 0)  # records of the data file
     io.atomic_write_json(rp.prepare_report, {
         "source": str(path), "read": rep.read, "kept": kept, "dropped": dict(rep.dropped.most_common()),
         "dropped_first_lines": dict(rep.where), "repaired": dict(rep.repaired.most_common()),
-        "repaired_first_lines": dict(rep.repaired_where), "splits": {k: len(v) for k, v in splits.items()},
-        "split_note": note, "trained_token_share": share, "token_lengths": stats, "meta": metadata.describe(cfg, "prepare")})
+        "repaired_first_lines": dict(rep.repaired_where), "splits": {k: len(v) for k, v in out.items()},
+        "split_note": "; ".join(filter(None, [note, extra_note])) or None, "val_extra": len(extra), "replay": replay,
+        "trained_token_share": share, "token_lengths": stats, "meta": metadata.describe(cfg, "prepare")})
     log.info("read %d, kept %d, dropped %s -> %s", rep.read, kept, dict(rep.dropped), rp.data)
     for name, s in stats.items():
         log.info("tokens %-5s p50=%s p90=%s max=%s over max_length=%s", name, s["p50"], s["p90"], s["max"],

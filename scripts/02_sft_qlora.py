@@ -22,6 +22,9 @@ An interrupted run resumes from its last checkpoint (outputs/<run>/checkpoints/)
 train-defining settings, data and encoded tokens (checkpoint_key: a changed runtime.* setting keeps the checkpoints;
 anything else, a changed chat template included, starts fresh); a checkpoint at the schedule's end is never resumed.
 
+run_info.json's train_seconds is the wall time of every segment of the run: each checkpoint keeps the running total
+(train_seconds.json, common/training/history.py) and a resumed run adds its own segment to the one it went on from.
+
 Writes outputs/<run>/: checkpoints/, train_log.csv, loss.png, baseline_samples.jsonl (when eval.baseline_samples
 > 0), tensorboard/ (when runtime.report_to has tensorboard; wandb, trackio and mlflow log to their own places), and,
 last and atomically, adapter/ (LoRA weights, tokenizer with its chat template, trainer_state.json, run_info.json).
@@ -34,14 +37,13 @@ import logging
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from common.core import dist, io, metadata, run, stamps
 from common.data import prompts
 from common.model import arch, modeling
-from common.training import batching, builder, history, schedule
+from common.training import batching, builder, footprint, history, schedule
 from common.training import plan as run_plan
 
 log = logging.getLogger("ft")
@@ -77,7 +79,7 @@ def body(ctx: run.Context) -> None:
     train_rows, val_rows = io.read_jsonl(rp.split("train")), io.read_jsonl(rp.split("val"))
     train_ds = builder.encode_split(cfg, tok, train_rows, "train")
     val_ds = builder.encode_split(cfg, tok, val_rows, "val")
-    n_tokens = sum(len(x) for x in train_ds["input_ids"])
+    n_tokens = sum(lengths := [len(x) for x in train_ds["input_ids"]])
     n_answer = sum(sum(1 for y in x if y != -100) for x in train_ds["labels"])
     log.info("train: %d examples, %d tokens (%d answer tokens trained); val: %d examples", len(train_ds), n_tokens,
              n_answer, len(val_ds))
@@ -89,6 +91,7 @@ def body(ctx: run.Context) -> None:
         baseline_samples(cfg, plan, model, tok, val_rows, rp.out)
 
     plan.batching = batching.choose(cfg, plan, model, train_ds, tok.pad_token_id, capacity, dist.world())
+    predicted = footprint.predict_run(cfg, plan, lengths, n_answer / max(n_tokens, 1), capacity)  # make plan's peak
     report_to = builder.trackers(cfg, plan, rp.tensorboard)  # may add a note: before the plan is logged
     log.info("%s", plan.table())
     key = checkpoint_key(cfg, rp, train_ds, val_ds)
@@ -103,9 +106,10 @@ def body(ctx: run.Context) -> None:
     trainer.add_callback(clock)
     if last:
         log.info("resuming from %s (an earlier run was interrupted)", last)
-    t0 = time.time()
+    timer = history.train_clock(history.seconds_before(last))  # train time summed over resumed segments
+    trainer.add_callback(timer)
     result = trainer.train(resume_from_checkpoint=last)
-    seconds = time.time() - t0
+    seconds = timer.seconds()
     tokens = dist.total(trainer.trained_tokens)  # every process's micro-batches (each calls it)
     dist.barrier()
     if not dist.is_main():  # rank 0 writes every artifact
@@ -115,7 +119,8 @@ def body(ctx: run.Context) -> None:
     evals = [h["eval_loss"] for h in logged if "eval_loss" in h]
     ran = trainer.state.global_step - (int(Path(last).name.rsplit("-", 1)[-1]) if last else 0)
     info = metadata.describe(cfg, "train", plan=plan.describe(),
-                        distributed={"engine": dist.engine(), "world_size": dist.world()}, resumed_from=last, train_seconds=round(seconds, 1), steps_this_process=ran,
+                        distributed={"engine": dist.engine(), "world_size": dist.world()}, resumed_from=last, train_seconds=round(seconds, 1),  # every segment's, to the resumed checkpoint
+                        steps_this_process=ran,
                         step_seconds=round(clock.seconds, 3),  # the training steps alone: no evaluations or saves
                         trained_tokens=tokens, train_tokens_per_second=round(tokens / clock.seconds, 1)
                         if clock.steps and clock.seconds else None,  # non-padding tokens / time in training steps
@@ -124,7 +129,8 @@ def body(ctx: run.Context) -> None:
                         best_checkpoint=trainer.state.best_model_checkpoint,
                         train_examples=len(train_ds), train_tokens=n_tokens, answer_tokens=n_answer,
                         peak_rss_mb=metadata.peak_rss_mb(), peak_gpu_mb=metadata.peak_gpu_mb(),
-                        hardware=metadata.hardware())
+                        peak_gpu_reserved_mb=metadata.peak_gpu_reserved_mb(), hardware=metadata.hardware())
+    info.update(footprint.check(info, predicted))  # predicted_peak_gb, measured_peak_gb; a warning over 1.25x
     with io.atomic_dir(rp.adapter) as tmp:
         trainer.model.save_pretrained(tmp)
         tok.save_pretrained(tmp)

@@ -21,10 +21,13 @@ set data/general/passages.txt (common/evaluation/forgetting.py), paired over pas
 stop_rate is the share of answers that ended on EOS before eval.max_new_tokens; the report warns when the tuned
 model does not stop (below 90%).
 
-Writes outputs/<run>/eval/ atomically: side_by_side.csv, improved_examples.csv, fixed_prompts.csv (when the task
-has extra prompts, e.g. eval.fixed_prompts), report.md and metrics.json; then the model cards merged/README.md and
-adapter/README.md (common/shipping/cards.py), whose figures are read from these files. docs/evaluation.md explains how to
-read the verdicts.
+The tuned model also answers the val split (not the base model: its answers are shared by a sweep's runs); its
+per-example val scores (val_scores.csv) are what make sweep chooses its best run on, so test picks nothing.
+
+Writes outputs/<run>/eval/ atomically: side_by_side.csv, val_scores.csv, improved_examples.csv, fixed_prompts.csv
+(when the task has extra prompts, e.g. eval.fixed_prompts), report.md and metrics.json; then the model cards
+merged/README.md and adapter/README.md (common/shipping/cards.py), whose figures are read from these files.
+docs/evaluation.md explains how to read the verdicts.
 """
 from __future__ import annotations
 
@@ -67,20 +70,22 @@ def body(ctx: run.Context) -> None:
     ids = [a.encode_prompt(cfg, tok, ex) for ex in examples]
     general = forgetting.passages()
     scored = held_out(cfg, task, tok, rows)
-    base = compare.base_generations(cfg, rp, tok, ids, precision, a, general, scored)
-    tuned = compare.tuned_generations(cfg, rp, tok, ids, precision, a, general, scored)
-    n = len(rows)
-    train = io.read_jsonl(rp.split("train"))
-    has_val = cfg.eval.split != "val" and rp.split("val").exists()  # picks the strongest baseline
+    has_val = cfg.eval.split != "val" and rp.split("val").exists()  # picks the strongest baseline and a sweep's best
     val = io.read_jsonl(rp.split("val")) if has_val else []
+    val_ids = [a.encode_prompt(cfg, tok, ex) for ex in val]  # the tuned model answers them after the rest
+    base = compare.base_generations(cfg, rp, tok, ids, precision, a, general, scored)
+    tuned = compare.tuned_generations(cfg, rp, tok, ids + val_ids, precision, a, general, scored)
+    n = len(rows)
+    train = [r for r in io.read_jsonl(rp.split("train")) if not r.get("replay")]  # the baselines read task examples
     m, side = compare.compare(cfg, task, rows, compare.head(base, n), compare.head(tuned, n), train, val)
+    val_side = compare.val_scores(task, val, tuned.texts[len(ids):], m)
     m["base_weights"] = {"source": source, "why": why}
     m["n_prompts_truncated"] = sum(a.prompt_truncated(cfg, tok, ex) for ex in rows)
     answers = [{"prompt": label, "base": b, "tuned": t}
                for (label, _), b, t in zip(extra, base.texts[n:], tuned.texts[n:])]
     m["meta"] = compare.meta(cfg, rp, info)
     cards.write(cfg, rp, metrics=m)  # before metrics.json (the target): a kill in between re-runs eval
-    compare.write(cfg, rp, m, side, answers, info)
+    compare.write(cfg, rp, m, side, answers, info, val_side)
     v, f = m["verdict"], m["forgetting"]
     log.info("%s base %.4f -> tuned %.4f; tuned - %s %+.4f, 95%% CI [%+.4f, %+.4f]: %s; general-text loss %.4f -> "
              "%.4f (%s) -> %s", task.primary, m["base"][task.primary], m["tuned"][task.primary], v["against"],

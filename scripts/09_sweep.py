@@ -3,13 +3,15 @@
     make sweep RECIPE=smollm2 GRID="train.learning_rate=2e-4,1e-3 lora.r=8,16"   # FORCE=1: more than sweep.max_runs
     python scripts/09_sweep.py --recipe smollm2 --grid "lora.r=8,16" [--tiny] [--set k=v ...] [--force]
 
-Without GRID the recipe's sweep.grid is used. The grid's runs are printed and logged before anything trains; each
-is `make all` with its own run name (outputs/<recipe>--<key>-<value>--.../), one after another, so a finished run
-is skipped and a killed sweep, started again, makes only what is missing (common/core/sweep.py). Then writes
-outputs/sweeps/<run>/: sweep.csv, sweep.md and, last, sweep.json (common/evaluation/sweep_report.py): per run the
-primary metric and its paired 95% CI against the sweep's best run, ties, the verdict against the strongest
-baseline, the forgetting change, train time and peak memory, and the recommended run with its reason. The log is
-sweep.log beside them.
+Without GRID the recipe's sweep.grid is used. A grid key that would change the val or test examples stops the
+sweep in one line before anything trains. The grid's runs are printed and logged first; each is `make all` with
+its own run name (outputs/<recipe>--<key>-<value>--.../), one after another, so a finished run is skipped and a
+killed sweep, started again, makes only what is missing (common/core/sweep.py); sweep.val_size gives every run a
+larger val split (test unchanged). Then writes outputs/sweeps/<run>/: sweep.csv, sweep.md and, last, sweep.json
+(common/evaluation/sweep_report.py): the best run and its ties chosen on VAL (per run the val primary metric and
+its paired 95% CI against the best run's), then each run's test result against the strongest baseline, the
+forgetting change, train time (every resumed segment's) and peak memory, and the recommended run with its reason.
+The log is sweep.log beside them.
 """
 from __future__ import annotations
 

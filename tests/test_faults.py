@@ -47,6 +47,7 @@ def test_kill9_during_training_resumes_and_matches_uninterrupted(ft_home, monkey
     # the newest complete checkpoint (the kill may land while the next one is being written: that one is incomplete)
     last = max((p for p in (out / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").exists()),
                key=lambda p: int(p.name.split("-")[1]))
+    before = json.loads((last / "train_seconds.json").read_text())["train_seconds"]  # the killed segment's time
     broken = out / "checkpoints/checkpoint-100"
     shutil.copytree(last, broken)
     (broken / "trainer_state.json").unlink()
@@ -55,6 +56,7 @@ def test_kill9_during_training_resumes_and_matches_uninterrupted(ft_home, monkey
     assert f"resuming from {last}" in resumed.stderr
     info = json.loads((out / "adapter/run_info.json").read_text())
     assert info["global_step"] == 8 and info["resumed_from"]
+    assert info["train_seconds"] >= before + info["step_seconds"]  # train time summed over the resumed segments
     interrupted = losses(out)
 
     # the same training uninterrupted, in a second root

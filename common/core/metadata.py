@@ -69,6 +69,13 @@ def peak_gpu_mb() -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
 
 
+def peak_gpu_reserved_mb() -> float | None:
+    """Peak GPU memory held by this process's caching allocator (what an out-of-memory error depends on)."""
+    import torch
+
+    return round(torch.cuda.max_memory_reserved() / 2**20, 1) if torch.cuda.is_available() else None
+
+
 def hardware() -> dict:
     """The machine a step ran on: GPU name and memory, or the CPU model and core count."""
     import os

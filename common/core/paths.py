@@ -10,6 +10,7 @@ The artifact root defaults to the repository and moves with the FT_HOME environm
     outputs/<run>/export/      <name>-f16.gguf, <name>-q8_0.gguf, Modelfile,  (06_export)
                                export_report.json
     outputs/<run>/push-dry-run/ what make push would upload                   (08_push --dry-run)
+    outputs/<run>/plan.json    predicted memory and time; merge/export RAM and disk (make plan)
     outputs/summary.csv, outputs/report.html   every run on one page          (07_report)
     outputs/<run>/tensorboard/ event files when runtime.report_to has tensorboard (02_sft_qlora)
     outputs/env.json           what 00_install found                          (00_install)
@@ -38,6 +39,7 @@ RECIPES_DIR = REPO / "recipes"
 MODEL_CONFIGS_DIR = REPO / "common" / "model" / "model_configs"  # real models' configurations (SHAPE=full stand-ins)
 DDP_CONFIG = REPO / "common" / "core" / "ddp.yaml"  # accelerate's configuration for make train NPROC=N
 GENERAL_TEXT = REPO / "data" / "general" / "passages.txt"  # the forgetting check's passages (shipped, read only)
+REPLAY_TEXT = REPO / "data" / "general" / "replay.txt"  # data.replay's general English, never the passages above
 ENV_FILE = REPO / ".env"
 
 
@@ -222,6 +224,11 @@ class RunPaths:
     @property
     def stamps(self) -> Path:
         return self.out / ".stamps"
+
+    @property
+    def plan(self) -> Path:
+        """make plan: predicted peak memory and time per step (scripts/plan.py)."""
+        return self.out / "plan.json"
 
     @property
     def lock(self) -> Path:

@@ -112,10 +112,22 @@ def naming(cfg: dict) -> Rules:
          f"run_name must be letters, digits, '.', '_' or '-' (starting with a letter or digit) and not one of "
          f"{', '.join(paths.RESERVED)}, got {name!r}"),
         (cfg["sweep"]["max_runs"] < 1, f"sweep.max_runs must be >= 1, got {cfg['sweep']['max_runs']}"),
+        (cfg["sweep"]["val_size"] is not None and cfg["sweep"]["val_size"] < 1,
+         f"sweep.val_size must be >= 1 (or null), got {cfg['sweep']['val_size']}"),
     ]
 
 
-GROUPS = (training, runtime, architecture, later_steps, naming)
+def splits(cfg: dict) -> Rules:
+    """What prepare adds to the splits: replayed general text and extra val records."""
+    d = cfg["data"]
+    return [
+        (not 0 <= d["replay"] < 1,
+         f"data.replay is a share of the train split: 0 <= data.replay < 1, got {d['replay']}"),
+        (d["val_extra"] < 0, f"data.val_extra must be >= 0, got {d['val_extra']}"),
+    ]
+
+
+GROUPS = (training, runtime, architecture, later_steps, naming, splits)
 
 
 def broken(cfg: dict) -> list[str]:

@@ -71,6 +71,12 @@ SCHEMA: dict[str, Any] = {
         "test_size": F((int, float), 0.1),
         "seed": F(int, 42),
         "export_formatted": F(str),  # also write the formatted training set under this file name
+        # share of the train split that is general text (data/general/replay.txt, never the forgetting check's
+        # passages), added to the task's examples as chat answers (common/data/splits.py); val and test unchanged
+        "replay": F(float, 0.0),
+        # records the sample left out, added to the val split only (train and test stay the same examples): a
+        # larger val for choosing between runs (sweep.val_size sets it for make sweep)
+        "val_extra": F(int, 0),
     },
     "lora": {
         "r": F(int, 16),
@@ -175,6 +181,8 @@ SCHEMA: dict[str, Any] = {
     "sweep": {
         "grid": F(dict, {}),  # {setting: [values]}, e.g. {train.learning_rate: [2.0e-4, 1.0e-3], lora.r: [8, 16]}
         "max_runs": F(int, 8),  # a grid of more runs needs FORCE=1
+        # val examples the sweep chooses its best run on (it sets data.val_extra to add them); null = data.val_size
+        "val_size": F(int),
     },
     "tiny": {
         "template": F(str),  # chat template the real model ships with, given to the tiny stand-in
@@ -211,4 +219,5 @@ TINY_OVERRIDES = {
     "eval.num_examples": 8,
     "eval.bootstrap": 200,
     "merge.check_prompts": 2,
+    "sweep.val_size": 32,
 }

@@ -32,8 +32,9 @@ STEP_KEYS = {
 
 # What a step writes, by format: bumped when a step's outputs change shape, so Make re-runs it for runs made by an
 # older version (eval 2: verdicts against the baselines, the forgetting check; eval 3: the strongest baseline chosen
-# on val, the headline against the strongest alternative, "too few examples to tell").
-FORMATS = {"eval": 3}
+# on val, the headline against the strongest alternative, "too few examples to tell"; eval 4: the tuned model's
+# val scores, eval/val_scores.csv, which make sweep chooses on).
+FORMATS = {"eval": 4}
 
 
 def step_settings(cfg: config.Config, step: str) -> dict:
@@ -45,6 +46,8 @@ def step_settings(cfg: config.Config, step: str) -> dict:
         out[key] = node
     if step == "prepare":
         out["data_file"] = data_fingerprint(cfg.data.path)
+        if cfg.data.replay:
+            out["replay_file"] = data_fingerprint(str(paths.REPLAY_TEXT))
     return out
 
 

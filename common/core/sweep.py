@@ -4,7 +4,10 @@ A grid is `key=v1,v2 key=v1,v2` (GRID= on make's command line) or the recipe's `
 every combination is one run with its own run name (paths.sweep_run_name) and folders, so Make's stamps skip a run
 that already finished and a killed sweep, restarted, makes only what is missing. Every combination is loaded like a
 recipe (config.load) before anything trains, so a misspelt key or a value that breaks a rule stops the sweep in one
-line. Runs are made one after another (two trainings on one machine only slow each other down).
+line; so does a key that would change the val or test examples (runs are compared on the same ones). The runs are
+chosen between on val: sweep.val_size asks for a larger val split (data.val_extra: records the sample left out, so
+train and test stay the same examples). Runs are made one after another (two trainings on one machine only slow
+each other down).
 """
 from __future__ import annotations
 
@@ -16,12 +19,21 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from common.core import config, paths
+from common.core import config, paths, stamps
 from common.core.io import UserError
 
 log = logging.getLogger("ft")
 
 _VALUE = re.compile(r"[A-Za-z0-9._+\-/:]+")  # a value Make passes through ARGS and the shell unchanged
+# Settings prepare reads (its stamp) and eval's choice of examples change the val or test examples the runs are
+# compared on; data.replay only adds to the train split.
+SAME_EXAMPLES = ("data.replay",)
+CHANGES_EXAMPLES = (*stamps.STEP_KEYS["prepare"], "eval.split", "eval.num_examples")
+
+
+def changes_examples(key: str) -> bool:
+    """Whether a setting changes the val or test examples a sweep's runs are compared on."""
+    return key not in SAME_EXAMPLES and any(key == k or key.startswith(k + ".") for k in CHANGES_EXAMPLES)
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,9 @@ def check(grid: list[tuple[str, list[str]]]) -> None:
             raise UserError(f"grid key {key} is given twice; list all its values once: {key}=v1,v2")
         if key == "run_name" or key.split(".")[0] == "sweep":
             raise UserError(f"grid key {key}: the sweep sets run names itself and cannot sweep its own settings")
+        if changes_examples(key):
+            raise UserError(f"grid key {key} changes the prepared val/test examples, and a sweep compares runs on "
+                            f"the same ones; give it to every run instead (ARGS=\"--set {key}=...\")")
         if not values or "" in values or len(set(values)) < len(values):
             raise UserError(f"grid key {key}: values {','.join(values)!r} must be non-empty and different")
         for v in values:
@@ -107,7 +122,7 @@ def plan(recipe: str, base_sets: list[str], tiny: bool, grid_text: str | None, f
     base = config.load(recipe, base_sets, tiny)
     grid = parse_grid(grid_text) if grid_text else from_recipe(base.sweep.grid)
     check(grid)
-    p = Plan(base.run, recipe, tiny, list(base_sets), grid)
+    p = Plan(base.run, recipe, tiny, list(base_sets) + val_sets(base), grid)
     for combo in itertools.product(*(values for _, values in grid)):
         setting = tuple(zip((k for k, _ in grid), combo))
         p.runs.append(Run(paths.sweep_run_name(base.run, list(setting)), setting))
@@ -120,10 +135,21 @@ def plan(recipe: str, base_sets: list[str], tiny: bool, grid_text: str | None, f
                         f"(or --force) or make the grid smaller")
     for r in p.runs:
         try:
-            p.cfgs[r.name] = config.load(recipe, base_sets + r.sets, tiny)
+            p.cfgs[r.name] = config.load(recipe, p.base_sets + r.sets, tiny)
         except config.ConfigError as e:
             raise UserError(f"sweep run {r.name} ({' '.join(r.sets[:-1])}): {e}") from None
     return p
+
+
+def val_sets(base: config.Config) -> list[str]:
+    """The --set that gives every run sweep.val_size val examples (data.val_extra on top of data.val_size)."""
+    want, d = base.sweep.val_size, base.data
+    if want is None:
+        return []
+    if not isinstance(d.val_size, int):
+        raise UserError(f"sweep.val_size={want} needs data.val_size as a count of examples, got {d.val_size}")
+    extra = max(0, want - d.val_size) if d.val_extra == 0 else d.val_extra  # a data.val_extra given is kept
+    return [f"data.val_extra={extra}"] if extra else []
 
 
 def seed_base_answers(p: Plan, run: Run) -> None:

@@ -1,10 +1,10 @@
 """Raw data in, processed splits out: file readers, the report of dropped rows, sampling and splitting.
 
-Readers: JSON lines (streamed), a JSON array, CSV (streamed), Parquet (streamed by row batch), any of them gzipped
-(detected by content), and a dataset folder or hub id through `datasets.load_dataset` (cached under FT_CACHE); a BOM
-and CRLF line ends are handled; rows that are not valid UTF-8, not JSON or not an object are counted by reason
-with their first line numbers instead of stopping the run. What a record must contain is the task's business
-(common/tasks/); turning a record into a prompt and answer is the architecture's (common/model/arch.py).
+Readers, all streamed: JSON lines, a JSON array (item by item, ijson), CSV (a quoted cell keeps its line breaks),
+Parquet (by row batch), any of them gzipped (detected by content), and a dataset folder or hub id through
+`datasets.load_dataset` (cached under FT_CACHE); BOM and CRLF are handled; rows that are not valid UTF-8, not JSON or
+not an object are counted by reason with their first line numbers. What a record must contain is the task's
+business (common/tasks/); turning a record into a prompt and answer is the architecture's (common/model/arch.py).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import csv
 import gzip
 import html
 import io
+import itertools
 import json
 import logging
 import random
@@ -25,6 +26,8 @@ from common.core.io import UserError
 
 log = logging.getLogger("ft")
 MAX_EXAMPLES = 5  # line numbers kept per drop reason
+BOM = b"\xef\xbb\xbf"
+CSV_CELL_MAX = 64 * 2**20  # characters; a longer CSV cell stops the run (usually a quote never closed)
 
 
 class Report:
@@ -65,36 +68,22 @@ def resolve(path_setting: str) -> Path:
 
 def _open_binary(path: Path) -> tuple[io.BufferedIOBase, Any]:
     raw = open(path, "rb")
-    if raw.read(2) == b"\x1f\x8b":  # gzip magic, whatever the file is called
-        raw.seek(0)
-        return gzip.GzipFile(fileobj=raw), raw
+    gz = raw.read(2) == b"\x1f\x8b"  # gzip magic, whatever the file is called
     raw.seek(0)
-    return raw, raw
+    return (gzip.GzipFile(fileobj=raw) if gz else raw), raw
 
 
-def _lines(path: Path, rep: Report) -> Iterator[tuple[int, str]]:
-    """(line number, decoded line) for each non-empty line; BOM and CRLF handled, invalid UTF-8 counted."""
+def _raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes with the line end) of a file, gunzipped, BOM removed, with a progress bar."""
     from tqdm.auto import tqdm
 
     f, raw = _open_binary(path)
     with f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"reading {path.name}",
                  leave=False) as bar:
-        last = 0
         for n, b in enumerate(f, 1):
             if n % 2000 == 0:
-                pos = raw.tell()
-                bar.update(pos - last)
-                last = pos
-            if n == 1 and b.startswith(b"\xef\xbb\xbf"):
-                b = b[3:]
-            try:
-                line = b.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError:
-                rep.read += 1
-                rep.drop("invalid_utf8", n)
-                continue
-            if line.strip():
-                yield n, line
+                bar.update(raw.tell() - bar.n)
+            yield n, (b[3:] if n == 1 and b.startswith(BOM) else b)
 
 
 def detect_format(path: Path, fmt: str = "auto") -> str:
@@ -104,58 +93,31 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
         return fmt
     f, _ = _open_binary(path)
     with f:
-        if f.read(4) == b"PAR1":
-            return "parquet"
+        head = f.read(4096)
     suffixes = [s for s in path.suffixes if s != ".gz"]
     ext = suffixes[-1].lower() if suffixes else ""
-    if ext == ".csv":
-        return "csv"
-    if ext == ".json":  # trn.json is JSON lines; a file starting with '[' is a JSON array
-        f, _ = _open_binary(path)
-        with f:
-            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-        return "json" if head.startswith(b"[") else "jsonl"
-    return "jsonl"
+    if head.startswith(b"PAR1") or ext == ".csv":
+        return "parquet" if head.startswith(b"PAR1") else "csv"
+    # trn.json is JSON lines; a .json file starting with '[' is a JSON array
+    return "json" if ext == ".json" and head.lstrip(BOM + b" \t\r\n").startswith(b"[") else "jsonl"
 
 
 def iter_records(path: Path, fmt: str, rep: Report) -> Iterator[tuple[Any, dict]]:
-    """(location, record dict) from JSON lines, a JSON array or CSV; row-level faults are counted, not raised."""
+    """(location, record dict) from JSON lines, a JSON array, CSV or Parquet; row-level faults are counted, not
+    raised."""
     fmt = detect_format(path, fmt)
-    if fmt == "parquet":
-        yield from _parquet(path, rep)
+    if fmt in ("parquet", "csv", "json"):
+        yield from {"parquet": _parquet, "csv": _csv, "json": _json_array}[fmt](path, rep)
         return
-    if fmt == "csv":
-        line_no = {"n": 0}
-
-        def text() -> Iterator[str]:
-            for n, line in _lines(path, rep):
-                line_no["n"] = n
-                yield line
-
-        for row in csv.DictReader(text()):
-            rep.read += 1
-            if None in row:  # more cells than the header has columns
-                rep.drop("extra_columns", line_no["n"])
-                continue
-            yield line_no["n"], row
-        return
-    if fmt == "json":
-        f, _ = _open_binary(path)
+    for n, b in _raw_lines(path):  # JSON lines; a blank line is skipped
         try:
-            with f:
-                items = json.loads(f.read().decode("utf-8-sig"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{path}: not a valid JSON array ({e}); for JSON lines use --set data.format=jsonl") from None
-        if not isinstance(items, list):
-            raise UserError(f"{path}: expected a JSON array of records or JSON lines, found a {type(items).__name__}")
-        for i, rec in enumerate(items):
+            line = b.decode("utf-8")
+        except UnicodeDecodeError:
             rep.read += 1
-            if isinstance(rec, dict):
-                yield f"item {i}", rec
-            else:
-                rep.drop("not_an_object", f"item {i}")
-        return
-    for n, line in _lines(path, rep):
+            rep.drop("invalid_utf8", n)
+            continue
+        if not line.strip():
+            continue
         rep.read += 1
         try:
             rec = json.loads(line)
@@ -166,6 +128,76 @@ def iter_records(path: Path, fmt: str, rep: Report) -> Iterator[tuple[Any, dict]
             yield n, rec
         else:
             rep.drop("not_an_object", n)
+
+
+def _csv(path: Path, rep: Report) -> Iterator[tuple[int, dict]]:
+    """(first line of the row, row by header name) of a CSV file; a quoted cell keeps its line breaks as they are,
+    a row with more cells than the header or with invalid UTF-8 is counted, a blank line skipped."""
+    bad = [0]  # the last line that is not valid UTF-8 (kept as surrogates until its row is dropped)
+
+    def text() -> Iterator[str]:
+        for n, b in _raw_lines(path):
+            try:
+                yield b.decode("utf-8")
+            except UnicodeDecodeError:
+                bad[0] = n
+                yield b.decode("utf-8", "surrogateescape")
+
+    csv.field_size_limit(CSV_CELL_MAX)  # the csv module's own limit is 128 KiB
+    reader, header, end = csv.reader(text()), None, 0  # end: the last line of the row before
+    try:
+        for row in reader:
+            first, end = end + 1, reader.line_num
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            if header is None and bad[0] < first:
+                header = row
+                continue
+            rep.read += 1
+            if bad[0] >= first:
+                rep.drop("invalid_utf8", first)
+            elif len(row) > len(header):
+                rep.drop("extra_columns", first)
+            else:
+                yield first, dict(zip(header, row + [None] * (len(header) - len(row))))
+    except csv.Error as e:
+        hint = "is a quote never closed?" if "field limit" in str(e) else "fix the file or give JSON lines"
+        raise UserError(f"{path}: line {end + 1}: not readable as CSV ({e}); {hint}") from None
+
+
+def _json_array(path: Path, rep: Report) -> Iterator[tuple[str, dict]]:
+    """(item N, record) of a JSON array, parsed one item at a time (ijson); a fault in the JSON is one line."""
+    import ijson
+
+    f, _ = _open_binary(path)
+    with f:
+        head = f.read(4096)
+        start = 3 if head.startswith(BOM) else 0
+        if (first := head[start:].lstrip(b" \t\r\n")[:1]) != b"[":
+            raise UserError(f"{path}: expected a JSON array of records or JSON lines, found "
+                            f"{'an object' if first == b'{' else 'no array'}")
+        i, use_float = 0, True
+        while True:
+            f.seek(start)
+            try:  # after a restart the items already given out are parsed again, not given again
+                for rec in itertools.islice(ijson.items(f, "item", use_float=use_float), i, None):
+                    rep.read += 1
+                    if not isinstance(rec, dict):
+                        rep.drop("not_an_object", f"item {i}")
+                    else:  # the exact parse gives Decimals: turned into floats as json.loads gives them
+                        yield f"item {i}", rec if use_float else json.loads(json.dumps(rec, default=float))
+                    i += 1
+                return
+            except (ijson.JSONError, UnicodeDecodeError) as e:
+                arg = e.args[0] if e.args else ""  # yajl gives bytes for some faults
+                msg = arg.decode(errors="replace") if isinstance(arg, bytes) else str(e)
+                if use_float and "integer overflow" in msg:  # a whole number past 64 bits: exact (slower) parse
+                    use_float = False
+                    continue
+                lines = [x.strip() for x in msg.strip().splitlines()] or [type(e).__name__]
+                near = f", near {lines[1][:60]!r}" if len(lines) > 2 else ""
+                raise UserError(f"{path}: not a valid JSON array at item {i} ({lines[0]}{near}); for JSON lines use "
+                                "--set data.format=jsonl") from None
 
 
 def _parquet(path: Path, rep: Report) -> Iterator[tuple[Any, dict]]:

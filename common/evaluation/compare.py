@@ -1,8 +1,8 @@
 """Base vs tuned on the eval split: cached base generations, the task's scores, the paired CI, the result files.
 
 The task (common/tasks/) scores answers; this module compares the two models and writes what a reader opens:
-side_by_side.csv, improved_examples.csv, fixed_prompts.csv (when the task has extra prompts), report.md and,
-last, metrics.json, all inside one atomically replaced eval/ folder.
+side_by_side.csv, val_scores.csv (the tuned model on val), improved_examples.csv, fixed_prompts.csv (when the task
+has extra prompts), report.md and, last, metrics.json, all inside one atomically replaced eval/ folder.
 """
 from __future__ import annotations
 
@@ -199,6 +199,17 @@ def compare(cfg: Any, task: Any, rows: list[dict], base: Answers, tuned: Answers
     return m, side
 
 
+def val_scores(task: Any, val: list[dict], texts: list[str], m: dict) -> list[dict]:
+    """The tuned model's score on each val example (make sweep chooses its best run on these, never on test); the
+    aggregate goes into m["val"]."""
+    if not val:
+        return []
+    key = task.per_example
+    agg, per = task.score(texts, [prompts.reference(r) for r in val])
+    m["val"] = {"n_examples": len(val), "per_example": key, "tuned": agg}
+    return [{"id": r["id"], f"tuned_{key}": round(p[key], 4)} for r, p in zip(val, per)]
+
+
 def verdict_line(c: dict, n: int, who: str) -> str:
     """One sentence: the paired difference on the primary metric, its CI, and what it says."""
     line = (f"tuned - {who} on {c['metric']}: {c['mean']:+.4f}, 95% CI [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]"
@@ -315,7 +326,8 @@ def meta(cfg: Any, rp: paths.RunPaths, info: dict) -> dict:
                              generation_precision=info.get("plan", {}).get("precision", "fp32"))
 
 
-def write(cfg: Any, rp: paths.RunPaths, m: dict, side: list[dict], extra: list[dict], info: dict) -> None:
+def write(cfg: Any, rp: paths.RunPaths, m: dict, side: list[dict], extra: list[dict], info: dict,
+          val_side: list[dict] = ()) -> None:
     """The eval/ folder, replaced whole; metrics.json is written last inside it."""
     key = m["comparison"]["per_example"]
     improved = sorted((s for s in side if s[f"tuned_{key}"] > s[f"base_{key}"]),
@@ -324,6 +336,8 @@ def write(cfg: Any, rp: paths.RunPaths, m: dict, side: list[dict], extra: list[d
     with io.atomic_dir(rp.eval) as tmp:
         io.atomic_write_text(tmp / "side_by_side.csv", to_csv(side))
         io.atomic_write_text(tmp / "improved_examples.csv", to_csv(improved))
+        if val_side:
+            io.atomic_write_text(tmp / "val_scores.csv", to_csv(list(val_side)))
         if extra:
             io.atomic_write_text(tmp / "fixed_prompts.csv", to_csv(extra))
         io.atomic_write_text(tmp / "report.md", report_md(cfg, m, improved or side, info.get("plan", {}).get("replaced", [])))

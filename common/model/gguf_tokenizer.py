@@ -80,8 +80,10 @@ def tokenizer_metadata(tok: Any, folder: Path, vocab_size: int, pre_override: st
     model = tj.get("model", {})
     if not tok.chat_template:
         raise Unsupported(f"the tokenizer in {folder} has no chat template; set prompt.template")
+    conf_file = folder / "config.json"
+    conf = json.loads(conf_file.read_text(encoding="utf-8")) if conf_file.is_file() else {}
     meta: dict[str, Any] = {"chat_template": tok.chat_template, "add_bos": prompts.adds_bos(tok), "add_eos": False,
-                            "ids": {k: getattr(tok, f"{k}_token_id", None) for k in ("bos", "eos", "unk", "pad")}}
+                            "ids": special_ids(tok, conf, vocab_size)}
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     if model.get("type") == "BPE" and not model.get("byte_fallback") and (tj.get("decoder") or {}).get("type") == "ByteLevel":
         meta.update(model="gpt2", pre=pre_tokenizer_name(tj, pre_override), **_bpe_vocab(tok, vocab_size),
@@ -89,10 +91,30 @@ def tokenizer_metadata(tok: Any, folder: Path, vocab_size: int, pre_override: st
         return meta
     if model.get("type") == "BPE" and model.get("byte_fallback"):
         meta.update(model="llama", pre="default", add_space_prefix=space_prefix(tj),
-                    **_spm_vocab(tok, merges, vocab_size))
+                    **_spm_vocab(tok, merges, vocab_size, phi3=conf.get("model_type") == "phi3"))
         return meta
     raise Unsupported(f"GGUF export supports byte-level BPE tokenizers and SentencePiece ones (BPE with byte "
                       f"fallback) in tokenizer.json; {folder} has {model.get('type')}")
+
+
+def special_ids(tok: Any, conf: dict, vocab_size: int) -> dict:
+    """BOS/EOS/unknown/pad ids as llama.cpp's converter (gguf-py's SpecialVocab) finds them: the tokenizer's, then
+    config.json's `<kind>_token_id` for a kind the tokenizer leaves unset (Qwen has no BOS token but its config
+    says 151643, <|endoftext|>; with no id at all llama.cpp would take token 11, `,`, as BOS)."""
+    ids = {k: getattr(tok, f"{k}_token_id", None) for k in ("bos", "eos", "unk", "pad")}
+    for k, v in ids.items():
+        given = conf.get(f"{k}_token_id")
+        if v is None and isinstance(given, int) and 0 <= given < vocab_size:
+            ids[k] = given
+    return ids
+
+
+def looks_special(token: str) -> bool:
+    """llama.cpp's converter's does_token_look_special: an added token it writes CONTROL even when the tokenizer
+    does not call it special (Qwen's <|fim_prefix|>, <|repo_name|>, <|file_sep|> ...)."""
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<\uff5c") and token.endswith("\uff5c>"))
+            or (token.startswith("<unused") and token.endswith(">")))
 
 
 def space_prefix(tokenizer_json: dict) -> bool:
@@ -121,8 +143,9 @@ def space_prefix(tokenizer_json: dict) -> bool:
 
 
 def _bpe_vocab(tok: Any, vocab_size: int) -> dict:
-    """Tokens in id order with llama.cpp's types: added special tokens CONTROL, other added ones USER_DEFINED,
-    ids the tokenizer does not use (the embedding is padded) UNUSED placeholders."""
+    """Tokens in id order with the types llama.cpp's converter gives them (get_vocab_base): added tokens CONTROL when
+    special or looking special (looks_special), other added ones USER_DEFINED, ids the tokenizer does not use (the
+    embedding is padded) UNUSED placeholders."""
     import gguf
 
     reverse = {i: t for t, i in tok.get_vocab().items()}
@@ -134,7 +157,8 @@ def _bpe_vocab(tok: Any, vocab_size: int) -> dict:
             types.append(gguf.TokenType.UNUSED)
         elif i in added:
             tokens.append(added[i].content)
-            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+            control = added[i].special or looks_special(added[i].content)
+            types.append(gguf.TokenType.CONTROL if control else gguf.TokenType.USER_DEFINED)
         else:
             tokens.append(reverse[i])
             types.append(gguf.TokenType.NORMAL)
@@ -144,11 +168,13 @@ def _bpe_vocab(tok: Any, vocab_size: int) -> dict:
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 
 
-def _spm_vocab(tok: Any, merges: list[str], vocab_size: int) -> dict:
+def _spm_vocab(tok: Any, merges: list[str], vocab_size: int, phi3: bool = False) -> dict:
     """llama.cpp's SentencePiece vocabulary from a tokenizer.json: tokens in id order; the score of a token made by
     a merge is minus the rank of the first merge that makes it (llama.cpp applies the best-scored pair first, as
-    the tokenizer applies the lowest-ranked merge first); the unknown token UNKNOWN, added special tokens CONTROL,
-    <0xNN> tokens BYTE, other added ones USER_DEFINED, unused ids UNUSED."""
+    the tokenizer applies the lowest-ranked merge first); types as the converter writes them: the unknown token
+    UNKNOWN, added tokens CONTROL when special or looking special, <0xNN> tokens BYTE, other added ones
+    USER_DEFINED, unused ids UNUSED. Phi-3's converter (Phi3MiniModel) types every added token by its special
+    flag alone, `<unk>` included (CONTROL)."""
     import gguf
 
     first: dict[str, int] = {}
@@ -165,10 +191,13 @@ def _spm_vocab(tok: Any, merges: list[str], vocab_size: int) -> dict:
             types.append(gguf.TokenType.UNUSED)
             continue
         tokens.append(t)
-        if i == tok.unk_token_id:
+        if i in added and phi3:
+            kind = gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED
+        elif i == tok.unk_token_id:
             kind = gguf.TokenType.UNKNOWN
         elif i in added:
-            kind = gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED
+            control = added[i].special or looks_special(added[i].content)
+            kind = gguf.TokenType.CONTROL if control else gguf.TokenType.USER_DEFINED
         elif _BYTE_TOKEN.fullmatch(t):
             kind = gguf.TokenType.BYTE
         else:

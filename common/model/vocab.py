@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -44,10 +45,18 @@ SPM = ("llama-spm", "phi-3")  # the SentencePiece ones
 # Phi-3.5-mini pad with <|endoftext|>.
 PAD = {"llama-bpe": "<|reserved_special_token_250|>", "llama-spm": "</s>", "qwen2": "<|endoftext|>",
        "phi-3": "<|endoftext|>"}
-# Qwen2.5/Qwen3-Instruct end a text on <|im_end|> (their base checkpoints on <|endoftext|>) and have no BOS; Qwen3
-# adds <think> and </think> (plain added tokens, not special) at 151667/151668, which llama.cpp's older Qwen2 file
-# holds as unused placeholders.
-QWEN_EOS, QWEN_ADDED = "<|im_end|>", {151667: "<think>", 151668: "</think>"}
+# Qwen2.5/Qwen3-Instruct end a text on <|im_end|> (their base checkpoints on <|endoftext|>) and have no BOS. Their
+# added tokens past <|im_end|> (tokenizer_config.json's added_tokens_decoder: id -> content, special), which
+# llama.cpp's older Qwen2 file holds as [PAD] placeholders: vision tokens (special), then tool, FIM and repository
+# tokens and Qwen3's <think>/</think> (not special). Qwen2.5's stop at 151664; the ids past Qwen3's 151668 are none.
+QWEN_EOS = "<|im_end|>"
+QWEN_ADDED = {151646 + i: (t, True) for i, t in enumerate(
+    ("<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>",
+     "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"))}
+QWEN_ADDED |= {151657 + i: (t, False) for i, t in enumerate(
+    ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+     "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>"))}
+_PLACEHOLDER = re.compile(r"\[PAD\d+\]")  # llama.cpp's name for an id its source tokenizer does not use
 # Phi-3's tokenizer.json strips the whitespace after its chat tokens (rstrip), and llama.cpp does the same for a
 # model whose general.name says phi-3/phi3: every special token but these.
 PHI3_NO_RSTRIP = ("<unk>", "<s>", "<|endoftext|>")
@@ -136,11 +145,13 @@ def llama_tokenizer_dir(name: str) -> Path:
     model's embedding). SentencePiece (llama-spm, phi-3): "▁" put in front of every text and of every piece after a
     special token, a leading space kept as its own "▁" (the Prepend/Replace normalizer of Llama-2/TinyLlama's
     tokenizer.json), `<unk>` the unknown token; Phi-3's chat tokens strip the whitespace after them. Qwen (qwen2):
-    no BOS, EOS `<|im_end|>` as the Instruct checkpoints, Qwen3's <think>/</think>. And each gets the pad of PAD."""
+    no BOS, EOS `<|im_end|>` as the Instruct checkpoints, Qwen3's added tokens (QWEN_ADDED). Phi-3 and Qwen end
+    where the real tokenizers do (32,011 and 151,669 tokens; their embeddings have 32,064 and 151,936 rows). And
+    each gets the pad of PAD."""
     if name not in VOCAB_FILES:
         raise UserError(f"tiny.tokenizer '{name}' is not one of smollm2, {', '.join(VOCAB_FILES)}")
     src = vocab_dir() / VOCAB_FILES[name]
-    key = hashlib.sha1(f"{src.name}:{src.stat().st_size}:v3".encode()).hexdigest()[:10]
+    key = hashlib.sha1(f"{src.name}:{src.stat().st_size}:v4".encode()).hexdigest()[:10]
     out = paths.cache_root() / "tokenizers" / f"{name}-{key}"
     if (out / "tokenizer.json").exists():
         return out
@@ -160,12 +171,14 @@ def llama_tokenizer_dir(name: str) -> Path:
             tj["post_processor"] = gguf_tokenizer.bos_post_processor(bos, tok.convert_tokens_to_ids(bos))
         elif name == "qwen2":
             _qwen(tj, conf)
+            _drop_placeholders(tj)
         else:
             tj["normalizer"], tj["pre_tokenizer"] = gguf_tokenizer.SPM_NORMALIZER, None
             tj["model"]["unk_token"] = "<unk>"
             if name == "phi-3":
                 for t in tj["added_tokens"]:
                     t["rstrip"] = t["special"] and t["content"] not in PHI3_NO_RSTRIP
+                _drop_placeholders(tj)
         conf.update(pad_token=PAD[name], tokenizer_class="PreTrainedTokenizerFast")
         if name in SPM:  # load as the real SentencePiece tokenizers do (modeling.load_tokenizer fixes it)
             conf.update(tokenizer_class="LlamaTokenizer", legacy=False)
@@ -175,12 +188,20 @@ def llama_tokenizer_dir(name: str) -> Path:
 
 
 def _qwen(tj: dict, conf: dict) -> None:
-    """Qwen2.5/Qwen3-Instruct's tokenizer.json and tokenizer_config.json where llama.cpp's qwen2 file differs."""
+    """Qwen3-Instruct's tokenizer.json and tokenizer_config.json where llama.cpp's qwen2 file differs."""
     vocab = tj["model"]["vocab"]
     for t in tj["added_tokens"]:
         if t["id"] in QWEN_ADDED:
-            old, t["content"], t["special"], t["normalized"] = t["content"], QWEN_ADDED[t["id"]], False, False
+            old = t["content"]
+            (t["content"], t["special"]), t["normalized"] = QWEN_ADDED[t["id"]], False
             vocab.pop(old, None)
             vocab[t["content"]] = t["id"]
     conf.pop("added_tokens_decoder", None)
     conf.update(bos_token=None, eos_token=QWEN_EOS, add_bos_token=False)
+
+
+def _drop_placeholders(tj: dict) -> None:
+    """Leave out llama.cpp's [PAD<id>] placeholders: the real tokenizer has no token there (the embedding is
+    padded past it), so the ids stay unused, as in the real model's GGUF."""
+    tj["added_tokens"] = [t for t in tj["added_tokens"] if not _PLACEHOLDER.fullmatch(t["content"])]
+    tj["model"]["vocab"] = {k: i for k, i in tj["model"]["vocab"].items() if not _PLACEHOLDER.fullmatch(k)}

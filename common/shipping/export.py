@@ -9,6 +9,8 @@ as "qwen2", Qwen3 as "qwen3", Phi-3/3.5 as "phi3"):
   transformers does); Phi-3's fused qkv_proj and gate_up_proj kept fused (llama.cpp's attn_qkv and ffn_up); no
   output tensor when the embeddings are tied; rope scaling as llama.cpp reads it (Llama-3.1/3.2's rope_freqs,
   Phi-3's longrope factors and attention factor); norms in f32, matrices in f16 or q8_0 (gguf.quants);
+- tensor by tensor, each read from merged/ and converted a block of rows at a time (CHUNK_BYTES): the export
+  needs memory for one block (a few hundred MB at most), not for the file;
 - the tokenizer the model was tuned and evaluated with: every token with its type (special tokens as CONTROL, so
   `<|im_end|>` stays one token), the merges, the special ids, add_bos, the pre-tokenizer name read off
   tokenizer.json, and the recipe's chat template (what makes a chat app format prompts as in training);
@@ -49,8 +51,15 @@ def check_supported(config: Any) -> None:
 
 
 def rope_theta(config: Any) -> float:
+    """The rope base transformers runs the model with: rope_parameters' rope_theta (transformers 5 puts the model
+    type's own default there when config.json names none). Never guessed: a wrong base still loads in llama.cpp."""
     params = getattr(config, "rope_parameters", None) or {}
-    return float(params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0)
+    theta = params.get("rope_theta") or getattr(config, "rope_theta", None)
+    if not theta:
+        raise Unsupported(f"the {getattr(config, 'model_type', None)} config has no rope_theta (neither in "
+                          "rope_parameters nor at the top level): GGUF export does not guess llama.cpp's "
+                          "rope.freq_base; set rope_theta in merged/config.json to the base model's")
+    return float(theta)
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -60,18 +69,61 @@ def permute_rope(w: Any, n_head: int) -> Any:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_tensors(folder: Path) -> Iterator[tuple[str, Any]]:
-    """(name, float32 numpy array) of every tensor in a saved model folder, one at a time."""
-    import torch
-    from safetensors import safe_open
+SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # what merged/ holds; little-endian
+
+
+class Weight:
+    """One tensor of a .safetensors file, located by the file's header and read with plain reads (no mapping of the
+    file) a block of rows at a time, as float32; q/k rows permuted to llama.cpp's layout when `heads` is set."""
+
+    def __init__(self, file: Path, name: str, info: dict, data_start: int):
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise Unsupported(f"tensor {name} of {file} is {info['dtype']}; GGUF export reads "
+                              f"{', '.join(SAFETENSORS_DTYPES)} weights (merged/ as make merge writes it)")
+        self.file, self.name, self.dtype, self.heads = file, name, info["dtype"], None
+        self.shape, self.offset = tuple(info["shape"]), data_start + info["data_offsets"][0]
+        self.ndim = len(self.shape)
+
+    def read(self, start: int, stop: int) -> Any:
+        """Rows start:stop as float32 (f16 and bf16 widen exactly, as torch's .float() does)."""
+        import numpy as np
+
+        dtype, per_row = np.dtype(SAFETENSORS_DTYPES[self.dtype]), math.prod(self.shape[1:])
+        raw = np.empty((stop - start) * per_row, dtype)
+        with open(self.file, "rb") as f:
+            f.seek(self.offset + start * per_row * dtype.itemsize)
+            if f.readinto(raw) != raw.nbytes:
+                raise UserError(f"{self.file} ends inside tensor {self.name}: a partial copy? run make merge again")
+        if self.dtype == "BF16":
+            wide = (raw.astype(np.uint32) << 16).view(np.float32)
+        else:
+            wide = raw.astype(np.float32, copy=False)
+        return wide.reshape((stop - start, *self.shape[1:]))
+
+    def blocks(self, max_bytes: int) -> Iterator[Any]:
+        """float32 blocks of whole rows (whole heads when permuted), about max_bytes each, in order."""
+        rows = self.shape[0]
+        unit = rows // self.heads if self.heads else 1  # permuted rows move within a head only
+        step = rows if self.ndim < 2 else max(unit, max_bytes // (4 * math.prod(self.shape[1:])) // unit * unit)
+        for start in range(0, rows, step):
+            part = self.read(start, min(start + step, rows))
+            yield permute_rope(part, part.shape[0] // unit) if self.heads else part
+
+
+def read_tensors(folder: Path) -> Iterator[tuple[str, Weight]]:
+    """(name, Weight) of every tensor in a saved model folder, by file then name (as safetensors lists them);
+    nothing read until asked."""
+    import json
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UserError(f"{folder} has no .safetensors weights; run make merge")
     for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
-                yield name, st.get_tensor(name).to(torch.float32).numpy()
+        with open(f, "rb") as fh:  # the format: 8-byte header length, JSON header, then the data
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+        for name in sorted(k for k in header if k != "__metadata__"):
+            yield name, Weight(f, name, header[name], 8 + size)
 
 
 def head_dim(config: Any) -> int:
@@ -121,7 +173,7 @@ def original_context(config: Any) -> int:
 
 
 def gguf_tensors(folder: Path, config: Any) -> Iterator[tuple[str, Any]]:
-    """(llama.cpp name, float32 array) for every weight of the merged model, in llama.cpp's layout for its
+    """(llama.cpp name, Weight or float32 array) for every weight of the merged model, in llama.cpp's layout for its
     architecture, then the rope scaling tensors."""
     import gguf
 
@@ -137,15 +189,56 @@ def gguf_tensors(folder: Path, config: Any) -> Iterator[tuple[str, Any]]:
         if new is None:
             raise Unsupported(f"tensor {name} of {folder} has no llama.cpp name for the {arch} architecture")
         if arch == "llama" and ".q_proj." in name:
-            w = permute_rope(w, n_head)
+            w.heads = n_head
         elif arch == "llama" and ".k_proj." in name:
-            w = permute_rope(w, n_kv)
+            w.heads = n_kv
         yield new, w
     yield from rope_tensors(config)
 
 
+CHUNK_BYTES = 64 << 20  # float32 bytes of a weight converted at a time: the writer's working memory
+
+
+def stored_as(shape: tuple, quant: str) -> str:
+    """Norms and biases in f32, matrices in f16 or q8_0 (f16 where a row is not whole q8_0 blocks)."""
+    if len(shape) == 1:
+        return "f32"
+    return "q8_0" if quant == "q8_0" and shape[-1] % 32 == 0 else "f16"
+
+
+def nbytes(shape: tuple, kind: str) -> int:
+    import gguf
+
+    return math.prod(gguf.quant_shape_to_byte_shape(shape, gguf.GGMLQuantizationType[kind.upper()]))
+
+
+class Encoded:
+    """A tensor as GGUFWriter.write_tensor_data takes it (nbytes, tofile), its bytes made a block at a time from a
+    Weight (or an array), so that only one block is ever in memory."""
+
+    def __init__(self, arr: Any, kind: str):
+        self.arr, self.kind, self.nbytes = arr, kind, nbytes(arr.shape, kind)
+
+    def tofile(self, fout: Any) -> None:
+        import gguf
+        import numpy as np
+
+        blocks = self.arr.blocks(CHUNK_BYTES) if isinstance(self.arr, Weight) else [self.arr]
+        done = 0
+        for block in blocks:
+            if self.kind == "q8_0":
+                data = gguf.quants.quantize(block.astype(np.float32, copy=False), gguf.GGMLQuantizationType.Q8_0)
+            else:
+                data = block.astype(np.float32 if self.kind == "f32" else np.float16)
+            data.tofile(fout)
+            done += data.nbytes
+        if done != self.nbytes:
+            raise ValueError(f"wrote {done} bytes of a tensor of {self.nbytes}")
+
+
 def write_gguf(path: Path, folder: Path, config: Any, tok_meta: dict, quant: str, describe: dict) -> dict:
-    """One GGUF file (f16 or q8_0) of the merged model in `folder`; returns what was written."""
+    """One GGUF file (f16 or q8_0) of the merged model in `folder`, written a block at a time; returns what was
+    written."""
     import gguf
     import numpy as np
 
@@ -193,20 +286,21 @@ def write_gguf(path: Path, folder: Path, config: Any, tok_meta: dict, quant: str
     w.add_add_eos_token(tok_meta["add_eos"])
     if tok_meta.get("chat_template"):
         w.add_chat_template(tok_meta["chat_template"])
-    counts = {"f32": 0, "f16": 0, "q8_0": 0}
-    for name, arr in gguf_tensors(folder, config):
-        if arr.ndim == 1:
-            w.add_tensor(name, arr.astype(np.float32))
-            counts["f32"] += 1
-        elif quant == "q8_0" and arr.shape[-1] % 32 == 0:
-            q = gguf.quants.quantize(arr.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-            counts["q8_0"] += 1
-        else:
-            w.add_tensor(name, arr.astype(np.float16))
-            counts["f16"] += 1
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    # the tensor infos first (shapes only), then each tensor's data converted a block at a time: none is held
+    plan = [(name, arr.shape, stored_as(arr.shape, quant)) for name, arr in gguf_tensors(folder, config)]
+    for name, shape, kind in plan:  # np.float32: a placeholder (uint8 would mean a shape in bytes to gguf)
+        w.add_tensor_info(name, shape, np.float32, nbytes(shape, kind), gguf.GGMLQuantizationType[kind.upper()])
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        tensors = gguf_tensors(folder, config)
+        for planned, shape, kind in plan:
+            name, arr = next(tensors, (None, None))
+            if (name, getattr(arr, "shape", None)) != (planned, shape):
+                raise ValueError(f"{folder} changed while {path.name} was written: {planned} became {name}")
+            w.write_tensor_data(Encoded(arr, kind))
+    finally:
+        w.close()
+    counts = {kind: sum(k == kind for *_, k in plan) for kind in ("f32", "f16", "q8_0")}
     return {"file": path.name, "bytes": path.stat().st_size, "tensors_by_type": counts}

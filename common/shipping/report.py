@@ -178,7 +178,7 @@ def sweep_section(s: dict) -> str:
     """One sweep: its grid, the recommendation with its reason, and a row per run (figures readable by data-run /
     data-key, as in the run sections)."""
     e, keys = html.escape, s["grid_keys"]
-    cols = ["tuned", "vs_best", "vs_best_ci_low", "vs_best_ci_high", "tie", "verdict", "vs_baseline", "forgetting",
+    cols = ["val_tuned", "vs_best", "vs_best_ci_low", "vs_best_ci_high", "val_examples_to_resolve", "tie", "tuned", "verdict", "vs_baseline", "forgetting",
             "forgetting_ci_low", "forgetting_ci_high", "forgetting_verdict", "train_seconds", "peak_rss_mb"]
     out = [f'<section id="sweep-{e(s["name"])}"><h2>Sweep {e(s["name"])}</h2><p>{e(s["grid"])}</p>',
            f"<p><b>Recommendation: {e(s['recommended'])}.</b> {e(s['reason'])}</p>",

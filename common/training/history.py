@@ -1,10 +1,12 @@
-"""What training leaves to read: progress lines with an ETA, the time spent in training steps, train_log.csv, loss.png."""
+"""What training leaves to read: progress with an ETA, train time summed over resumed runs, train_log.csv, loss.png."""
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import time
 from io import StringIO
+from pathlib import Path
 from typing import Any
 
 from common.core.io import atomic_write_text
@@ -34,6 +36,43 @@ def step_clock() -> Any:
             self.steps += 1
 
     return StepClock()
+
+
+TRAIN_SECONDS = "train_seconds.json"  # in each checkpoint: the train time up to its save, earlier segments included
+
+
+def seconds_before(checkpoint: str | Path | None) -> float:
+    """The train time an interrupted run had spent up to `checkpoint` (0 without one, or from a checkpoint saved
+    before this file was written, said in the log)."""
+    if not checkpoint:
+        return 0.0
+    f = Path(checkpoint) / TRAIN_SECONDS
+    try:
+        return float(json.loads(f.read_text())["train_seconds"])
+    except (OSError, ValueError, KeyError):
+        log.warning("%s has no %s: the earlier segments' train time is not counted", checkpoint, TRAIN_SECONDS)
+        return 0.0
+
+
+def train_clock(before: float) -> Any:
+    """A callback timing this training process (`seconds()`: `before`, the resumed checkpoint's total, plus this
+    segment) that writes the running total into each checkpoint it saves, so a run killed and resumed, however
+    many times, reports the time of every segment up to the checkpoint it went on from."""
+    from transformers import TrainerCallback
+
+    class TrainClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.t0 = time.time()
+
+        def seconds(self) -> float:
+            return before + time.time() - self.t0
+
+        def on_save(self, args, state, control, **kw):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                (folder / TRAIN_SECONDS).write_text(json.dumps({"train_seconds": round(self.seconds(), 3)}))
+
+    return TrainClock()
 
 
 def log_callback() -> Any:
