@@ -12,9 +12,11 @@ Parity gate (common/shipping/parity.py): each GGUF is loaded by a real llama.cpp
 `make export` installs it first, building it once where no wheel installs: `make llamacpp`), its prompts rendered
 with the file's own chat template, and compared with merged/ on export.check_prompts val examples: the prompt tokens
 must be identical, next-token agreement and identical greedy answers at least export.<quant>_min_token_agreement /
-_min_answer_match (near-ties excused, parity.py: an answer also counts when it leaves merged/'s greedy path at a
-near-tie; f16 holds merged/'s fp16 weights exactly, so its answers must be equal but for those). Below that the step
-fails and no export folder is written. Seq2seq models and tokenizers GGUF cannot describe stop with one line.
+_min_answer_match (near-ties excused, parity.py: an answer also counts when it leaves merged/'s greedy path where
+merged/'s own two candidates were within the quant type's rounding, parity.ANSWER_TIE; f16 holds merged/'s fp16
+weights exactly, so its answers must be equal but for those), and, where rope scaling acts only at long positions
+(Phi-3's longrope, Llama-3's rope_freqs), next-token agreement past that point too. Below that the step fails and no
+export folder is written. Seq2seq models and tokenizers GGUF cannot describe stop with one line.
 """
 from __future__ import annotations
 
@@ -41,8 +43,9 @@ def check(cfg: Any, quant: str, folder: Any, fname: str, ref: dict, rows: list[d
         raise parity.ParityError(f"{fname} cannot format the recipe's prompts: no chat template in the file")
     file_tok = copy.copy(tok)  # the prompts rendered with the file's own chat template, as a chat app would
     file_tok.chat_template = template
+    tie = parity.ANSWER_TIE[quant]  # bounded by merged/'s own logits and the quant type, never by the file's error
     excuse = None if reference is None else (
-        lambda prompt, answer, noise: parity.departs_at_near_tie(reference(), prompt, answer, noise))
+        lambda prompt, answer: parity.departs_at_near_tie(reference(), prompt, answer, tie))
     figures = llamacpp.compare(folder / fname, file_tok, [r["prompt"] for r in rows], ref, inputs,
                                cfg.eval.max_new_tokens, excuse)
     if figures["prompt_tokens_match"] < 1:
@@ -53,6 +56,14 @@ def check(cfg: Any, quant: str, folder: Any, fname: str, ref: dict, rows: list[d
     parity.gate(fname, figures, e[f"{quant}_min_token_agreement"], e[f"{quant}_min_answer_match"],
                 f"Lower export.{quant}_min_answer_match only if the differences are rounding")
     return figures
+
+
+def references(cfg: Any, model: Any, tok: Any, rows: list[dict], inputs: list[dict], config: Any) -> dict:
+    """What every file is compared with, from merged/: prompt ids and greedy answers, teacher-forced logits, the
+    near-tie unit, and the long-context sequence with its logits where rope scaling acts only there."""
+    ids, answers = parity.greedy(cfg, model, tok, rows, "merged model")
+    return {"ids": ids, "answers": answers, "logits": parity.teacher_forced(model, inputs), "unit": parity.unit(model),
+            "long": parity.long_reference(model, config, inputs)}
 
 
 def body(ctx: run.Context) -> None:
@@ -76,9 +87,7 @@ def body(ctx: run.Context) -> None:
     def reference() -> Any:
         return modeling.load_merged(cfg, rp.merged)
 
-    ids, answers = parity.greedy(cfg, reference(), tok, rows, "merged model")
-    ref = {"ids": ids, "answers": answers, "logits": parity.teacher_forced(reference(), inputs),
-           "unit": parity.unit(reference())}
+    ref = references(cfg, reference(), tok, rows, inputs, config)
     reference.cache_clear()  # loaded again only if a llama.cpp answer differs
     name = cfg.export.name or cfg.run
     base = cards.base_model(cfg)
@@ -99,6 +108,10 @@ def body(ctx: run.Context) -> None:
                      "(near-ties %d), identical answers %.2f (near-ties %d)", fname, written["bytes"] / 1e6,
                      figures["reader"], 100 * figures["prompt_tokens_match"], figures["token_agreement"],
                      figures["near_tie_flips"], figures["answer_match"], figures["near_tie_answers"])
+            if figures.get("long_context"):
+                long = figures["long_context"]
+                log.info("%s: next-token agreement past position %d (long-context rope scaling) %.4f over %d positions",
+                         fname, long["from"], long["token_agreement"], long["positions"])
             files[quant] = {**written, **figures}
         smallest = min(files.values(), key=lambda f: f["bytes"])["file"]
         text, template, stops = ollama.modelfile(smallest, tok, cfg.prompt.system, cfg.train.max_length)

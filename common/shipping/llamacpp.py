@@ -131,14 +131,15 @@ def _pip(*args: str, verb: str = "install") -> list[str]:
 
 
 class Runtime:
-    """One GGUF file loaded by llama.cpp on the CPU, one sequence at a time, every position's logits kept."""
+    """One GGUF file loaded by llama.cpp on the CPU, one sequence at a time, every position's logits kept (or, with
+    every_position=False, for a long context: only the last evaluated token's, tail_logits)."""
 
-    def __init__(self, path: Path, n_ctx: int = 512, threads: int | None = None):
+    def __init__(self, path: Path, n_ctx: int = 512, threads: int | None = None, every_position: bool = True):
         import llama_cpp
 
         self._eog = llama_cpp.llama_vocab_is_eog
-        self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, logits_all=True,
-                                   verbose=False)
+        self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx if every_position else min(n_ctx, 64),
+                                   n_threads=threads, logits_all=every_position, verbose=False)
 
     def close(self) -> None:
         self.llm.close()
@@ -162,6 +163,18 @@ class Runtime:
         self.llm.reset()
         self.llm.eval(ids)
         return self.llm.scores[: len(ids)].copy()
+
+    def tail_logits(self, ids: list[int], start: int) -> Any:
+        """Next-token logits at positions start.. of `ids` only, float32 [len(ids) - start, n_vocab]: the first
+        start + 1 tokens at once, then one at a time (made with every_position=False: no [n_ctx, n_vocab] buffer)."""
+        import numpy as np
+
+        self.llm.reset()
+        rows = []
+        for chunk in [ids[: start + 1]] + [[t] for t in ids[start + 1:]]:
+            self.llm.eval(chunk)
+            rows.append(np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),)).copy())
+        return np.stack(rows)
 
     def greedy(self, ids: list[int], max_new_tokens: int) -> tuple[list[int], int | None]:
         """(new token ids, the end-of-generation token it stopped on or None): greedy decoding."""
@@ -189,12 +202,13 @@ def chat_text(tok: Any, prompt: list[dict]) -> str:
 
 
 def compare(path: Path, tok: Any, chats: list[list[dict]], ref: dict, inputs: list[dict], max_new_tokens: int,
-            excuse: Callable[[list[int], list[int], float], bool] | None = None) -> dict:
+            excuse: Callable[[list[int], list[int]], bool] | None = None) -> dict:
     """A GGUF file in llama.cpp against the reference (merged/): prompt tokens (llama.cpp's tokenizer on the
-    rendered chat vs training's ids), teacher-forced next-token agreement on `inputs`, identical greedy answers.
-    `ref`: {"ids", "answers", "logits", "unit"} as the export step computes them from merged/ (unit: parity.unit);
-    `excuse(prompt ids, answer ids with its stop token, the file's largest logit difference)`: whether a different
-    answer left merged/'s greedy path at a near-tie (parity.departs_at_near_tie)."""
+    rendered chat vs training's ids), teacher-forced next-token agreement on `inputs` and, where rope scaling acts
+    only at long positions, on ref["long"] (figures["long_context"]), identical greedy answers.
+    `ref`: {"ids", "answers", "logits", "unit", "long"} as the export step computes them from merged/ (unit:
+    parity.unit; long: parity.long_reference); `excuse(prompt ids, answer ids with its stop token)`: whether a
+    different answer left merged/'s greedy path at a near-tie (parity.departs_at_near_tie)."""
     import torch
 
     from common.shipping import parity
@@ -210,9 +224,26 @@ def compare(path: Path, tok: Any, chats: list[list[dict]], ref: dict, inputs: li
             stopped += stop is not None
         logits = [torch.from_numpy(rt.logits(x["input_ids"])) for x in inputs]
     figures = parity.agreement(ref["logits"], logits, ref["unit"])
-    excused = [a != r and x == rx and excuse is not None and excuse(x, g, figures["max_abs_logit_diff"] or 0.0)
+    excused = [a != r and x == rx and excuse is not None and excuse(x, g)
                for a, r, x, rx, g in zip(answers, ref["answers"], ids, ref["ids"], generated)]
     figures.update(parity.answer_match(ref["answers"], answers, excused))
     figures.update(prompt_tokens_match=sum(a == b for a, b in zip(ids, ref["ids"])) / max(1, len(ids)),
                    stopped=stopped, reader=version())
+    if ref.get("long"):
+        figures["long_context"] = long_context(path, ref["long"], ref["unit"])
     return figures
+
+
+def long_context(path: Path, long: dict, unit: float) -> dict:
+    """Next-token agreement of the file with parity.long_reference()'s logits at its long positions, the sequence in
+    one context of its own length (llama.cpp picks Phi-3's long rope factors by the context's size)."""
+    import torch
+
+    from common.shipping import parity
+
+    ids, start = long["ids"], long["from"]
+    with Runtime(path, n_ctx=len(ids), every_position=False) as rt:
+        got = torch.from_numpy(rt.tail_logits(ids, start))
+    f = parity.agreement([long["logits"]], [got], unit)
+    return {"from": start, "length": len(ids), **{k: f[k] for k in ("positions", "token_agreement", "near_tie_flips",
+                                                                     "max_abs_logit_diff")}}

@@ -14,8 +14,12 @@ Two measures, both on validation examples, both recorded in merge_report.json / 
   near-tie early in an answer changes all that follows, so its threshold is lower except where the weights are
   bit-identical (f16 GGUF of an fp16 merge). Another runtime (llama.cpp) computes the same weights with other
   kernels (and q8_0 quantizes the activations too): there an answer also counts when it first leaves the
-  reference's own greedy path at a near-tie, a gap within one fp16 step or within the file's own measured
-  rounding (`departs_at_near_tie`, counted apart as `near_tie_answers`); the next-token gate keeps a broken file out.
+  reference's own greedy path at a near-tie (`departs_at_near_tie`, counted apart as `near_tie_answers`), a gap
+  bounded at that position by the reference's own logits and the file's quant type (ANSWER_TIE), never by what the
+  file itself measures: a file that deviates more excuses nothing more.
+- long context (`long_reference`): where rope scaling acts only at long positions (Phi-3's longrope long factors
+  past original_max_position_embeddings, Llama-3's rope_freqs on wavelengths past original / high_freq_factor),
+  next-token agreement on one teacher-forced sequence LONG_TAIL positions past that point.
 
 A gate below its recipe threshold raises ParityError: the step fails and its target is not written.
 """
@@ -28,6 +32,16 @@ from common.model import arch, modeling
 
 
 NEAR_TIE = 2.0 ** -11  # fp16's unit roundoff: relative gaps below it are within one rounding step
+# How close merged/'s own top two candidates may be, as a share of the position's largest |logit|, where a GGUF
+# file's greedy answer leaves merged/'s path: 4 units of the quant type's rounding (f16: llama.cpp rounds each
+# product's activations to fp16, 2^-11; q8_0: each weight and activation to 1/254 ~ 2^-8 of its 32-block's
+# largest), as the two candidates move apart by up to twice one logit's error, itself a sum over rounded products
+# and layers. Fixed, never the file's own measured error. Measured on the real SmolLM2-135M (30 layers, 16 val
+# prompts, 64-token answers; docs/performance.md): the honest f16 file left merged/'s path nowhere (its logits at
+# most 7 units off at a position, 1.6 typically); the honest q8_0 file left it in 13 answers where merged/ led by at
+# most 1.85 units; corrupted files (theta x10, k rows, a block scaled) where it led by up to 20% of the logit.
+ANSWER_TIE = {"f16": 4 * 2.0 ** -11, "q8_0": 4 * 2.0 ** -8}
+LONG_TAIL = 64  # positions past the point where long-context rope scaling acts (long_reference)
 
 
 class ParityError(UserError):
@@ -102,11 +116,11 @@ def answer_match(ref: list[str], got: list[str], excused: list[bool] | None = No
     return out
 
 
-def departs_at_near_tie(model: Any, prompt: list[int], answer: list[int], noise: float = 0.0) -> bool:
+def departs_at_near_tie(model: Any, prompt: list[int], answer: list[int], tie: float = 0.0) -> bool:
     """Whether `answer` (token ids another runtime generated greedily after `prompt`, its stop token included)
     first leaves `model`'s own greedy path at a near-tie: the first token `model` would not have picked trails its
-    pick by at most roundoff() of that position's largest |logit|, or by at most `noise` (the other runtime's largest
-    teacher-forced logit difference from `model`, its measured rounding). False when it never leaves it."""
+    pick by at most max(roundoff(), `tie`) (ANSWER_TIE[quant]) of that position's largest |logit|. False when it
+    never leaves it."""
     import torch
 
     if not answer:
@@ -114,13 +128,43 @@ def departs_at_near_tie(model: Any, prompt: list[int], answer: list[int], noise:
     ids = torch.tensor([prompt + answer], device=model.device)
     with torch.no_grad():
         raw = model(input_ids=ids).logits[0, len(prompt) - 1: len(prompt) - 1 + len(answer)]
-    logits, u = raw.float(), roundoff(raw.dtype)
+    logits = raw.float()
     got = torch.tensor(answer, device=logits.device)
     off = (logits.argmax(-1) != got).nonzero()
     if not len(off):
         return False
     row = logits[int(off[0])]
-    return bool(row.max() - row[got[int(off[0])]] <= max(u * float(row.abs().max()), noise))
+    return bool(row.max() - row[got[int(off[0])]] <= max(roundoff(raw.dtype), tie) * float(row.abs().max()))
+
+
+def long_start(config: Any) -> int | None:
+    """The position from which the model's rope scaling acts, or None: Phi-3's longrope switches to its long
+    factors once a sequence passes original_max_position_embeddings (transformers; llama.cpp once its context
+    does); Llama-3's rope_freqs stretch the wavelengths longer than original / high_freq_factor, which turn a whole
+    circle only past that many positions."""
+    from common.shipping import export
+
+    rope = export.rope_scaling(config)
+    if rope["rope_type"] == "longrope":
+        return export.original_context(config)
+    if rope["rope_type"] == "llama3":
+        return int(rope.get("original_max_position_embeddings", 8192) / rope.get("high_freq_factor", 4.0))
+    return None
+
+
+def long_reference(model: Any, config: Any, inputs: list[dict]) -> dict | None:
+    """One teacher-forced sequence LONG_TAIL positions past long_start() (the examples' ids over and over) and
+    `model`'s float32 logits at those positions: {"ids", "from", "logits"}; None without long-context scaling."""
+    import torch
+
+    start, ids = long_start(config), [t for x in inputs for t in x["input_ids"]]
+    n = min((start or 0) + LONG_TAIL, config.max_position_embeddings)
+    if start is None or not ids or n <= start:
+        return None
+    ids = (ids * (n // len(ids) + 1))[:n]
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([ids], device=model.device), logits_to_keep=n - start).logits
+    return {"ids": ids, "from": start, "logits": out[0].float().cpu()}
 
 
 def gate(name: str, figures: dict, min_tokens: float, min_answers: float, fix: str) -> None:
@@ -130,6 +174,10 @@ def gate(name: str, figures: dict, min_tokens: float, min_answers: float, fix: s
         bad.append(f"next-token agreement {figures['token_agreement']:.3f} < {min_tokens}")
     if figures["answer_match"] < min_answers:
         bad.append(f"identical greedy answers {figures['answer_match']:.2f} < {min_answers}")
+    long = figures.get("long_context")
+    if long and long["token_agreement"] < min_tokens:
+        bad.append(f"next-token agreement past position {long['from']} (long-context rope scaling) "
+                   f"{long['token_agreement']:.3f} < {min_tokens}")
     if bad:
         diff = figures.get("first_difference")
         where = (f"; first different answer (#{diff['index']}): {diff['got'][:60]!r} vs {diff['reference'][:60]!r}"
