@@ -73,6 +73,9 @@ ifneq ($(filter-out $(NO_RECIPE_GOALS),$(or $(MAKECMDGOALS),all)),)
   endif
   $(foreach v,$(RUN_PATHS),$(if $(filter $(HOME_DIR)/%,$($(v))),,\
     $(error python -m common.core.stamps gave $(v)='$($(v))', not a path under $(HOME_DIR); run it by hand to see why)))
+  ifeq ($(filter scripts/%.py,$(TRAIN_SCRIPT)),)
+    $(error python -m common.core.stamps $(FLAGS) named no training script; run it by hand to see why)
+  endif
   ifneq ($(DIST),)
     $(error DIST is gone: several processes train as DDP (make train NPROC=N); FSDP and DeepSpeed were removed)
   endif
@@ -109,8 +112,9 @@ FORCE:
 $(PREPARED): scripts/01_prepare.py $(STAMPS)/prepare.json | $(ENV_JSON)
 	$(PY) scripts/01_prepare.py $(FLAGS)
 
-$(TRAINED): scripts/02_sft_qlora.py $(STAMPS)/train.json $(PREPARED)
-	$(TRAIN_LAUNCH) scripts/02_sft_qlora.py $(FLAGS)
+# TRAIN_SCRIPT (common/core/stamps.py): the task's training step, scripts/02_sft_qlora.py or scripts/02_preference.py
+$(TRAINED): $(TRAIN_SCRIPT) $(STAMPS)/train.json $(PREPARED)
+	$(TRAIN_LAUNCH) $(TRAIN_SCRIPT) $(FLAGS)
 
 $(MERGED): scripts/03_merge_fp16.py $(STAMPS)/merge.json $(TRAINED)
 	$(PY) scripts/03_merge_fp16.py $(FLAGS)
@@ -153,7 +157,7 @@ bench: $(PREPARED) ## speed: ours vs plain TRL vs the reference way; batched gen
 	$(PY) scripts/bench.py $(FLAGS) $(BENCH)
 
 test: $(ENV_JSON) | llamacpp ## the whole test suite (tiny models for every recipe, plus a short real SmolLM2 run)
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=25
 
 test-fast: $(ENV_JSON) ## the unit tier: no model is trained (a few minutes)
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not e2e and not slow and not gpu"

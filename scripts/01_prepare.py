@@ -8,7 +8,9 @@ JSON lines and CSV stream, so a 2 GB trn.json never sits in memory whole). Rows 
 counted by reason with their first line numbers; a file with no usable row stops with one line saying why. A
 causal recipe's example that its chat template cannot render, or that keeps no trained token within
 train.max_length, is dropped and counted too (never trained all-masked); the share of train tokens trained is logged.
-The chat task also reads a dataset folder or `hub:owner/name` (common/tasks/chat.py). data.val_extra adds records the
+The chat and preference tasks also read a dataset folder or `hub:owner/name` (common/tasks/chat.py). How records
+are split, built into rows and checked for trained tokens is the task's (common/tasks/__init__.py: the preference
+task splits by prompt and checks both answers of a pair). data.val_extra adds records the
 sample left out to val, and data.replay mixes general text into train (common/data/splits.py); test is unchanged.
 
 Writes (atomically) data/processed/<run>/: train.jsonl, val.jsonl, test.jsonl (prompt/completion in the form the
@@ -36,7 +38,7 @@ def tokenizer(cfg):
         return None
 
 
-def token_stats(cfg, parts: dict[str, list[dict]]) -> dict:
+def token_stats(cfg, task, parts: dict[str, list[dict]]) -> dict:
     """Token-length percentiles per split with the recipe's tokenizer ({} when the model cannot be loaded)."""
     try:
         tok = modeling.load_tokenizer(cfg, modeling.model_source(cfg))
@@ -44,11 +46,11 @@ def token_stats(cfg, parts: dict[str, list[dict]]) -> dict:
         log.warning("token lengths not computed: %s", e)
         return {}
     a = arch.get(cfg)
-    return {name: readers.percentiles([a.length(tok, ex) for ex in rows], cfg.train.max_length)
+    return {name: readers.percentiles([n for ex in rows for n in task.lengths(a, tok, ex)], cfg.train.max_length)
             for name, rows in parts.items() if rows}
 
 
-def trained_only(cfg, parts: dict[str, list[dict]], rep: readers.Report) -> float | None:
+def trained_only(cfg, task, parts: dict[str, list[dict]], rep: readers.Report) -> float | None:
     """Drop (and count) each example the chat template cannot render or that keeps no trained token within
     train.max_length (test: its last answer, the one evaluated); the share of train tokens trained (None without a
     tokenizer)."""
@@ -61,7 +63,7 @@ def trained_only(cfg, parts: dict[str, list[dict]], rep: readers.Report) -> floa
     for name, rows in parts.items():
         keep = []
         for ex in rows:
-            why, n_trained, n_all = a.trained_tokens(cfg, tok, ex, last_only=name == "test")
+            why, n_trained, n_all = task.trained_tokens(cfg, a, tok, ex, last_only=name == "test")
             if why:
                 rep.drop(why, ex["id"])
                 continue
@@ -82,19 +84,19 @@ def body(ctx: run.Context) -> None:
     cfg, rp = ctx.cfg, ctx.paths
     task, rep = tasks.get(cfg.task), readers.Report()
     path = task.source(cfg.data.path) or readers.resolve(cfg.data.path)
-    parts, note = readers.split_records(cfg, task, path, rep)
-    extra, extra_note = splits.extra_val(cfg, task, path, parts)
+    parts, note = task.split(cfg, path, rep)
+    extra, extra_note = task.extra_val(cfg, path, parts)
     if extra_note:
         log.warning(extra_note)
     parts["val"] = parts["val"] + extra
-    out = {name: readers.to_examples(cfg, task, arch.get(cfg), recs, cfg.data.seed + i, extend=name != "test")
+    out = {name: task.examples(cfg, arch.get(cfg), recs, cfg.data.seed + i, extend=name != "test")
            for i, (name, recs) in enumerate(parts.items())}
-    share = trained_only(cfg, out, rep)
+    share = trained_only(cfg, task, out, rep)
     out["train"], replay = splits.add_replay(cfg, arch.get(cfg), tokenizer(cfg), out["train"])
     if replay:
         log.info("replay: %d general-text examples (%s) are %.1f%% of %d train examples", replay["examples"],
                  replay["file"], 100 * replay["examples"] / len(out["train"]), len(out["train"]))
-    stats = token_stats(cfg, out)
+    stats = token_stats(cfg, task, out)
     for name, rows in out.items():
         io.write_jsonl(rp.split(name), rows)
     if cfg.data.export_formatted:

@@ -21,12 +21,19 @@ set data/general/passages.txt (common/evaluation/forgetting.py), paired over pas
 stop_rate is the share of answers that ended on EOS before eval.max_new_tokens; the report warns when the tuned
 model does not stop (below 90%).
 
+A task with pairs (task preference: prompt, chosen, rejected) also scores each held-out pair's two answers under the
+base (the starting model) and the tuned model, cached with the answers: preference accuracy (the share of pairs
+whose chosen answer gets the higher log-probability, summed and per token) of both, paired with a CI and verdict,
+beside the `longer` baseline, and the mean DPO reward margin (common/evaluation/preference.py); the task's ROUGE-L
+is against the chosen answer.
+
 The tuned model also answers the val split (not the base model: its answers are shared by a sweep's runs); its
 per-example val scores (val_scores.csv) are what make sweep chooses its best run on, so test picks nothing.
 
 Writes outputs/<run>/eval/ atomically: side_by_side.csv, val_scores.csv, improved_examples.csv, fixed_prompts.csv
-(when the task has extra prompts, e.g. eval.fixed_prompts), report.md and metrics.json; then the model cards
-merged/README.md and adapter/README.md (common/shipping/cards.py), whose figures are read from these files.
+(when the task has extra prompts, e.g. eval.fixed_prompts), preference_pairs.csv (a task with pairs), report.md and
+metrics.json; then the model cards merged/README.md and adapter/README.md (common/shipping/cards.py), whose figures
+are read from these files.
 docs/evaluation.md explains how to read the verdicts.
 """
 from __future__ import annotations
@@ -37,9 +44,10 @@ import sys
 from common import tasks
 from common.core import io, run
 from common.data import prompts
-from common.evaluation import compare, forgetting
+from common.evaluation import compare, forgetting, preference
 from common.model import arch
 from common.shipping import cards
+from common.training import footprint
 
 log = logging.getLogger("ft")
 
@@ -70,11 +78,16 @@ def body(ctx: run.Context) -> None:
     ids = [a.encode_prompt(cfg, tok, ex) for ex in examples]
     general = forgetting.passages()
     scored = held_out(cfg, task, tok, rows)
+    pairs = preference.encode(cfg, tok, rows) if getattr(task, "pairs", False) else None
+    extra_scored = pairs.sequences if pairs else []  # scored and cached with the answers, after the held-out ones
     has_val = cfg.eval.split != "val" and rp.split("val").exists()  # picks the strongest baseline and a sweep's best
     val = io.read_jsonl(rp.split("val")) if has_val else []
     val_ids = [a.encode_prompt(cfg, tok, ex) for ex in val]  # the tuned model answers them after the rest
-    base = compare.base_generations(cfg, rp, tok, ids, precision, a, general, scored)
-    tuned = compare.tuned_generations(cfg, rp, tok, ids + val_ids, precision, a, general, scored)
+    base = compare.base_generations(cfg, rp, tok, ids, precision, a, general, scored + extra_scored)
+    tuned = compare.tuned_generations(cfg, rp, tok, ids + val_ids, precision, a, general, scored + extra_scored)
+    k = len(scored)
+    base_pairs, tuned_pairs = base.answer_losses[k:], tuned.answer_losses[k:]
+    base.answer_losses, tuned.answer_losses = base.answer_losses[:k], tuned.answer_losses[:k]
     n = len(rows)
     train = [r for r in io.read_jsonl(rp.split("train")) if not r.get("replay")]  # the baselines read task examples
     m, side = compare.compare(cfg, task, rows, compare.head(base, n), compare.head(tuned, n), train, val)
@@ -83,13 +96,26 @@ def body(ctx: run.Context) -> None:
     m["n_prompts_truncated"] = sum(a.prompt_truncated(cfg, tok, ex) for ex in rows)
     answers = [{"prompt": label, "base": b, "tuned": t}
                for (label, _), b, t in zip(extra, base.texts[n:], tuned.texts[n:])]
+    files = {}
+    if pairs:
+        p, per_pair = preference.evaluate(rows, pairs, base_pairs, tuned_pairs, preference.beta_of(cfg, info),
+                                          cfg.eval.bootstrap)
+        p["training_log"] = preference.usual_shape(preference.reward_curves(rp.out / "train_log.csv"))
+        m["preference_accuracy"], files["preference_pairs.csv"] = p, compare.to_csv(per_pair)
     m["meta"] = compare.meta(cfg, rp, info)
+    m["peak_memory"] = footprint.peak_summary(info)  # measured peak against make plan's prediction (None: none made)
     cards.write(cfg, rp, metrics=m)  # before metrics.json (the target): a kill in between re-runs eval
-    compare.write(cfg, rp, m, side, answers, info, val_side)
+    compare.write(cfg, rp, m, side, answers, info, val_side, files)
     v, f = m["verdict"], m["forgetting"]
     log.info("%s base %.4f -> tuned %.4f; tuned - %s %+.4f, 95%% CI [%+.4f, %+.4f]: %s; general-text loss %.4f -> "
              "%.4f (%s) -> %s", task.primary, m["base"][task.primary], m["tuned"][task.primary], v["against"],
              v["mean"], v["ci_low"], v["ci_high"], v["verdict"], f["base_loss"], f["tuned_loss"], f["verdict"], rp.eval)
+    if p := m.get("preference_accuracy"):
+        log.info("preference accuracy on %d held-out pairs: start %.3f -> tuned %.3f (longer answer %.3f), change "
+                 "%+.3f, 95%% CI [%+.3f, %+.3f]: %s", p["n"], p["start"], p["tuned"], p["longer"], p["mean"],
+                 p["ci_low"], p["ci_high"], p["verdict"])
+    if m["peak_memory"]:
+        log.info("training's %s", m["peak_memory"]["line"])
     if h := m.get("answer_loss"):
         log.info("held-out answer loss %.4f -> %.4f, change %+.4f, 95%% CI [%+.4f, %+.4f]: %s", h["base_loss"],
                  h["tuned_loss"], h["mean"], h["ci_low"], h["ci_high"], h["verdict"])

@@ -47,7 +47,7 @@ def check(cfg: Any, quant: str, folder: Any, fname: str, ref: dict, rows: list[d
     excuse = None if reference is None else (
         lambda prompt, answer: parity.departs_at_near_tie(reference(), prompt, answer, tie))
     figures = llamacpp.compare(folder / fname, file_tok, [r["prompt"] for r in rows], ref, inputs,
-                               cfg.eval.max_new_tokens, excuse)
+                               cfg.eval.max_new_tokens, excuse, parity.TOKEN_TIE[quant])
     if figures["prompt_tokens_match"] < 1:
         raise parity.ParityError(f"{fname} tokenizes the recipe's prompts differently from merged/ "
                                  f"({figures['prompt_tokens_match']:.0%} identical in {figures['reader']}): "

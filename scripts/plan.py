@@ -9,7 +9,8 @@ loaded: the model's shape comes from the recipe's real configuration (common/tra
 length from the prepared split when `make prepare` has run, else train.max_length. Prints one table and writes
 outputs/<run>/plan.json: training (predicted_peak_gb, fits, micro_batch, seconds_per_step, components, advice:
 the cheapest change that makes it fit, in the order shorter train.max_length, smaller micro-batch, gradient
-checkpointing, 4-bit, a larger device) and the merge and export steps' RAM and disk.
+checkpointing, 4-bit, a larger device) and the merge and export steps' RAM (with a verdict against the host's RAM
+where it is known: Colab's 12.7 GB for a T4, this machine's for cpu) and disk.
 """
 from __future__ import annotations
 
@@ -17,25 +18,10 @@ import sys
 from typing import Any
 
 from common.core import config, io, paths
-from common.training import footprint, shapes
+from common.training import fit, footprint, shapes
 
-GiB = 2**30
-
-
-def later_steps(cfg: Any, total: int, gpu: bool) -> dict:
-    """RAM (and GPU memory) and disk of merge and export. Merge loads the full-precision base in fp32 on a CPU (in
-    merge.dtype on a GPU, through RAM), saves merged/ in merge.dtype; export's parity check holds merged/ (in eval's
-    dtype: fp32 on a CPU, bf16 on a GPU) and one GGUF (memory-mapped) at a time."""
-    mb = {"float16": 2, "bfloat16": 2, "float32": 4}[cfg.merge.dtype]
-    work = mb if gpu else 4
-    gguf = {"f16": 2.0, "q8_0": 34 / 32}  # bytes per weight: f16; q8_0 blocks of 32 int8 + one fp16 scale
-    files = {q: round(total * gguf.get(q, 2.0) / GiB, 2) for q in cfg.export.quantizations}
-    merge = {"ram_gb": round(total * work / GiB, 2), "disk_merged_gb": round(total * mb / GiB, 2)}
-    export = {"ram_gb": round(total * ((0 if gpu else work) + max(gguf.get(q, 2.0) for q in files)) / GiB, 2),
-              "disk_gguf_gb": files}
-    if gpu:
-        merge["gpu_gb"] = export["gpu_gb"] = round(total * mb / GiB, 2)
-    return {"merge": merge, "export": export}
+NOTES = {"overlap": "   (checkpointing: the logits are freed before the first layer is recomputed)",
+         "reference": "   (the no-grad reference forward of dpo/ipo)"}
 
 
 def table(cfg: Any, p: dict) -> str:
@@ -48,9 +34,10 @@ def table(cfg: Any, p: dict) -> str:
             f"{s['optim']}, checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, "
             f"{'padding-free' if s['padding_free'] else 'padded'}, longest example {s['longest_example']} tokens"),
             f"  lengths    {s['lengths_from']}",
-            (f"  micro      {p['micro_batch']} ({p['tokens_per_micro_batch']} tokens), largest that fits: "
-            f"{p['largest_micro_batch'] or 'none'}")]
-    rows += [f"  {k:<12} {v:8.2f} GiB" for k, v in p["components"].items()]
+            (f"  micro      {p['micro_batch']}" + (" pairs" if s["preference_pairs"] else "")
+             + f" ({p['tokens_per_micro_batch']} tokens, the longest examples together), largest that fits: "
+             f"{p['largest_micro_batch'] or 'none'}")]
+    rows += [f"  {k:<12} {v:8.2f} GiB" + NOTES.get(k, "") for k, v in p["components"].items() if v]
     rows.append(f"  {'peak':<12} {p['predicted_peak_gb']:8.2f} GiB   ~{p['seconds_per_step']:g} s per optimizer step")
     for a in p["advice"]:
         rows.append(f"  to fit: {a['change']}: --set {a['set']}" if not a["set"].startswith("GPU=")
@@ -59,8 +46,10 @@ def table(cfg: Any, p: dict) -> str:
     for step, d in p["steps"].items():
         disk = d.get("disk_gguf_gb") or {"merged/": d["disk_merged_gb"]}
         gpu = f", GPU {d['gpu_gb']:.2f} GiB" if "gpu_gb" in d else ""
-        rows.append(f"  {step:<12} RAM {d['ram_gb']:.2f} GiB{gpu}, disk " + ", ".join(f"{k} {v:.2f} GiB" for k, v in
-                                                                               disk.items()))
+        host = ("" if d["ram_fits"] is None else f" ({'fits' if d['ram_fits'] else 'DOES NOT FIT'} "
+                f"{d['host_ram_gb']} GB RAM)")
+        rows.append(f"  {step:<12} RAM {d['ram_gb']:.2f} GiB{host}{gpu}, disk "
+                    + ", ".join(f"{k} {v:.2f} GiB" for k, v in disk.items()))
     return "\n".join(rows)
 
 
@@ -72,12 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.load(args.recipe, args.sets, args.tiny)
         footprint.device_info(args.gpu)
         shape = shapes.shape_of(cfg)
-        p = footprint.predict(cfg, args.gpu, shape)
+        p = fit.predict(cfg, args.gpu, shape)
     except (config.ConfigError, ValueError, io.UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     p["recipe"], p["run"] = cfg.name, cfg.run
-    p["steps"] = later_steps(cfg, shapes.parameters(shape)["total"], p["device"] != "cpu")
+    p["steps"] = fit.later_steps(cfg, shapes.parameters(shape)["total"], p["device"])
     out = paths.RunPaths(cfg.run).plan
     out.parent.mkdir(parents=True, exist_ok=True)
     io.atomic_write_json(out, p)

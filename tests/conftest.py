@@ -3,6 +3,9 @@ helpers to run steps (only from tests marked e2e, slow or gpu: `make test-fast` 
 from __future__ import annotations
 
 import contextlib
+import csv
+import gzip
+import json
 import os
 import shutil
 import subprocess
@@ -14,20 +17,50 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Two xdist workers on a 2-core machine: with two OpenMP threads each, a worker's threads wait on the other's (a real
+# SmolLM2 step measured 34-140 s against 8-16 s at one thread, same machine and load); so each worker, and every
+# process it starts, uses one thread unless OMP_NUM_THREADS says otherwise. Set before any test module imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+# The longest groups first (minutes on the 2-core CPU machine), so that no long one starts last on one worker while
+# the other has nothing left; xdist would otherwise start the groups with the most tests first, these last.
+LONGEST_FIRST = ("tiny-runs", "tests/test_smollm2_real.py", "tests/test_faults.py", "tests/test_recipes.py",
+                 "tests/test_sweep.py", "tests/test_gate.py", "tests/test_training.py", "tests/test_dist.py",
+                 "tests/test_notebook.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order given below
+        config.option.loadscopereorder = False
+
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     """`make test` runs on two workers (pytest-xdist, --dist loadgroup): every test that uses a shared tiny run goes to
-    one worker, which builds each run once; the other tests of a file stay together on one worker."""
+    one worker, which builds each run once; the other tests of a file stay together on one worker. The longest
+    groups are handed out first (LONGEST_FIRST), the rest in file order."""
+    rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
+    groups = {}
     for item in items:
-        group = "tiny-runs" if "tiny_run" in item.fixturenames else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+        groups[item] = "tiny-runs" if "tiny_run" in item.fixturenames else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(groups[item]))
+    items.sort(key=lambda it: rank.get(groups[it], len(rank)))
 
 
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
-    """Converted SmolLM2 and tiny models, shared by the session (FT_CACHE from the environment wins)."""
-    return Path(os.environ.get("FT_CACHE") or tmp_path_factory.mktemp("model-cache"))
+    """Converted SmolLM2, tiny models and llama.cpp's vocabularies, shared by the session and by its xdist workers
+    (one folder next to theirs: every entry is written with io.atomic_dir(keep_existing=True), so the first worker
+    to finish one serves both); FT_CACHE from the environment wins."""
+    if os.environ.get("FT_CACHE"):
+        return Path(os.environ["FT_CACHE"])
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker's base temp is a folder of the run's own
+        shared = tmp_path_factory.getbasetemp().parent / "model-cache"
+        shared.mkdir(exist_ok=True)
+        return shared
+    return tmp_path_factory.mktemp("model-cache")
 
 
 @pytest.fixture(scope="session")
@@ -160,7 +193,27 @@ class TinyRun:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, model_cache):
+def installed(tmp_path_factory, model_cache):
+    """installed(home): gives a fresh artifact root the outputs/env.json of one `make install` per session, so its
+    `make` skips the install step (about 13 s of pip and probe each) where installing is not what the test checks
+    (tests/test_bootstrap.py and tests/test_faults.py install for real)."""
+    made: list[Path] = []
+
+    def give(home: Path) -> Path:
+        if not made:
+            first = tmp_path_factory.mktemp("installed") / "home"
+            first.mkdir()
+            make(first, "install", FT_CACHE=str(model_cache), HF_HUB_OFFLINE="1")
+            made.append(first / "outputs" / "env.json")
+        (home / "outputs").mkdir(parents=True, exist_ok=True)
+        shutil.copy(made[0], home / "outputs" / "env.json")  # a new mtime: newer than requirements.txt
+        return home
+
+    return give
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, model_cache, installed):
     """tiny_run(recipe) -> TinyRun, built on first use in its own artifact root and shared by every test after it
     (`export=False`: no `make export` yet, for a test that does not look at it); a test that changes a run works on
     run.copy(tmp_path / "home")."""
@@ -169,8 +222,7 @@ def tiny_run(tmp_path_factory, model_cache):
 
     def get(recipe: str, export: bool = True) -> TinyRun:
         if recipe not in runs:
-            home = tmp_path_factory.mktemp(f"run-{recipe}") / "home"
-            home.mkdir()
+            home = installed(tmp_path_factory.mktemp(f"run-{recipe}") / "home")
             make(home, "all", f"RECIPE={recipe}", "TINY=1", **env)
             runs[recipe] = TinyRun(recipe, home)
         run = runs[recipe]
@@ -179,3 +231,25 @@ def tiny_run(tmp_path_factory, model_cache):
         return run
 
     return get
+
+
+def write(path: Path, rows: list, gz: bool = False) -> Path:
+    """A test data file: JSON lines (.jsonl), a JSON array (.json), CSV (.csv) or Parquet (.parquet) by suffix; gzip when gz."""
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        data = path.read_bytes()
+    elif path.suffix == ".csv":
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        data = path.read_bytes()
+    elif path.suffix == ".json":
+        data = json.dumps(rows).encode()
+    else:
+        data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path

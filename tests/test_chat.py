@@ -4,13 +4,10 @@ rows on the real Llama-3 BPE and SentencePiece tokenizers, the cut before the la
 the held-out answer loss in the report."""
 from __future__ import annotations
 
-import csv
-import gzip
 import json
-from pathlib import Path
 
 import pytest
-from conftest import answer_spans, make, step
+from conftest import answer_spans, make, step, write
 
 from common.core import config, paths
 from common.core.io import UserError
@@ -25,28 +22,6 @@ U, A, S = "user", "assistant", "system"
 
 def t(role, content):
     return {"role": role, "content": content}
-
-
-def write(path: Path, rows: list, gz: bool = False) -> Path:
-    """JSON lines (.jsonl), a JSON array (.json), CSV (.csv) or Parquet (.parquet) by suffix; gzip when gz."""
-    if path.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.Table.from_pylist(rows), path)
-        data = path.read_bytes()
-    elif path.suffix == ".csv":
-        with open(path, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        data = path.read_bytes()
-    elif path.suffix == ".json":
-        data = json.dumps(rows).encode()
-    else:
-        data = "".join(json.dumps(r) + "\n" for r in rows).encode()
-    path.write_bytes(gzip.compress(data) if gz else data)
-    return path
 
 
 def read(path, *sets):

@@ -170,7 +170,7 @@ def test_task_settings_belong_to_their_task(ft_home):
                                                  "this recipe's task is xauusd_forecast"):
         config.load("smollm2-xauusd", ["data.min_title_chars=3"])
     for key in ("data.format=csv", "data.max_content_chars=10", "eval.fixed_prompts=[a]"):
-        with pytest.raises(config.ConfigError, match="is a setting of task (chat and )?product_description;"):
+        with pytest.raises(config.ConfigError, match="is a setting of task (chat and )?(preference and )?product_description;"):
             config.load("mistral-xauusd", [key])
     with pytest.raises(config.ConfigError, match="is a setting of task xauusd_forecast"):
         config.load("smollm2", ["data.dedupe_headlines=true"])

@@ -34,9 +34,9 @@ def files(home: Path) -> set[str]:
     return {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and "checkpoint-" not in str(p)}
 
 
-def test_two_processes_train_the_same_curve_and_write_the_same_files(ft_home, tmp_path):
-    one = tmp_path / "one"
-    one.mkdir()
+def test_two_processes_train_the_same_curve_and_write_the_same_files(ft_home, tmp_path, installed):
+    one = installed(tmp_path / "one")  # the session's env.json in both roots: make installs nothing
+    installed(ft_home)
     make(one, "train", "RECIPE=tinyllama", "TINY=1", f"ARGS={SETS}")
     p = make(ft_home, "train", "RECIPE=tinyllama", "TINY=1", "NPROC=2", f"ARGS={SETS}")
     assert "accelerate.commands.launch" in p.stdout and "--num_processes 2" in p.stdout
@@ -70,7 +70,8 @@ def ranks_of(home: Path) -> list[int]:
     return out
 
 
-def test_kill_9_of_the_launcher_leaves_no_rank_and_a_rerun_resumes_with_another_process_count(ft_home):
+def test_kill_9_of_the_launcher_leaves_no_rank_and_a_rerun_resumes_with_another_process_count(ft_home, installed):
+    installed(ft_home)
     sets = f"{SETS} --set train.max_steps=8 --set train.save_steps=2 --set train.eval_steps=2"
     make(ft_home, "prepare", "RECIPE=tinyllama", "TINY=1", f"ARGS={sets}")
     launch = dist.launch_command(2)

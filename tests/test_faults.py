@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, make, step
+from conftest import REPO, step
 
 from common.core import paths, run
 
@@ -171,8 +171,8 @@ def test_4bit_without_bitsandbytes_trains_in_full_precision_and_says_so(ft_home)
 
 
 # --------------------------------------------------------------------------- concurrency, determinism
-def test_two_recipes_at_once_then_an_identical_rerun(ft_home, tiny_run):
-    make(ft_home, "install")
+def test_two_recipes_at_once_then_an_identical_rerun(ft_home, tiny_run, installed):
+    installed(ft_home)  # the session's env.json: the two makes install nothing
     env = dict(os.environ, FT_HOME=str(ft_home))
     procs = {r: subprocess.Popen(["make", f"PY={sys.executable}", "all", f"RECIPE={r}", "TINY=1"], cwd=REPO,
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

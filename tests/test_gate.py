@@ -269,6 +269,8 @@ def test_the_real_smollm2s_honest_files_pass_the_gate(quant, smollm2):
     assert f["prompt_tokens_match"] == 1.0 and "long_context" not in f  # SmolLM2's rope is unscaled
     if quant == "f16":
         assert f["token_agreement"] == 1.0 and f["answer_match"] == 1.0
+    else:  # flips within one q8_0 rounding step of merged/'s own top two are excused (0.978 with fp16's step)
+        assert f["token_agreement"] >= 0.99 and f["near_tie_flips"] > 0
 
 
 def _corruption(name: str, r, conf) -> tuple[dict, dict]:
@@ -285,8 +287,8 @@ def _corruption(name: str, r, conf) -> tuple[dict, dict]:
     return {"tokenizer.ggml.merges": merges[1:] + merges[:1]}, {}
 
 
-FAILS = {"rope theta x10": "next-token agreement 0.[0-8]", "k rows not permuted": "next-token agreement 0.[0-8]",
-         "one block's ffn_down x1.5": "next-token agreement 0.[0-8]",
+BELOW = r"next-token agreement 0\.(?:[0-8]|9[0-4])"  # under q8_0's 0.95
+FAILS = {"rope theta x10": BELOW, "k rows not permuted": BELOW, "one block's ffn_down x1.5": BELOW,
          "merges reordered": "tokenizes the recipe's prompts differently"}
 
 
@@ -295,8 +297,9 @@ FAILS = {"rope theta x10": "next-token agreement 0.[0-8]", "k rows not permuted"
 @pytest.mark.parametrize("name", list(FAILS))
 def test_a_subtly_corrupted_q8_0_file_fails_the_gate(name, smollm2, tmp_path):
     """The q8_0 file (the one the Modelfile serves, with the gate's loosest thresholds) rewritten with one change,
-    the rest byte for byte, fails the gate (measured next-token agreement: honest 0.978; theta x10 0.876, k rows
-    0.018, ffn_down x1.5 in block 15 of 30 0.887; the merges change every prompt's tokens)."""
+    the rest byte for byte, fails the gate (measured next-token agreement, q8_0's rounding step excused: honest
+    0.996; theta x10 0.887, k rows 0.022, ffn_down x1.5 in block 15 of 30 0.916; the merges change every prompt's
+    tokens)."""
     import gguf
 
     src = smollm2.home / "smollm2-q8_0.gguf"

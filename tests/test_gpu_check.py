@@ -54,6 +54,11 @@ def test_dry_run_runs_every_part_and_reports_it(ft_home):
     ours = rep["benches"]["bench-tinyllama"]["training"]["ours"]
     assert ours["tokens_per_s"] > 0 and ours["s_per_step"] > 0 and 0 < ours["mfu"] < 1
     assert "## bench-tinyllama: tinyllama-tiny on " in md and "| ours | " in md
+    # make plan's prediction beside the row it ran (peak RSS here; reserved + context on a GPU), its error in the table
+    p = ours["planner"]
+    assert p["compared"] == "rss" and p["predicted_gb"] > 0 and p["measured_gb"] > 0
+    assert p["error"] == round(p["predicted_gb"] / p["measured_gb"] - 1, 3) and "prepare_report.json" in p["lengths_from"]
+    assert "| planned GB | planner error |" in md and f"{p['error'] * 100:+.0f}% vs {p['measured_gb']:.2f} rss |" in md
     out = ft_home / "outputs/gpu-check"
     assert all(f.stat().st_size < 64_000 for f in out.glob("*-cpu-dry-run.*"))  # KBs: it must come back
 

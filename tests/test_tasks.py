@@ -124,7 +124,7 @@ def test_split_sizes_never_leave_train_empty(n, want, got):
 
 
 def test_registry_finds_every_task_module():
-    assert tasks.names() == ("chat", "product_description", "xauusd_forecast")
+    assert tasks.names() == ("chat", "preference", "product_description", "xauusd_forecast")
     for name in tasks.names():
         t = tasks.get(name)
         assert t.name == name and t.primary and t.per_example and set(t.prompt_defaults) == {"user", "target"}

@@ -134,7 +134,7 @@ def test_an_overlong_multi_turn_prompt_drops_its_oldest_turns_first(tok):
 # --------------------------------------------------------------------------- what changes the result
 RUNTIME_CHANGES = {"micro_batch": 2, "gpu_memory_gb": 12, "padding_free": True, "varlen_attention": True,
                    "liger": True, "threads": 1, "answer_only_logits": False, "logging_steps": 3,
-                   "save_total_limit": 5, "eval_bleu": True, "report_to": "tensorboard"}
+                   "save_total_limit": 5, "eval_bleu": True, "report_to": "tensorboard", "probe_from_plan": True}
 
 
 def test_runtime_settings_keep_the_checkpoints_and_train_settings_discard_them(ft_home):

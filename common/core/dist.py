@@ -101,6 +101,9 @@ def check(cfg: config.Config, nproc: int, gpus: int) -> None:
     if eff % nproc:
         raise UserError(f"the effective batch train.batch_size x train.grad_accum = {eff} does not split over "
                         f"NPROC={nproc} processes; use an NPROC that divides {eff}")
+    if nproc > 1 and getattr(cfg.train, "precompute_ref", False):  # TRL caches it in a per-process temp file
+        raise UserError(f"train.precompute_ref needs one process (TRL keeps the precomputed log-probs in a file of "
+                        f"its own process); set it false for NPROC={nproc}")
     if gpus and nproc > gpus:
         raise UserError(f"NPROC={nproc} but this machine has {gpus} GPU(s); one process per GPU")
     load_engine_config()

@@ -124,6 +124,9 @@ SCHEMA: dict[str, Any] = {
         # the largest divisor that fits in memory (probed on the longest training batch), on a CPU the recipe's
         # batch_size; or a number that divides the effective batch
         "micro_batch": F((str, int), "auto"),
+        # auto's probe starts at make plan's micro-batch for the run's own lengths and goes up or down from there (the
+        # probe still decides); opt-in until a GPU run shows the plan's start right
+        "probe_from_plan": F(bool, False),
         "gpu_memory_gb": F((int, float)),  # cap on this process's GPU memory (e.g. 16: a T4's size on a larger GPU)
         "padding_free": F((str, bool), "auto"),  # one row per micro-batch, no padding (auto: on a GPU)
         # padding-free rows through PyTorch's varlen flash kernel instead of SDPA over a block-diagonal mask (GPU

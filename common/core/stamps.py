@@ -2,8 +2,8 @@
 
     python -m common.core.stamps --recipe NAME [--tiny] [--set k=v ...] [--write]
 
-validates the recipe and prints the run's paths as Make variables (KEY=path lines, and ENV_STALE=1 when
-outputs/env.json describes another Python), or one line `error: ...`;
+validates the recipe and prints the run's paths as Make variables (KEY=path lines, TRAIN_SCRIPT: the training step
+of the recipe's task, and ENV_STALE=1 when outputs/env.json describes another Python), or one line `error: ...`;
 with --write it also writes one small JSON per step into the run's .stamps/ folder, rewriting a file only when
 its content changed, so Make re-runs exactly the steps whose settings changed. The `runtime` section is in no
 stamp: changing how a run executes never re-runs a step.
@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from common import tasks
 from common.core import config, paths
 
 # Which settings each step depends on (Make re-runs a step when its stamp changes; training's stamp is also the
@@ -33,8 +34,17 @@ STEP_KEYS = {
 # What a step writes, by format: bumped when a step's outputs change shape, so Make re-runs it for runs made by an
 # older version (eval 2: verdicts against the baselines, the forgetting check; eval 3: the strongest baseline chosen
 # on val, the headline against the strongest alternative, "too few examples to tell"; eval 4: the tuned model's
-# val scores, eval/val_scores.csv, which make sweep chooses on).
-FORMATS = {"eval": 4}
+# val scores, eval/val_scores.csv, which make sweep chooses on; eval 5: preference accuracy for a task with pairs, the
+# measured peak against make plan's).
+FORMATS = {"eval": 5}
+
+
+# The script that trains each kind of task (a task's `trains`): the Makefile's train rule runs it.
+TRAIN_SCRIPTS = {"sft": "scripts/02_sft_qlora.py", "preference": "scripts/02_preference.py"}
+
+
+def train_script(cfg: config.Config) -> str:
+    return TRAIN_SCRIPTS[getattr(tasks.get(cfg.task), "trains", "sft")]
 
 
 def step_settings(cfg: config.Config, step: str) -> dict:
@@ -82,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.write:
             write(cfg)
         lines = [f"{key}={path}" for key, path in paths.RunPaths(cfg.run).targets().items()]
+        lines.append(f"TRAIN_SCRIPT={train_script(cfg)}")
     except (config.ConfigError, ValueError) as e:
         print(f"error: {e}")
         return 2

@@ -346,5 +346,5 @@ def to_examples(cfg: Any, task: Any, architecture: Any, records: list[dict], see
 def percentiles(lengths: list[int], max_length: int) -> dict:
     lengths = sorted(lengths)
     pct = {f"p{p}": lengths[min(len(lengths) - 1, int(len(lengths) * p / 100))] for p in (50, 90, 99)}
-    return {**pct, "max": lengths[-1], "mean": round(sum(lengths) / len(lengths), 1),
-            "over_max_length": sum(x > max_length for x in lengths)}
+    return {**pct, "max": lengths[-1], "mean": round(sum(lengths) / len(lengths), 1), "longest": lengths[::-1][:256],
+            "over_max_length": sum(x > max_length for x in lengths)}  # longest: make plan's worst micro-batch

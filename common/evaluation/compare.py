@@ -18,7 +18,7 @@ from typing import Any
 
 from common.core import io, metadata, paths
 from common.data import prompts
-from common.evaluation import forgetting, metrics
+from common.evaluation import forgetting, metrics, preference
 from common.model import modeling
 
 log = logging.getLogger("ft")
@@ -79,7 +79,7 @@ def _generate(cfg: Any, cache: Path, key: str, label: str, load: Any, tok: Any, 
              len(losses), time.perf_counter() - t0)
     held = forgetting.losses(model, tok, list(scored)) if scored else []
     if held:
-        log.info("%s model: held-out answer loss %.4f on %d eval answers", label, sum(held) / len(held), len(held))
+        log.info("%s model: held-out answer loss %.4f on %d scored answers", label, sum(held) / len(held), len(held))
     io.write_jsonl(cache, [{"key": key}, {"general_losses": losses, "answer_losses": held}] +
                    [{"answer": a, "stopped": s} for a, s in zip(texts, stops)])
     return Answers(texts, stops, losses, held)
@@ -280,10 +280,12 @@ def report_md(cfg: Any, m: dict, examples: list[dict], notes: list[str]) -> str:
     lines = [f"# Evaluation: {cfg.name}", "",
              f"Base model `{cfg.model.name_or_path}`, tuned with recipe `{cfg.name}` ({n} `{cfg.eval.split}` "
              f"examples, greedy, max_new_tokens={cfg.eval.max_new_tokens})." + base_weights_note(m), ""]
-    v = m["verdict"]
-    lines += [f"**Verdict against {headline_who(m)}: the tuned model is {metrics.VERDICT_WORDS[v['verdict']]} it** "
-              f"on {v['metric']} ({v['mean']:+.4f}, 95% CI [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}])."
-              + resolve_hint(v, n, "test examples"), ""]
+    v, p = m["verdict"], m.get("preference_accuracy")
+    if p:  # a task with pairs leads with its question: does the tuned model prefer the chosen answers?
+        lines += preference.report_lines(p, cfg.eval.split, resolve_hint(p, p["n"], "pairs"), p.get("training_log"))
+    lines += [("## Generated answers against the chosen ones\n\n" if p else "") + f"**Verdict against {headline_who(m)}: "
+              f"the tuned model is {metrics.VERDICT_WORDS[v['verdict']]} it** on {v['metric']} ({v['mean']:+.4f}, 95% CI "
+              f"[{v['ci_low']:+.4f}, {v['ci_high']:+.4f}])." + resolve_hint(v, n, "test examples"), ""]
     lines += ["| metric | base | tuned |" + "".join(f" {b} |" for b in names), "|---|---|---|" + "---|" * len(names)]
     for k, val in m["tuned"].items():
         cells = "".join(f" {m['baselines'][b][k]:.4f} |" if k in m["baselines"][b] else " - |" for b in names)
@@ -308,8 +310,8 @@ def report_md(cfg: Any, m: dict, examples: list[dict], notes: list[str]) -> str:
                      f"ended on EOS within max_new_tokens={cfg.eval.max_new_tokens} (base: {m['base']['stop_rate']:.0%})"
                      "; check that the training answers end with the EOS token (prompt.template) or raise "
                      "eval.max_new_tokens.")
-    if notes:
-        lines += ["", "Settings replaced on this machine: " + "; ".join(notes)]
+    lines += ["", "Settings replaced on this machine: " + "; ".join(notes)] if notes else []
+    lines += ["", f"Training's {m['peak_memory']['line']}."] if m.get("peak_memory") else []  # make plan's check
     lines += ["", "## Examples", ""]
     flat = lambda s: " ".join(str(s).split())  # noqa: E731 (one line per answer in Markdown)
     for ex in examples[:3]:
@@ -327,8 +329,8 @@ def meta(cfg: Any, rp: paths.RunPaths, info: dict) -> dict:
 
 
 def write(cfg: Any, rp: paths.RunPaths, m: dict, side: list[dict], extra: list[dict], info: dict,
-          val_side: list[dict] = ()) -> None:
-    """The eval/ folder, replaced whole; metrics.json is written last inside it."""
+          val_side: list[dict] = (), files: dict[str, str] | None = None) -> None:
+    """The eval/ folder, replaced whole (with `files`: {name: text} more); metrics.json is written last inside it."""
     key = m["comparison"]["per_example"]
     improved = sorted((s for s in side if s[f"tuned_{key}"] > s[f"base_{key}"]),
                       key=lambda s: s[f"base_{key}"] - s[f"tuned_{key}"])
@@ -340,5 +342,7 @@ def write(cfg: Any, rp: paths.RunPaths, m: dict, side: list[dict], extra: list[d
             io.atomic_write_text(tmp / "val_scores.csv", to_csv(list(val_side)))
         if extra:
             io.atomic_write_text(tmp / "fixed_prompts.csv", to_csv(extra))
+        for name, text in (files or {}).items():
+            io.atomic_write_text(tmp / name, text)
         io.atomic_write_text(tmp / "report.md", report_md(cfg, m, improved or side, info.get("plan", {}).get("replaced", [])))
         io.atomic_write_json(tmp / "metrics.json", m)

@@ -21,7 +21,8 @@ the tinyllama bench's row selection plus its `ours` row (a real training step) f
 only has its recipe settings validated (common.core.config), so a misspelt key fails here, not on the borrowed GPU.
 
 Writes outputs/gpu-check/<date>-<gpu>.json and .md (one table: each part passed / failed with its exception's last
-line / overran, elapsed; then every figure of the benches' JSONs, the GPU named) and logs/<part>.log.
+line / overran, elapsed; then every figure of the benches' JSONs, the GPU named, and make plan's predicted peak and
+error on each `ours` row) and logs/<part>.log.
 """
 from __future__ import annotations
 
@@ -46,7 +47,12 @@ from common.measurement.gpucheck_parts import (
     Part,
     parts,
 )
-from common.measurement.gpucheck_report import bench_figures, last_error_line, markdown
+from common.measurement.gpucheck_report import (
+    bench_figures,
+    last_error_line,
+    markdown,
+    planner_errors,
+)
 
 
 def _kill(p: subprocess.Popen) -> None:
@@ -194,6 +200,16 @@ def gpu_name() -> str | None:
     return names[0] if p.returncode == 0 and names else None
 
 
+def gpu_memory_gb() -> float | None:
+    """The GPU's memory (GiB, as torch reports it) from nvidia-smi, without initialising CUDA here."""
+    try:
+        p = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                           check=False, capture_output=True, text=True, timeout=30)
+        return float(p.stdout.split()[0]) / 1024 if p.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return None
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
@@ -278,6 +294,11 @@ def run(dry_run: bool = False, only: list[str] | None = None, budget_scale: floa
 
     benches = {p.name: bench_figures(root / "work" / p.name / "outputs" / "bench" / f"{run_of(p, dry_run)}.json")
                for p in chosen if p.bench}
+    memory = None if dry_run else gpu_memory_gb()
+    for p in chosen:  # make plan's error on every row the benches ran: the next lent GPU calibrates the planner
+        if benches.get(p.name) and p.checks:
+            flags = p.checks[0].replace("--set tiny.shape=full", "") if dry_run else p.checks[0]  # dry: TINY=1
+            planner_errors(benches[p.name], flags, root / "work" / p.name, memory)
     rep = {"gpu": gpu or "none", "label": label, "dry_run": dry_run, "date": dt.date.today().isoformat(),
            "time": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
            "git_commit": metadata.git_commit(), "budget_s": total, "elapsed_s": round(time.monotonic() - t0, 1),

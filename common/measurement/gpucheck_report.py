@@ -1,4 +1,5 @@
-"""The gpu-check report: why a part failed (its exception's last line) and every bench figure, as Markdown."""
+"""The gpu-check report: why a part failed (its exception's last line), every bench figure and make plan's error on
+each `ours` row, as Markdown."""
 from __future__ import annotations
 
 import json
@@ -64,6 +65,16 @@ def _f(x: Any, nd: int = 1) -> str:
     return "-" if x is None else f"{x:,.{nd}f}" if isinstance(x, float) else f"{x:,}" if isinstance(x, int) else str(x)
 
 
+def _planned(p: dict | None) -> str:
+    """make plan's predicted peak and its error against the row's measured one (what it compared)."""
+    if not p:
+        return "- | -"
+    if "error" in p and p.get("predicted_gb") is None:
+        return f"- | {p['error'].replace('|', '/')}"
+    err = "-" if p["error"] is None else f"{p['error'] * 100:+.0f}% vs {p['measured_gb']:.2f} {p['compared']}"
+    return f"{p['predicted_gb']:.2f} | {err}"
+
+
 def markdown(rep: dict) -> str:
     """The report: one table of parts, then each bench's figures with the GPU named."""
     n = {s: sum(r["status"] == s for r in rep["parts"]) for s in ("passed", "failed", "overran", "validated",
@@ -80,12 +91,12 @@ def markdown(rep: dict) -> str:
     for part, b in rep["benches"].items():
         lines += ["", f"## {part}: {b['run']} on {b['gpu']}", "",
                   f"Matmul peak in the same run: {b['matmul_peak_gflops']} GFLOP/s.", "",
-                  "| row | precision | micro x accum | s/step | non-pad tok/s | vs ours | padding | peak GB "
-                  "| MFU | GPU busy |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  ("| row | precision | micro x accum | s/step | non-pad tok/s | vs ours | padding | peak GB "
+                   "| MFU | GPU busy | planned GB | planner error |"), "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         ours = b["training"].get("ours", {}).get("tokens_per_s")
         for name, r in b["training"].items():
             if "error" in r:
-                lines.append(f"| {name} | failed: {str(r['error']).replace('|', '/')} |||||||||")
+                lines.append(f"| {name} | failed: {str(r['error']).replace('|', '/')} |||||||||||")
                 continue
             mem = r.get("peak_vram_mb", r.get("peak_rss_mb"))
             busy = r.get("profile_device_busy_share")
@@ -94,7 +105,8 @@ def markdown(rep: dict) -> str:
                 f"| {_f(r.get('s_per_step'), 3)} | {_f(r.get('tokens_per_s'))} "
                 f"| {_f(r['tokens_per_s'] / ours, 2) if ours and r.get('tokens_per_s') else '-'}x "
                 f"| {_f(r.get('padding_share', 0) * 100, 0)}% | {_f(mem / 1024 if mem else None, 2)} "
-                f"| {_f(r.get('mfu', 0) * 100, 1)}% | {_f(busy * 100, 0) + '%' if busy is not None else '-'} |")
+                f"| {_f(r.get('mfu', 0) * 100, 1)}% | {_f(busy * 100, 0) + '%' if busy is not None else '-'} "
+                f"| {_planned(r.get('planner'))} |")
         g = b["generation"]
         if g.get("error"):
             lines += ["", f"Generation failed: {g['error']}"]
@@ -110,3 +122,57 @@ def markdown(rep: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+
+
+def planner_errors(figures: dict, flags: str, home: Path, gpu_memory_gb: float | None) -> None:
+    """make plan's prediction beside every `ours` row of one bench (figures, in place): the row's recipe flags (a
+    part's checks), its own overrides, micro-batch, precision and quantization, and the lengths of the split it
+    trained on (the part's artifact root). Compared: GPU max reserved + the context (and allocated), else peak RSS."""
+    import os
+    import shlex
+    from dataclasses import replace
+
+    from common.core import config
+    from common.measurement import bench_rows
+    from common.training import footprint, shapes
+    from common.training.plan import Plan
+
+    argv = shlex.split(flags)
+    recipe, sets = argv[argv.index("--recipe") + 1], [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    before = os.environ.get("FT_HOME")
+    os.environ["FT_HOME"] = str(home)  # the prepared split's lengths, as the part prepared them
+    try:
+        base = config.load(recipe, sets, tiny="--tiny" in argv)
+        ours = figures["training"].get("ours", {})
+        gpu = gpu_memory_gb is not None
+        plan = Plan("cuda" if gpu else "cpu", ours.get("precision", "fp32"), base.quantization.bits, base.train.optim,
+                    padding_free=gpu and base.model.arch == "causal")
+        specs = bench_rows.variants(base, plan)
+        for name, row in figures["training"].items():
+            if "error" in row or specs.get(name, {}).get("kind") != "ours":
+                continue
+            try:
+                cfg = config.load(recipe, [*sets, *specs[name]["sets"]], tiny="--tiny" in argv)
+                cap = cfg.runtime.gpu_memory_gb or gpu_memory_gb
+                st = footprint.setting(cfg, f"{cap:g}GB" if gpu else "cpu")
+                st = replace(st, precision=row.get("precision", st.precision),
+                             quant_bits=row.get("quantization_bits", st.quant_bits))
+                m = footprint.memory(cfg, shapes.shape_of(cfg), st, row.get("micro_batch") or st.micro)
+            except Exception as e:  # noqa: BLE001 (one row the planner cannot size is reported, not fatal)
+                row["planner"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+                continue
+            if gpu and row.get("peak_vram_reserved_mb"):
+                measured = row["peak_vram_reserved_mb"] / 1024 + footprint.device_info(st.device)[4]
+                p = {"compared": "reserved+context", "measured_gb": round(measured, 2), "predicted_gb": m["peak"],
+                     "allocated_gb": round(row.get("peak_vram_mb", 0) / 1024, 2), "predicted_allocated_gb": m["allocated"]}
+            else:
+                p = {"compared": "rss", "measured_gb": round(row.get("peak_rss_mb", 0) / 1024, 2), "predicted_gb": m["peak"]}
+            p["error"] = round(p["predicted_gb"] / p["measured_gb"] - 1, 3) if p["measured_gb"] else None
+            p["fits_predicted"] = m["peak"] <= (cap if gpu else 1e9)
+            p["tokens"], p["lengths_from"] = m["tokens"], st.length_source
+            row["planner"] = p
+    finally:
+        if before is None:
+            os.environ.pop("FT_HOME", None)
+        else:
+            os.environ["FT_HOME"] = before

@@ -1,8 +1,9 @@
 """Model cards: merged/README.md and adapter/README.md in the hub's format, from the run's own files.
 
-Every figure in a card is read from a file the pipeline wrote (prepare_report.json, adapter/run_info.json,
-merge_report.json, eval/metrics.json, export/export_report.json when present), so a card always matches what was
-evaluated. 04_eval writes the cards; 06_export rewrites them with the Ollama section; 08_push uploads them.
+Every figure in a card is read from a file the pipeline wrote (prepare_report.json, adapter/run_info.json with, for
+a preference run, its `preference` block: method, beta, starting model, reference; merge_report.json,
+eval/metrics.json, export/export_report.json when present), so a card always matches what was evaluated. 04_eval
+writes the cards; 06_export rewrites them with the Ollama section; 08_push uploads them.
 """
 from __future__ import annotations
 
@@ -20,20 +21,36 @@ def base_model(cfg: Any) -> str:
     return cfg.card.base_model or cfg.model.name_or_path
 
 
-def _front_matter(cfg: Any, kind: str, method: str) -> str:
+def _front_matter(cfg: Any, kind: str, method: str, extra: tuple[str, ...] = ()) -> str:
     seq2seq = cfg.model.arch == "seq2seq"
     meta: dict[str, Any] = {
         "base_model": base_model(cfg),
         "library_name": "peft" if kind == "adapter" else "transformers",
         "pipeline_tag": "text2text-generation" if seq2seq else "text-generation",
         "license": cfg.card.license or "other",
-        "tags": [FRAMEWORK_TAG, method, cfg.task, *(["lora"] if method != "lora" else []), *cfg.card.tags],
+        "tags": [FRAMEWORK_TAG, method, cfg.task, *(["lora"] if method != "lora" else []), *extra, *cfg.card.tags],
     }
     return "---\n" + "".join(f"{k}: {json.dumps(v, ensure_ascii=False)}\n" for k, v in meta.items()) + "---\n"
 
 
 def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+PREFERENCE_NAMES = {"dpo": "DPO", "ipo": "IPO", "orpo": "ORPO", "simpo": "SimPO"}
+
+
+def preference_line(p: dict, cfg: Any) -> str:
+    """The method, beta (and SimPO's gamma), the starting model and the reference, from run_info.json's preference;
+    a start that is the recipe's base model is named as the card names it (card.base_model)."""
+    name, start = p.get("method", "?"), p.get("starting_model")
+    start = f"the base model `{base_model(cfg)}`" if start == cfg.model.name_or_path else f"`{start}`"
+    gamma = f", gamma {p['simpo_gamma']}" if name == "simpo" and p.get("simpo_gamma") is not None else ""
+    ref = f"; reference: {p['reference']}" if p.get("reference") and name in ("dpo", "ipo") else ""
+    free = ", reference-free" if name in ("orpo", "simpo") else ""
+    pairs = f" on {p['pairs']} preference pairs" if p.get("pairs") else ""
+    return (f"Preference-tuned with {PREFERENCE_NAMES.get(name, name)} (beta {p.get('beta')}{gamma}{free}){pairs}, "
+            f"starting from {start}{ref}.")
 
 
 def evaluation_section(cfg: Any, m: dict) -> list[str]:
@@ -67,6 +84,12 @@ def evaluation_section(cfg: Any, m: dict) -> list[str]:
                  f"{f['ci_high']:+.4f}]: on general text the tuned model is {VERDICT_WORDS[f['verdict']]} the base "
                  "model"
                  + (" (it forgot some general ability)." if f["verdict"] == "worse" else "."))
+    if p := m.get("preference_accuracy"):
+        lines.append(f"Preference accuracy ({p['n']} held-out pairs, share where the chosen answer is the more "
+                     f"likely): starting model {p['start']:.1%}, tuned {p['tuned']:.1%}, the longer answer "
+                     f"{p['longer']:.1%}; "
+                     f"tuned - start {p['mean']:+.4f}, 95% CI [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}]: "
+                     f"{VERDICT_WORDS[p['verdict']]} the starting model.")
     lines += [f"Share of answers that ended on EOS: base {m['base']['stop_rate']:.0%}, tuned "
               f"{m['tuned']['stop_rate']:.0%}.", ""]
     return lines
@@ -84,7 +107,8 @@ def render(cfg: Any, rp: paths.RunPaths, kind: str, metrics: dict | None = None,
     bits = plan.get("quantization_bits", cfg.quantization.bits)
     method = "qlora" if bits else "lora"
     base = base_model(cfg)
-    lines = [_front_matter(cfg, kind, method),
+    pref = info.get("preference") or {}
+    lines = [_front_matter(cfg, kind, method, tuple(t for t in [pref.get("method")] if t)),
              f"# {cfg.run}: {cfg.description or cfg.name}", ""]
     if cfg.tiny_mode:
         lines += ["> **Test run on a random-init stand-in model** (tiny-model mode): it checks the pipeline and "
@@ -93,6 +117,8 @@ def render(cfg: Any, rp: paths.RunPaths, kind: str, metrics: dict | None = None,
     lines += [f"This is {what} for `{base}`, fine-tuned for the task **{cfg.task}** with the recipe "
               f"`recipes/{cfg.name}.yaml` of {FRAMEWORK_TAG} ({method.upper()}, r={cfg.lora.r}, alpha={cfg.lora.alpha}, "
               f"target modules {cfg.lora.target_modules}).", ""]
+    if pref:
+        lines += [preference_line(pref, cfg), ""]
     if prep:
         drops = ", ".join(f"{k} {v}" for k, v in prep.get("dropped", {}).items()) or "none"
         sp = prep.get("splits", {})

@@ -202,13 +202,14 @@ def chat_text(tok: Any, prompt: list[dict]) -> str:
 
 
 def compare(path: Path, tok: Any, chats: list[list[dict]], ref: dict, inputs: list[dict], max_new_tokens: int,
-            excuse: Callable[[list[int], list[int]], bool] | None = None) -> dict:
+            excuse: Callable[[list[int], list[int]], bool] | None = None, token_tie: float = 0.0) -> dict:
     """A GGUF file in llama.cpp against the reference (merged/): prompt tokens (llama.cpp's tokenizer on the
     rendered chat vs training's ids), teacher-forced next-token agreement on `inputs` and, where rope scaling acts
     only at long positions, on ref["long"] (figures["long_context"]), identical greedy answers.
     `ref`: {"ids", "answers", "logits", "unit", "long"} as the export step computes them from merged/ (unit:
     parity.unit; long: parity.long_reference); `excuse(prompt ids, answer ids with its stop token)`: whether a
-    different answer left merged/'s greedy path at a near-tie (parity.departs_at_near_tie)."""
+    different answer left merged/'s greedy path at a near-tie (parity.departs_at_near_tie); `token_tie`: the file's
+    quant rounding (parity.TOKEN_TIE), the near-tie unit of next-token agreement where it is coarser than ref's."""
     import torch
 
     from common.shipping import parity
@@ -223,14 +224,15 @@ def compare(path: Path, tok: Any, chats: list[list[dict]], ref: dict, inputs: li
             generated.append(new + ([] if stop is None else [stop]))
             stopped += stop is not None
         logits = [torch.from_numpy(rt.logits(x["input_ids"])) for x in inputs]
-    figures = parity.agreement(ref["logits"], logits, ref["unit"])
+    unit = max(ref["unit"], token_tie)
+    figures = parity.agreement(ref["logits"], logits, unit)
     excused = [a != r and x == rx and excuse is not None and excuse(x, g)
                for a, r, x, rx, g in zip(answers, ref["answers"], ids, ref["ids"], generated)]
     figures.update(parity.answer_match(ref["answers"], answers, excused))
     figures.update(prompt_tokens_match=sum(a == b for a, b in zip(ids, ref["ids"])) / max(1, len(ids)),
                    stopped=stopped, reader=version())
     if ref.get("long"):
-        figures["long_context"] = long_context(path, ref["long"], ref["unit"])
+        figures["long_context"] = long_context(path, ref["long"], unit)
     return figures
 
 

@@ -41,6 +41,10 @@ NEAR_TIE = 2.0 ** -11  # fp16's unit roundoff: relative gaps below it are within
 # most 7 units off at a position, 1.6 typically); the honest q8_0 file left it in 13 answers where merged/ led by at
 # most 1.85 units; corrupted files (theta x10, k rows, a block scaled) where it led by up to 20% of the logit.
 ANSWER_TIE = {"f16": 4 * 2.0 ** -11, "q8_0": 4 * 2.0 ** -8}
+# A GGUF file's next-token pick counts as agreement where merged/'s own top two were within one rounding step of the
+# file's quant type (a gap that precision cannot resolve): q8_0's flips on an honest file sit at 0.1-1.1% of the
+# largest logit (docs/performance.md), an fp16 step (2^-11) excused almost none of them.
+TOKEN_TIE = {q: t / 4 for q, t in ANSWER_TIE.items()}
 LONG_TAIL = 64  # positions past the point where long-context rope scaling acts (long_reference)
 
 

@@ -3,10 +3,12 @@
 A run is a folder outputs/<run>/ with eval/metrics.json. The page shows, per run: task, base model, every metric for
 base, tuned and each of the task's baselines; the verdict against the strongest baseline and every paired
 comparison (tuned vs base, vs each baseline) with its 95% CI; the forgetting check (general-text loss before and
-after, paired); stop rates, train time and speed, peak memory, the loss curve (embedded as a data: URI, so the
-file opens from disk or an e-mail), five side-by-side examples and relative links to the run's files; above the
-runs, each sweep's table and recommendation (outputs/sweeps/<name>/sweep.json, make sweep). Each figure cell carries
-data-run / data-key attributes, so a test (or a script) can read the numbers back from the page.
+after, paired); for a task with pairs, preference accuracy (start, tuned, the longer answer) and the training
+log's rewards/* curves (inline SVG) with a sentence when they show DPO's usual shape; stop rates, train time and
+speed, peak memory, the loss curve (embedded as a data: URI, so the file opens from disk or an e-mail), five
+side-by-side examples and relative links to the run's files; above the runs, each sweep's table and recommendation
+(outputs/sweeps/<name>/sweep.json, make sweep). Each figure cell carries data-run / data-key attributes, so a test
+(or a script) can read the numbers back from the page.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from common.core import io, paths
+from common.evaluation import preference
 
 log = logging.getLogger("ft")
 
@@ -26,7 +29,9 @@ COLUMNS = ["run", "recipe", "tiny_mode", "task", "base_model", "primary_metric",
            "ci_low", "ci_high", "vs_base", "strongest_baseline", "vs_baseline", "vs_baseline_ci_low",
            "vs_baseline_ci_high", "verdict", "headline_against", "general_loss_base", "general_loss_tuned", "forgetting",
            "base_stop_rate", "tuned_stop_rate", "n_examples", "train_seconds",
-           "train_tokens_per_s", "peak_rss_mb", "peak_gpu_mb", "device", "git_commit", "evaluated"]
+           "train_tokens_per_s", "peak_rss_mb", "peak_gpu_mb", "device", "git_commit", "evaluated", "preference_start",
+           "preference_tuned", "preference_verdict",  # these three: a task with pairs (preference accuracy)
+           "peak_vs_plan"]  # measured peak / make plan's prediction
 PAGE_COLUMNS = COLUMNS[:COLUMNS.index("forgetting") + 1]  # the overview table; summary.csv has them all
 
 
@@ -48,6 +53,7 @@ def summary_row(run: Path) -> dict:
     meta, c, key = m.get("meta", {}), m["comparison"], m["primary_metric"]
     v, f, best = m["verdict"], m["forgetting"], m.get("strongest_baseline")
     b = m["vs_baselines"][best] if best else {}
+    pref = m.get("preference_accuracy") or {}
     return {"run": run.name, "recipe": meta.get("recipe"), "tiny_mode": meta.get("tiny_mode"), "task": m.get("task"),
             "base_model": meta.get("base_model"), "primary_metric": key, "base": m["base"][key],
             "tuned": m["tuned"][key], "difference": c["mean"], "ci_low": c["ci_low"], "ci_high": c["ci_high"],
@@ -60,7 +66,10 @@ def summary_row(run: Path) -> dict:
             "train_tokens_per_s": info.get("train_tokens_per_second"),
             "peak_rss_mb": info.get("peak_rss_mb"), "peak_gpu_mb": info.get("peak_gpu_mb"),
             "device": (info.get("hardware") or {}).get("name") or info.get("plan", {}).get("device"),
-            "git_commit": meta.get("git_commit"), "evaluated": meta.get("time")}
+            "git_commit": meta.get("git_commit"), "evaluated": meta.get("time"),
+            "preference_start": pref.get("start"), "preference_tuned": pref.get("tuned"),
+            "preference_verdict": pref.get("verdict"),
+            "peak_vs_plan": (m.get("peak_memory") or {}).get("measured_over_predicted")}
 
 
 def fmt(v: Any) -> str:
@@ -96,7 +105,8 @@ def _image(f: Path) -> str:
 
 def _links(run: Path, root: Path) -> str:
     wanted = ["eval/report.md", "eval/metrics.json", "eval/side_by_side.csv", "adapter/README.md", "merged/README.md",
-              "merge_report.json", "export/export_report.json", "export/Modelfile", "train_log.csv"]
+              "merge_report.json", "export/export_report.json", "export/Modelfile", "train_log.csv",
+              "eval/preference_pairs.csv"]
     items = [f'<a href="{html.escape(str((run / w).relative_to(root)))}">{html.escape(w)}</a>'
              for w in wanted if (run / w).exists()]
     return " · ".join(items)
@@ -140,6 +150,58 @@ def _forgetting(run: str, f: dict) -> str:
             f"{_span(run, 'forgetting.verdict', f['verdict'])}{warn}</p>")
 
 
+def _preference(run: str, p: dict) -> str:
+    """A task with pairs: preference accuracy of the starting and the tuned model, the baseline, the paired verdict."""
+    sp = lambda key: _span(run, "preference_accuracy." + key, p.get(key))  # noqa: E731 (one figure of the record)
+    margin = ("" if p.get("mean_reward_margin") is None
+              else f"; mean reward margin (beta {p['beta']:g}) {sp('mean_reward_margin')}")
+    return (f"<p>preference accuracy on {p['n']} held-out pairs (share where the chosen answer is the more likely): "
+            f"start {sp('start')}, tuned {sp('tuned')}, the longer answer {sp('longer')}; tuned - start {sp('mean')}, "
+            f"95% CI [{sp('ci_low')}, {sp('ci_high')}]: <b>{sp('verdict')}</b>{margin}</p>")
+
+
+COLORS = {"rewards/chosen": "#1f77b4", "rewards/rejected": "#d62728", "rewards/margins": "#2ca02c",
+          "rewards/accuracies": "#9467bd"}
+
+
+def _plot(series: dict[str, list[tuple[int, float]]], title: str, span: tuple[float, float] = (0.0, 0.0),
+          w: int = 360, h: int = 180) -> str:
+    """An inline SVG line chart of (step, value) series, its y axis covering `span` and every value: the page stays
+    one file, no image library needed."""
+    pts = [p for s in series.values() for p in s]
+    x0, x1 = min(x for x, _ in pts), max(x for x, _ in pts)
+    y0, y1 = min(min(y for _, y in pts), span[0]), max(max(y for _, y in pts), span[1])
+    sx = lambda x: 40 + (w - 50) * (x - x0) / ((x1 - x0) or 1)  # noqa: E731 (two short scales)
+    sy = lambda y: h - 25 - (h - 40) * (y - y0) / ((y1 - y0) or 1)  # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" aria-label="{title}">',
+           f'<text x="{w / 2}" y="12" text-anchor="middle" font-size="11">{html.escape(title)}</text>',
+           f'<line x1="40" x2="{w - 10}" y1="{sy(0):.1f}" y2="{sy(0):.1f}" stroke="#bbb"/>',
+           f'<text x="36" y="{sy(y1) + 4:.1f}" text-anchor="end" font-size="9">{y1:.3g}</text>',
+           f'<text x="36" y="{sy(y0):.1f}" text-anchor="end" font-size="9">{y0:.3g}</text>',
+           f'<text x="{w - 10}" y="{h - 5}" text-anchor="end" font-size="9">step {x1}</text>']
+    for i, (name, s) in enumerate(series.items()):
+        line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s)
+        out += [f'<polyline data-series="{html.escape(name)}" fill="none" stroke="{COLORS.get(name, "#333")}" '
+                f'stroke-width="1.5" points="{line}"/>',
+                f'<text x="{44 + 80 * i}" y="{h - 5}" font-size="9" fill="{COLORS.get(name, "#333")}">'
+                f'{html.escape(name.split("/")[-1])}</text>']
+    return "".join(out) + "</svg>"
+
+
+def _rewards(run: Path) -> str:
+    """A preference run's rewards/* curves from train_log.csv, with the plain sentence on DPO's usual shape."""
+    curves = preference.reward_curves(run / "train_log.csv")
+    if not curves:
+        return ""
+    rewards = {k: v for k, v in curves.items() if k != "rewards/accuracies"}
+    acc = {k: v for k, v in curves.items() if k == "rewards/accuracies"}
+    shape = preference.usual_shape(curves)
+    return ('<div class="rewards">' + (_plot(rewards, "implicit rewards (train)") if rewards else "")
+            + (_plot(acc, "reward accuracy (train)", (0.0, 1.0)) if acc else "") + "</div>"
+            + (f'<p data-run="{html.escape(run.name)}" data-key="rewards.shape">{html.escape(shape)}.</p>'
+               if shape else ""))
+
+
 def section(run: Path, root: Path) -> str:
     m = io.read_json(run / "eval" / "metrics.json")
     row = summary_row(run)
@@ -155,12 +217,15 @@ def section(run: Path, root: Path) -> str:
     for k, v in m["tuned"].items():
         out.append(f"<tr><td>{e(k)}</td>{_cell(name, 'base.' + k, m['base'].get(k))}{_cell(name, 'tuned.' + k, v)}"
                    + "".join(_cell(name, f"baselines.{b}.{k}", m["baselines"][b].get(k)) for b in names) + "</tr>")
-    out += ["</table>", _comparisons(name, m), _forgetting(name, m["forgetting"]),
+    out += ["</table>", _comparisons(name, m),
+            (_preference(name, m["preference_accuracy"]) if "preference_accuracy" in m else ""),
+            _forgetting(name, m["forgetting"]),
             ("<p><b>the tuned model does not stop</b></p>" if m.get("tuned_does_not_stop") else ""),
             f"<p>training: {_num(row['train_seconds'])} s, {_num(row['train_tokens_per_s'])} tokens/s, peak "
             f"{_num(row['peak_rss_mb'])} MB RAM" + (f", {_num(row['peak_gpu_mb'])} MB GPU" if row["peak_gpu_mb"] else "")
             + f" on {e(str(row['device']))}</p>",
-            _image(run / "loss.png"), "<h3>Examples</h3>",
+            (f"<p>{e(m['peak_memory']['line'])}</p>" if m.get("peak_memory") else ""),  # make plan's check
+            _image(run / "loss.png"), _rewards(run), "<h3>Examples</h3>",
             "<table><tr><th>prompt</th><th>reference</th><th>base</th><th>tuned</th></tr>"]
     for ex in _examples(run):
         out.append("<tr>" + "".join(f"<td>{e(ex.get(k, ''))}</td>" for k in ("prompt", "reference", "base", "tuned"))

@@ -44,6 +44,8 @@ class Task:
     demo_field = ""  # the field a person types in the demo (a product title, a headline)
     answer_fields: tuple[str, ...] = ()  # fields that hold the answer: empty in a demo question
     held_out_loss = False  # eval also compares base and tuned loss per token on the test answers (paired CI)
+    trains = "sft"  # the training step (common/core/stamps.py): sft or preference (pairs of answers)
+    pairs = False  # eval rows hold a chosen and a rejected answer, scored as pairs
 
     def source(self, setting: str) -> Any:
         """Where records come from when data.path is not a file (a dataset folder, a hub id); None: a file."""
@@ -52,6 +54,34 @@ class Task:
     def records(self, path: Path, cfg: Any, rep: Any) -> Iterator[tuple[str | None, dict]]:
         """(dedupe key or None, fields) for every clean record; rejected rows go to rep.drop(reason, where)."""
         raise NotImplementedError
+
+    # prepare's hooks (scripts/01_prepare.py); a task whose examples are not prompt/completion overrides them
+    def split(self, cfg: Any, path: Any, rep: Any) -> tuple[dict[str, list[dict]], str | None]:
+        """(train/val/test records, a note when the sizes were scaled) of the seeded sample."""
+        from common.data import readers
+
+        return readers.split_records(cfg, self, path, rep)
+
+    def extra_val(self, cfg: Any, path: Any, parts: dict[str, list[dict]]) -> tuple[list[dict], str | None]:
+        """data.val_extra records the sample left out, for val (common/data/splits.py)."""
+        from common.data import splits
+
+        return splits.extra_val(cfg, self, path, parts)
+
+    def examples(self, cfg: Any, architecture: Any, records: list[dict], seed: int, extend: bool) -> list[dict]:
+        """Processed split rows of records (extend: prompt.conversation_extension applies)."""
+        from common.data import readers
+
+        return readers.to_examples(cfg, self, architecture, records, seed, extend)
+
+    def trained_tokens(self, cfg: Any, architecture: Any, tok: Any, ex: dict, last_only: bool
+                       ) -> tuple[str | None, int, int]:
+        """(why the row would train nothing, else None; its trained tokens; its tokens) within train.max_length."""
+        return architecture.trained_tokens(cfg, tok, ex, last_only)
+
+    def lengths(self, architecture: Any, tok: Any, ex: dict) -> list[int]:
+        """Untruncated token lengths of the sequences one row puts through the model."""
+        return [architecture.length(tok, ex)]
 
     def example_extra(self, fields: dict) -> dict:
         """Fields kept next to prompt/completion in the processed split (for reading the files)."""

@@ -84,9 +84,9 @@ def collate(ds: Any, idx: list[int], pad_id: int, padding_free: bool, device: st
         pos = [list(range(len(x))) for x in ids]
         cu = torch.tensor([0, *itertools.accumulate(len(x) for x in ids)], dtype=torch.int32, device=device)
         longest = max(len(x) for x in ids)
-        return {"input_ids": torch.tensor([sum(ids, [])], device=device),
-                "labels": torch.tensor([sum(labels, [])], device=device),
-                "position_ids": torch.tensor([sum(pos, [])], device=device),
+        return {"input_ids": torch.tensor([list(itertools.chain.from_iterable(ids))], device=device),
+                "labels": torch.tensor([list(itertools.chain.from_iterable(labels))], device=device),
+                "position_ids": torch.tensor([list(itertools.chain.from_iterable(pos))], device=device),
                 "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
     width = max(len(x) for x in ids)
     label_width = max(len(x) for x in labels)
@@ -147,9 +147,8 @@ def choose(cfg: Any, plan: Any, model: Any, ds: Any, pad_id: int, capacity_gb: f
     answer_only = bool(r.answer_only_logits)
     was_training = model.training
     model.train()
-    probes: list[dict] = []
-    chosen = None
-    for m in divisors_desc(eff):
+
+    def measure(m: int) -> dict:
         idx = [order[i % len(order)] for i in range(m)]  # the m longest (repeated when the split is smaller)
         gc.collect()
         torch.cuda.empty_cache()
@@ -164,28 +163,58 @@ def choose(cfg: Any, plan: Any, model: Any, ds: Any, pad_id: int, capacity_gb: f
         peak = torch.cuda.max_memory_allocated()
         need = peak + extra
         fits = not oom and need <= budget
-        probes.append({"micro_batch": m, "tokens": sum(len(ds[i]["input_ids"]) for i in idx),
-                       "peak_gb": None if oom else round(peak / 2 ** 30, 2),
-                       "with_optimizer_gb": None if oom else round(need / 2 ** 30, 2),
-                       "fits": fits, **({"error": "out of memory"} if oom else {})})
         log.info("micro-batch probe: %d longest examples -> %s", m,
                  "out of memory" if oom else f"{need / 2 ** 30:.2f} GB with optimizer states "
                                              f"({'fits' if fits else 'over'} {budget / 2 ** 30:.1f} GB)")
-        if fits:
-            chosen = m
-            break
+        return {"micro_batch": m, "tokens": sum(len(ds[i]["input_ids"]) for i in idx),
+                "peak_gb": None if oom else round(peak / 2 ** 30, 2),
+                "with_optimizer_gb": None if oom else round(need / 2 ** 30, 2),
+                "fits": fits, **({"error": "out of memory"} if oom else {})}
+
+    start = planned_start(cfg, plan, ds, eff, capacity_gb) if r.probe_from_plan else None
+    chosen, probes = search(divisors_desc(eff), measure, start)
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model.train(was_training)
     where = f"{HEADROOM:.0%} of {capacity_gb:.1f} GB less {RESERVE_GB} GB" + (
-        " (runtime.gpu_memory_gb)" if r.gpu_memory_gb else "")
+        " (runtime.gpu_memory_gb)" if r.gpu_memory_gb else "") + (f", probed from make plan's {start}" if start else "")
     chosen = agree(chosen or 1)  # every process takes the smallest any of them found
-    if not probes[-1]["fits"]:
+    if not any(p["fits"] for p in probes):
         log.warning("even a micro-batch of 1 does not fit in %s; training will try it", where)
         return Batching(total, 1, eff, f"auto: nothing fits {where}; trying 1{share}", capacity_gb, probes, processes)
     why = f"auto: the largest divisor of {eff} whose longest batch fits {where}{share}"
     return Batching(total, chosen, eff // chosen, why, capacity_gb, probes, processes)
+
+
+def search(sizes: list[int], measure: Any, start: int | None = None) -> tuple[int | None, list[dict]]:
+    """The largest of `sizes` (descending) whose probe fits, and every probe made. From the top down by default; from
+    `start` (make plan's micro-batch, runtime.probe_from_plan) up while larger ones fit, else down from it."""
+    probes: list[dict] = []
+
+    def fits(m: int) -> bool:
+        probes.append(measure(m))
+        return probes[-1]["fits"]
+
+    if start not in sizes:
+        return next((m for m in sizes if fits(m)), None), probes
+    k = sizes.index(start)
+    if not fits(start):
+        return next((m for m in sizes[k + 1:] if fits(m)), None), probes
+    best = start
+    for m in reversed(sizes[:k]):  # the next larger ones, while they fit
+        if not fits(m):
+            break
+        best = m
+    return best, probes
+
+
+def planned_start(cfg: Any, plan: Any, ds: Any, eff: int, capacity_gb: float) -> int | None:
+    """make plan's micro-batch for this run: the largest divisor of `eff` whose predicted peak on the run's own
+    lengths fits `capacity_gb` (None when the planner has no prediction)."""
+    from common.training import fit
+
+    return fit.planned_micro_batch(cfg, plan, [len(x) for x in ds["input_ids"]], eff, capacity_gb)
 
 
 def agree(m: int) -> int:

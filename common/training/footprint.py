@@ -2,9 +2,11 @@
 
 No weights are loaded and nothing is downloaded: the model's shape comes from the recipe's real configuration
 (common/model/model_configs/, tiny.full_config), the tiny stand-in's dimensions, a GGUF file's metadata, a local
-config.json, or the hub's config.json when reachable. The sequence length is the prepared train split's longest
-example when `make prepare` has run (prepare_report.json), else train.max_length (the worst case). Every constant is
-in CONSTANTS with its source; `check` compares a finished run's measured peak with the prediction.
+config.json, or the hub's config.json when reachable. The micro-batch is the worst one a length-grouped sampler
+makes: the n longest examples of the prepared train split together (what batching.py's probe runs), from
+prepare_report.json when `make prepare` has run, else n x train.max_length. Every constant is in CONSTANTS with its
+source; common/training/fit.py turns the prediction into a verdict and advice; `check` compares a finished run's
+measured peak with it.
 """
 from __future__ import annotations
 
@@ -47,9 +49,13 @@ CONSTANTS = {
     # with torch's saved-tensor hooks on a LoRA Llama (h 256/512, I 704/1408, all-linear, p 0 and 0.05).
     "cpu_per_h": 30.0, "cpu_per_i": 16.0, "cpu_dropout_per_elem": 2.8,
     "logit_bytes": 12,  # per labelled position and vocabulary entry: fp32 logits, log-softmax, its gradient
-    # reserved / allocated peak: calibrated on one H100 row (llama3-alpaca 8x4 under a 24 GB cap: 16.9 GB reserved,
-    # 13.8 allocated without the cap), checked on the others (docs/performance.md).
-    "gpu_allocator": 1.15,
+    # reserved / allocated peak, both measured (not fitted to a prediction) on one H100 setting: llama3-alpaca 8x4
+    # padded, 16.9 GB reserved under a 24 GB cap, 13.8 GB allocated (docs/performance.md, 2026-11-23); the other
+    # capped rows check it.
+    "gpu_allocator": 16.9 / 13.8,
+    # preference (dpo/ipo) reference forward under no_grad while the policy's activations are held: one layer's
+    # intermediates (3 MLP-wide and 4 fp32 hidden-wide per token); TRL 1.16's fused log-prob head keeps no logits
+    "reference_per_h": 16.0, "reference_mlp_widths": 3,
     # CPU: the training process's RSS before the model (Python, torch, transformers, peft, trl, datasets, tokenizer),
     # calibrated on `make train RECIPE=smollm2 TINY=1` (0.70 GB); glibc's arenas over what torch holds, calibrated on
     # the real SmolLM2 bench row (AMD EPYC, 2.16 GB); every other recipe's tiny run checks them.
@@ -60,8 +66,7 @@ CONSTANTS = {
     # per-layer cost an assumption (this machine's tiny runs were timed under a load average of 16-19).
     "gpu_mfu": 0.16, "gpu_layer_overhead_s": 0.007, "cpu_flops": 70e9, "cpu_layer_overhead_s": 0.004,
 }
-HIDDEN = ("peak", "allocated", "trainable_parameters", "tokens", "bytes")  # memory()'s keys that are not components
-ORDER = ("shorter train.max_length", "smaller micro-batch", "gradient checkpointing", "4-bit", "a larger device")
+HIDDEN = ("peak", "allocated", "trainable_parameters", "tokens", "sequences", "bytes")  # memory()'s keys that are not components
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,9 @@ class Setting:
     effective: int
     length_source: str
     target_length: int = 0  # seq2seq: the decoder's tokens per example (train.max_target_length)
+    top: tuple[int, ...] = ()  # the longest examples (sequences), longest first: the worst micro-batch's makeup
+    pairs: bool = False  # preference: a micro-batch of b pairs is 2b sequences (chosen, rejected) with grad
+    reference: bool = False  # dpo/ipo without train.precompute_ref: a no-grad reference forward of the 2b sequences
 
 
 def device_info(name: str) -> tuple[str, float | None, float, bool, float]:
@@ -104,16 +112,27 @@ def device_info(name: str) -> tuple[str, float | None, float, bool, float]:
     return f"{gb:g}GB", gb, 125.0, True, 0.5
 
 
-def lengths(cfg: Any) -> tuple[int, int, float, str]:
-    """(longest, p90, trained-token share, where from): the prepared split's figures, else train.max_length."""
+def lengths(cfg: Any) -> tuple[int, int, float, str, tuple[int, ...]]:
+    """(longest, p90, trained-token share, where from, the longest examples longest first): the prepared split's
+    figures (prepare_report.json's `longest` list, else estimated from its percentiles), else train.max_length."""
     ml = cfg.train.max_length
     report = paths.RunPaths(cfg.run).prepare_report
     try:
         d = json.loads(report.read_text())
         tl = d["token_lengths"]["train"]
-        return min(ml, tl["max"]), min(ml, tl["p90"]), float(d.get("trained_token_share") or 1.0), str(report)
+        top = tuple(min(ml, x) for x in tl["longest"]) if "longest" in tl else estimate_top(tl, d["splits"]["train"],
+                                                                                              ml)
+        return min(ml, tl["max"]), min(ml, tl["p90"]), float(d.get("trained_token_share") or 1.0), str(report), top
     except (OSError, ValueError, KeyError, TypeError):
-        return ml, ml, 1.0, "train.max_length (no prepared data: every example that long, every position trained)"
+        return ml, ml, 1.0, "train.max_length (no prepared data: every example that long, every position trained)", ()
+
+
+def estimate_top(tl: dict, n: int, cap: int, k: int = 512) -> tuple[int, ...]:
+    """The k longest of n lengths, longest first, from the percentiles alone: linear from the longest down to p99
+    over the top 1%, then p90 (prepare_report.json's `longest` list, where present, is exact)."""
+    r99 = max(1, n - 1 - int(n * 0.99))
+    return tuple(min(cap, round(tl["max"] + (tl["p99"] - tl["max"]) * r / r99) if r <= r99 else tl["p90"])
+                 for r in range(min(n, k)))
 
 
 def setting(cfg: Any, device: str) -> Setting:
@@ -134,13 +153,16 @@ def setting(cfg: Any, device: str) -> Setting:
     effective = cfg.train.batch_size * cfg.train.grad_accum
     mb = cfg.runtime.micro_batch
     micro = mb if isinstance(mb, int) else (effective if gpu else cfg.train.batch_size)
-    longest, p90, share, source = lengths(cfg)
+    longest, p90, share, source, top = lengths(cfg)
     causal = cfg.model.arch == "causal"
-    pf = causal and (cfg.runtime.padding_free is True or (cfg.runtime.padding_free == "auto" and gpu))
-    return Setting(name, mem, micro, longest, p90, share if cfg.runtime.answer_only_logits else 1.0, bits,
-                   cfg.quantization.double_quant, precision, frozen, optim, cfg.train.gradient_checkpointing, pf,
-                   bool(cfg.runtime.liger and causal and gpu), cfg.runtime.answer_only_logits and causal,
-                   effective, source, cfg.train.max_target_length if cfg.model.arch == "seq2seq" else 0)
+    method = getattr(cfg.train, "method", None)  # the preference task's key: TRL pads and computes its own loss
+    pf = causal and not method and (cfg.runtime.padding_free is True or (cfg.runtime.padding_free == "auto" and gpu))
+    answer_only = bool(cfg.runtime.answer_only_logits and causal and not method)
+    return Setting(name, mem, micro, longest, p90, share if answer_only else 1.0, bits, cfg.quantization.double_quant,
+                   precision, frozen, optim, cfg.train.gradient_checkpointing, pf,
+                   bool(cfg.runtime.liger and causal and gpu and not method), answer_only, effective, source,
+                   cfg.train.max_target_length if cfg.model.arch == "seq2seq" else 0, top, bool(method),
+                   method in ("dpo", "ipo") and not getattr(cfg.train, "precompute_ref", False))
 
 
 def activation_bytes(s: Shape, st: Setting, dropout: float, targets: list[tuple[str, int, int]]) -> float:
@@ -162,9 +184,14 @@ def activation_bytes(s: Shape, st: Setting, dropout: float, targets: list[tuple[
             + (4 * (q + kv) if s.qk_norm else 0) + 3 * wide * s.inter + eager)  # MLP: gate, act(gate), up
 
 
-def tokens(st: Setting, micro: int) -> int:
-    """Tokens of the largest micro-batch: padded rows to the longest example, or padding-free rows end to end."""
-    return st.length + (micro - 1) * st.typical if st.padding_free else micro * st.length
+def tokens(st: Setting, micro: int) -> tuple[int, int]:
+    """(tokens, real tokens) of the worst micro-batch: a length-grouped sampler puts the longest examples of an
+    effective batch together, so the n longest of the split (2n sequences for n preference pairs), padded to the
+    longest or end to end (padding-free)."""
+    seqs = micro * (2 if st.pairs else 1)
+    top = st.top or (st.length,)
+    real = sum(top[:seqs]) + max(0, seqs - len(top)) * st.typical
+    return (real if st.padding_free else seqs * st.length), real
 
 
 def memory(cfg: Any, s: Shape, st: Setting, micro: int | None = None) -> dict:
@@ -185,24 +212,33 @@ def memory(cfg: Any, s: Shape, st: Setting, micro: int | None = None) -> dict:
     weights = (p["linear"] * qb + (4 * lin_out if quant == 8 else 0) if quant else p["linear"] * fb) + fb * (
         p["embed"] + p["head"] + p["other"])
     ob = CONSTANTS["optim_bytes"].get(st.optim, 8)
-    n_tok = tokens(st, micro)
+    n_tok, real = tokens(st, micro)
     act_layer = activation_bytes(s, st, cfg.lora.dropout, tg)
     n_blocks = s.layers + s.decoder_layers
-    if st.target_length:  # seq2seq: encoder blocks over the source, decoder blocks and the head over the target
-        n_dec = micro * st.target_length
-        n_blocks, n_tok = 1, s.layers * n_tok + s.decoder_layers * n_dec  # layer-tokens
+    n_dec = micro * st.target_length
     rb = 4 if st.frozen == "fp32" else 2
-    acts = n_tok * (n_blocks * rb * s.hidden + act_layer) if st.checkpointing else n_tok * n_blocks * act_layer
+    if st.target_length:  # seq2seq: encoder blocks over the source, decoder blocks and the head over the target
+        n_tok = s.layers * n_tok + s.decoder_layers * n_dec  # layer-tokens
+        acts = n_tok * (rb * s.hidden + act_layer) if st.checkpointing else n_tok * act_layer
+        layer = 0.0
+    else:  # checkpointing: one residual per layer kept, one layer's activations at a time in backward
+        layer = n_tok * act_layer * (1 if st.checkpointing else n_blocks)
+        acts = layer + (n_tok * n_blocks * rb * s.hidden if st.checkpointing else 0)
     acts += n_tok * 12 * s.hidden  # embedding output, final norm, the head's input
-    real = st.length + (micro - 1) * st.typical  # padding carries no label
     answer = real * st.answer_share if st.answer_only else (n_dec if st.target_length else n_tok)
     logits = (min(answer, 2048) * 4 if st.liger else answer * CONSTANTS["logit_bytes"]) * s.vocab
     compute_half = st.precision != "fp32"
     temps = (2 * max(i * o for _, i, o in all_linears(s)) * (2 if compute_half else 4) if quant else 0) + (
         s.vocab * s.hidden * 2 if compute_half and st.frozen == "fp32" else 0) + (  # dequantized weight; head cast
         4 * trainable if ob == 8 else 0)  # torch's foreach AdamW step: a sqrt(v) buffer as large as the states' half
+    wide = 4 if st.frozen == "fp32" and quant else 2 if compute_half else 4
+    reference = n_tok * (CONSTANTS["reference_per_h"] * s.hidden + CONSTANTS["reference_mlp_widths"] * wide
+                         * s.inter) if st.reference else 0
     parts = {"weights": weights, "lora": 4 * trainable, "gradients": 4 * trainable, "optimizer": ob * trainable,
-             "activations": acts, "logits": logits, "temporaries": temps}
+             "activations": acts, "logits": logits, "reference": reference, "temporaries": temps,
+             # checkpointing: the output layer's backward has freed the logits before the first layer is recomputed,
+             # so only the larger of the two is alive at once
+             "overlap": -min(layer, logits) if st.checkpointing and layer else 0}
     gb = {k: v / GiB for k, v in parts.items()}
     dynamic = sum(gb.values())
     if gpu:
@@ -215,7 +251,8 @@ def memory(cfg: Any, s: Shape, st: Setting, micro: int | None = None) -> dict:
     out = {k: round(v, 3) for k, v in gb.items()}
     out["peak"] = round(sum(gb.values()), 2)
     out["allocated"] = round(dynamic, 2)  # what torch's max_memory_allocated would say on a GPU
-    return {**out, "trainable_parameters": trainable, "tokens": n_tok, "bytes": parts}
+    return {**out, "trainable_parameters": trainable, "tokens": n_tok, "sequences": micro * (1 + st.pairs),
+            "bytes": parts}
 
 
 def seconds_per_step(cfg: Any, s: Shape, st: Setting, micro: int) -> float:
@@ -227,7 +264,8 @@ def seconds_per_step(cfg: Any, s: Shape, st: Setting, micro: int) -> float:
     per_token = 2 * frozen_lin * (3 if st.checkpointing else 2) + 6 * lora
     per_token += 4 * s.layers * st.typical * s.heads * s.head_dim * 2  # attention scores and values, fwd + bwd
     per_token += 4 * s.vocab * s.hidden * (st.answer_share if st.answer_only else 1)  # the output layer
-    step_tokens = st.effective * st.typical  # an average step: padding not counted
+    per_token += 2 * (frozen_lin + s.vocab * s.hidden) if st.reference else 0  # the reference's forward
+    step_tokens = st.effective * st.typical * (2 if st.pairs else 1)  # an average step: padding not counted
     if st.device == "cpu":
         return step_tokens * per_token / CONSTANTS["cpu_flops"] + (st.effective // micro) * (
             s.layers + s.decoder_layers) * CONSTANTS["cpu_layer_overhead_s"]
@@ -236,86 +274,23 @@ def seconds_per_step(cfg: Any, s: Shape, st: Setting, micro: int) -> float:
         s.layers + s.decoder_layers) * CONSTANTS["gpu_layer_overhead_s"]
 
 
-def machine_memory_gb() -> float:
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
-
-
-def divisors(n: int) -> list[int]:
-    return [d for d in range(n, 0, -1) if n % d == 0]
-
-
-def predict(cfg: Any, device: str, shape: Shape | None = None, st: Setting | None = None) -> dict:
-    """The prediction for the recipe on `device`: components, peak, fits, micro-batch, seconds/step, advice."""
-    s = shape or shape_of(cfg)
-    st = st or setting(cfg, device)
-    limit = st.memory_gb if st.memory_gb is not None else machine_memory_gb()
-    auto = not isinstance(cfg.runtime.micro_batch, int) and st.device != "cpu"
-    fitting = [d for d in divisors(st.effective) if memory(cfg, s, st, d)["peak"] <= limit]
-    micro = (fitting[0] if fitting else 1) if auto else st.micro
-    mem = memory(cfg, s, st, micro)
-    fits = mem["peak"] <= limit
-    out = {"device": st.device, "device_memory_gb": round(limit, 1), "predicted_peak_gb": mem["peak"], "fits": fits,
-           "micro_batch": micro, "largest_micro_batch": fitting[0] if fitting else 0,
-           "seconds_per_step": round(seconds_per_step(cfg, s, st, micro), 2),
-           "components": {k: v for k, v in mem.items() if k not in HIDDEN},
-           "tokens_per_micro_batch": mem["tokens"], "trainable_parameters": mem["trainable_parameters"],
-           "settings": {"precision": st.precision, "quantization_bits": st.quant_bits, "frozen_dtype": st.frozen,
-                        "optim": st.optim, "gradient_checkpointing": st.checkpointing,
-                        "padding_free": st.padding_free, "liger": st.liger, "answer_only_logits": st.answer_only,
-                        "longest_example": st.length, "answer_share": round(st.answer_share, 3),
-                        "lengths_from": st.length_source},
-           "shape": s.__dict__, "parameters": parameters(s)["total"],
-           "advice": [] if fits else advice(cfg, s, st, limit)}
-    return out
-
-
-def advice(cfg: Any, s: Shape, st: Setting, limit: float) -> list[dict]:
-    """Each single change that makes the run fit, in ORDER (the first is the cheapest), with its predicted peak."""
-    out = []
-
-    def peak(x: Setting, micro: int) -> float:
-        return memory(cfg, s, x, micro)["peak"]
-
-    m0 = 1 if not isinstance(cfg.runtime.micro_batch, int) and st.device != "cpu" else st.micro
-    n = st.length - st.length % 128 or st.length  # the longest multiple of 128 that fits
-    while n > 128 and peak(replace(st, length=n, typical=min(st.typical, n)), m0) > limit:
-        n -= 128
-    if n < st.length and peak(replace(st, length=n, typical=min(st.typical, n)), m0) <= limit:
-        out.append({"change": ORDER[0], "set": f"train.max_length={n}",
-                    "predicted_peak_gb": peak(replace(st, length=n, typical=min(st.typical, n)), m0)})
-    smaller = [d for d in divisors(st.effective) if d < m0 and peak(st, d) <= limit]
-    if smaller:
-        out.append({"change": ORDER[1], "set": f"runtime.micro_batch={smaller[0]}",
-                    "predicted_peak_gb": peak(st, smaller[0])})
-    if not st.checkpointing and peak(replace(st, checkpointing=True), m0) <= limit:
-        out.append({"change": ORDER[2], "set": "train.gradient_checkpointing=true",
-                    "predicted_peak_gb": peak(replace(st, checkpointing=True), m0)})
-    if st.quant_bits != 4 and st.device != "cpu" and peak(replace(st, quant_bits=4), m0) <= limit:
-        out.append({"change": ORDER[3], "set": "quantization.bits=4",
-                    "predicted_peak_gb": peak(replace(st, quant_bits=4), m0)})
-    for name, (mem, *_rest) in sorted(DEVICES.items(), key=lambda kv: kv[1][0]):
-        if st.device != "cpu" and mem > limit:
-            bigger = setting(cfg, name)
-            bigger = replace(bigger, micro=m0, length=st.length, typical=st.typical, answer_share=st.answer_share)
-            if (pk := peak(bigger, m0)) <= mem:
-                out.append({"change": ORDER[4], "set": f"GPU={name}", "predicted_peak_gb": pk})
-                break
-    return out
+def run_setting(cfg: Any, plan: Any, lengths: list[int], answer_share: float, memory_gb: float | None) -> Setting:
+    """The Setting of a run as its plan resolved it (device, precision, quantization, micro-batch), on its encoded
+    train split's lengths (preference: both sequences of every pair)."""
+    st = setting(cfg, f"{memory_gb or 80:g}GB" if plan.device == "cuda" else "cpu")
+    ordered = sorted(lengths) or [cfg.train.max_length]
+    b = plan.batching
+    return replace(st, length=ordered[-1], typical=ordered[int(0.9 * (len(ordered) - 1))], answer_share=answer_share,
+                   precision=plan.precision, quant_bits=plan.quant_bits, frozen=plan.frozen, optim=plan.optim,
+                   padding_free=plan.padding_free and not st.pairs, liger=plan.liger and not st.pairs,
+                   micro=b.micro_batch if b else st.micro, top=tuple(ordered[::-1][:4 * st.effective]))
 
 
 def predict_run(cfg: Any, plan: Any, lengths: list[int], answer_share: float, memory_gb: float | None = None) -> float | None:
-    """The predicted peak (GB) of a run as its plan resolved it (device, precision, quantization, micro-batch) on its
-    encoded train split's lengths: what `check` compares the measured peak with."""
+    """The predicted peak (GB) of a run on its own lengths and plan (run_setting): what `check` compares the measured
+    peak with."""
     try:
-        st = setting(cfg, f"{memory_gb or 80:g}GB" if plan.device == "cuda" else "cpu")
-        ordered = sorted(lengths) or [cfg.train.max_length]
-        b = plan.batching
-        st = replace(st, length=ordered[-1], typical=ordered[int(0.9 * (len(ordered) - 1))], answer_share=answer_share,
-                     precision=plan.precision, quant_bits=plan.quant_bits, frozen=plan.frozen, optim=plan.optim,
-                     padding_free=plan.padding_free, liger=plan.liger, micro=b.micro_batch if b else st.micro)
-        return memory(cfg, shape_of(cfg), st)["peak"]
+        return memory(cfg, shape_of(cfg), run_setting(cfg, plan, lengths, answer_share, memory_gb))["peak"]
     except Exception as e:  # noqa: BLE001 (the planner never stops a run: it goes on unchecked, and says so)
         log.info("no footprint prediction for this run (%s: %s)", type(e).__name__, e)
         return None
@@ -334,3 +309,16 @@ def check(info: dict, predicted_gb: float | None) -> dict:
         log.warning("peak memory %.2f GB is %.2fx the plan's prediction (%.2f GB): the planner under-predicts this "
                     "run (common/training/footprint.py)", measured, out["measured_over_predicted"], predicted_gb)
     return out
+
+
+def peak_summary(info: dict) -> dict | None:
+    """run_info.json's measured peak against make plan's prediction, as the eval report and report.html show it
+    (None for a run recorded without a prediction)."""
+    pred, meas = info.get("predicted_peak_gb"), info.get("measured_peak_gb")
+    if not pred or not meas:
+        return None
+    ratio = round(meas / pred, 2)
+    what = "GPU reserved + context" if (info.get("hardware") or {}).get("device") == "cuda" else "peak RSS"
+    return {"predicted_peak_gb": pred, "measured_peak_gb": meas, "measured_over_predicted": ratio,
+            "line": f"peak memory {meas:.2f} GB measured ({what}), {pred:.2f} GB predicted (make plan): {ratio:.2f}x"
+                    + (" - over 1.25x, the planner under-predicted this run" if ratio > 1.25 else "")}

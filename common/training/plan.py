@@ -36,6 +36,7 @@ class Plan:
     batching: Any = None  # common/training/batching.py Batching: the micro-batch split, once the model is loaded
     schedule: Any = None  # common/training/schedule.py Schedule: steps fitted to the data, best-checkpoint choice
     family: str = ""  # the loaded model's architecture (config.model_type), listed in model.family or not
+    reference: str = ""  # preference training: what the policy is compared with (common/training/preference.py)
 
     def note(self, msg: str) -> None:
         log.warning("replaced: %s", msg)
@@ -63,7 +64,8 @@ class Plan:
                 ("batches", (b.line() if b else "the recipe's split") + (", padding-free" if self.padding_free
                                                                         else ", padded")),
                 ("attention", self.varlen_why if self.varlen else "sdpa"),
-                ("loss", "Liger fused" if self.liger else "answer-only output layer")]
+                ("loss", f"TRL's on both answers of a pair; reference: {self.reference}" if self.reference
+                 else "Liger fused" if self.liger else "answer-only output layer")]
         if s:
             length = f"{s.max_steps} steps" if s.max_steps > 0 else f"{s.epochs:g} epochs"
             rows.append(("schedule", length + (", best checkpoint kept" if s.load_best else "")))
@@ -130,7 +132,11 @@ def resolve(cfg: Any) -> Plan:
     r, causal = cfg.runtime, cfg.model.arch == "causal"
     # padding-free pays on a GPU (H100, Llama-3-8B QLoRA: 3,117 tok/s against 1,455 padded; make bench row
     # ours-padded); on a CPU the recipes' length-grouped micro-batches carry ~0% padding, so auto keeps them there
-    p.padding_free = causal and (r.padding_free is True or (r.padding_free == "auto" and dev == "cuda"))
+    pairs = getattr(cfg.train, "method", None) is not None  # preference training: TRL pads, its own loss
+    p.padding_free = causal and not pairs and (r.padding_free is True or (r.padding_free == "auto" and dev == "cuda"))
+    for key in ("padding_free", "liger"):
+        if pairs and getattr(r, key) is True:
+            p.note(f"runtime.{key} -> off: preference training pads its pairs and computes its own loss (TRL)")
     if r.varlen_attention:  # opt-in (docs/gpu.md): only where rows are padding-free
         from common.training import attention
 
@@ -143,7 +149,7 @@ def resolve(cfg: Any) -> Plan:
             if not p.varlen:
                 p.note(f"runtime.varlen_attention -> SDPA over the block-diagonal mask: {why}")
     p.frozen = frozen_dtype(p, cfg.quantization.upcast_frozen)
-    if r.liger and causal:
+    if r.liger and causal and not pairs:
         why = ("liger-kernel is not installed (pip install liger-kernel)" if not importlib.util.find_spec("liger_kernel")
                else "it needs CUDA (Triton kernels)" if dev != "cuda" else None)
         p.liger = why is None
