@@ -123,3 +123,11 @@ def test_a_bad_nproc_or_a_dist_setting_stops_make_before_any_step(ft_home):
     assert p.returncode == 2 and "NPROC must be a number >= 1, got 'two'" in p.stderr
     p = make(ft_home, "train", "RECIPE=tinyllama", "TINY=1", "NPROC=2", "DIST=fsdp", check=False)
     assert p.returncode == 2 and "DIST is gone" in p.stderr and "01_prepare" not in p.stdout
+
+
+def test_precomputed_reference_log_probs_need_one_process():
+    """TRL keeps precomputed reference log-probs in a temp file of its own process: NPROC > 1 is refused in one line."""
+    cfg = config.load("smollm2-dpo", ["train.precompute_ref=true"])
+    dist.check(cfg, 1, 0)
+    with pytest.raises(UserError, match="train.precompute_ref needs one process"):
+        dist.check(cfg, 2, 0)
