@@ -78,15 +78,7 @@ def body(ctx: run.Context) -> None:
         last = sft.resumable_checkpoint(cfg, rp, key, clean=False)
     trainer = preference.make_trainer(cfg, plan, model, tok, train_ds, val_ds, str(rp.checkpoints), plan.schedule,
                                       report_to, plan.batching)
-    trainer.add_callback(history.log_callback())
-    clock = history.step_clock()
-    trainer.add_callback(clock)
-    if last:
-        log.info("resuming from %s (an earlier run was interrupted)", last)
-    timer = history.train_clock(history.seconds_before(last))
-    trainer.add_callback(timer)
-    result = trainer.train(resume_from_checkpoint=last)
-    seconds = timer.seconds()
+    result, seconds, clock = history.train(trainer, last)  # train time summed over resumed segments
     tokens = dist.total(trainer.trained_tokens)
     dist.barrier()
     if not dist.is_main():

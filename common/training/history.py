@@ -92,6 +92,20 @@ def log_callback() -> Any:
     return LogCallback()
 
 
+def train(trainer: Any, last: str | None) -> tuple[Any, float, Any]:
+    """Run `trainer` (resumed from checkpoint `last`, or fresh) with the log, step and train clocks: (its result,
+    train seconds summed over every resumed segment, the step clock: time in training steps alone)."""
+    trainer.add_callback(log_callback())
+    clock = step_clock()
+    trainer.add_callback(clock)
+    if last:
+        log.info("resuming from %s (an earlier run was interrupted)", last)
+    timer = train_clock(seconds_before(last))
+    trainer.add_callback(timer)
+    result = trainer.train(resume_from_checkpoint=last)
+    return result, timer.seconds(), clock
+
+
 def write_history(history: list[dict], out: Any) -> None:
     """train_log.csv (every logged value by step) and loss.png (train and val loss), atomically."""
     keys = ["step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "num_tokens"]
